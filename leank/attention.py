@@ -1,0 +1,234 @@
+"""Attention for patched models: exact prefill, LeanK decode, and the one backend dispatch point.
+
+``leank_attention_forward`` is registered with transformers' ``AttentionInterface`` under
+the name ``"leank"`` by ``leank.patch``. For each layer it receives the new post-RoPE
+keys/values from ``LeanKCache.update`` and
+
+* chunk steps (``q_len > 1``: prefill, or a second ``generate`` call continuing a
+  conversation) attend exactly to the new tokens (causal, left padding masked) and, by
+  log-sum-exp, to what the cache already holds; then the chunk is stored;
+* decode steps (``q_len == 1``) append the token to the window and run the decode
+  backend over window + compacted archive; then the window is flushed if due.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from tilelang_kernels.reference import decode_attention_reference, merge_states
+
+from .cache import LeanKLayer, take_pending
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+ATTENTION_NAME = "leank"
+QUERY_BLOCK = 512  # query rows per block when a chunk attends with explicit logits
+
+
+# ---------------------------------------------------------------------- backend dispatch
+@functools.lru_cache(maxsize=None)
+def _tilelang_available() -> bool:
+    return importlib.util.find_spec("tilelang") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to a concrete backend; refuse ``"tilelang"`` where it cannot run."""
+    if backend == "auto":
+        chosen = "tilelang" if device.type == "cuda" and _tilelang_available() else "reference"
+        _log_once(f"leank: backend 'auto' resolved to '{chosen}' on {device.type}")
+        return chosen
+    if backend == "tilelang" and (device.type != "cuda" or not _tilelang_available()):
+        raise ValueError(
+            f"backend: 'tilelang' needs a CUDA device and the tilelang package, got device={device.type}, "
+            f"tilelang importable={_tilelang_available()}"
+        )
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(msg: str) -> None:
+    logger.info(msg)
+
+
+def decode_attention(q: Tensor, layer: LeanKLayer, scale: float, backend: str) -> Tensor:
+    """One decode step over a layer's window + archive. ``q [batch, num_heads, head_dim]``."""
+    args = layer.kernel_args()
+    if resolve_backend(backend, q.device) == "tilelang":
+        from tilelang_kernels.decode import decode_attention as tilelang_decode
+
+        return tilelang_decode(q, **args, scale=scale)
+    return decode_attention_reference(q, **args, scale=scale, compute_dtype=_reference_dtype(q))
+
+
+def _reference_dtype(q: Tensor) -> torch.dtype:
+    """float32 accumulation for half inputs; float64 for float32 models (CPU tests, exactness)."""
+    return torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# ---------------------------------------------------------------------- exact parts
+def _flash_attn_func():
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func
+
+
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], scale: float) -> Tensor:
+    """Causal attention of a chunk on itself (empty cache).
+
+    Args:
+        q: ``[batch, num_heads, L, head_dim]``; k, v: ``[batch, num_kv_heads, L, head_dim]``.
+        valid: bool ``[batch, L]`` (False = left padding) or None.
+
+    Returns ``[batch, num_heads, L, head_dim]``. Padding query rows attend to themselves
+    only (their output is never used).
+    """
+    flash = _flash_attn_func()
+    if flash is not None and valid is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=True)
+        return out.transpose(1, 2)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if valid is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    L = q.shape[2]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    allowed = causal[None] & valid[:, None, :]
+    allowed |= torch.eye(L, dtype=torch.bool, device=q.device)[None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+
+
+def chunk_self_attention_lse(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], scale: float):
+    """Causal attention of a chunk on itself with its float32 LSE, in query blocks.
+
+    Shapes as ``prefill_attention``; returns ``(out float32 [b, h, L, d], lse float32 [b, h, L])``.
+    """
+    b, h, L, d = q.shape
+    kvh = k.shape[1]
+    rep = h // kvh
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    outs, lses = [], []
+    cols = torch.arange(L, device=q.device)
+    for s in range(0, L, QUERY_BLOCK):
+        qb = q[:, :, s : s + QUERY_BLOCK].float()
+        logits = torch.einsum("bhld,bhkd->bhlk", qb, kf) * scale
+        rows = torch.arange(s, s + qb.shape[2], device=q.device)
+        allowed = (cols[None, :] <= rows[:, None])[None]
+        if valid is not None:
+            allowed = allowed & valid[:, None, :]
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        m = logits.amax(-1)
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(logits - m_safe[..., None])
+        den = p.sum(-1)
+        outs.append(torch.einsum("bhlk,bhkd->bhld", p, vf) / torch.where(den > 0, den, torch.ones_like(den))[..., None])
+        lses.append(torch.where(den > 0, torch.log(den) + m_safe, torch.full_like(den, float("-inf"))))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def cached_attention_lse(q: Tensor, layer: LeanKLayer, scale: float):
+    """Attention of ``L`` queries ``[b, h, L, d]`` to what ``layer`` holds, with float32 LSE.
+
+    The L queries are folded into the head axis (kv-head-major) so the decode reference
+    serves them in one call. Returns ``(out float32 [b, h, L, d], lse float32 [b, h, L])``.
+    """
+    b, h, L, d = q.shape
+    qf = q.float().reshape(b, h * L, d)
+    out, lse = decode_attention_reference(
+        qf, **layer.kernel_args(), scale=scale, return_lse=True, compute_dtype=_reference_dtype(q)
+    )
+    return out.view(b, h, L, d), lse.view(b, h, L)
+
+
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], layer: LeanKLayer, scale: float) -> Tensor:
+    """A chunk of new tokens attending to the cache (LeanK function) and causally to itself."""
+    if sum(layer.win_len_host) + sum(layer.arch_len_host) == 0:
+        return prefill_attention(q, k, v, valid, scale)
+    out_c, lse_c = cached_attention_lse(q, layer, scale)
+    out_n, lse_n = chunk_self_attention_lse(q, k, v, valid, scale)
+    out, _ = merge_states(out_c, lse_c, out_n, lse_n)
+    return out.to(q.dtype)
+
+
+def plain_attention(q: Tensor, k: Tensor, v: Tensor, mask2d: Optional[Tensor], scale: float) -> Tensor:
+    """Exact causal attention for calls without a LeanK cache (e.g. ``use_cache=False``).
+
+    ``k, v [b, kvh, T, d]`` may include past tokens; query ``i`` sits at column ``T - L + i``.
+    """
+    b, h, L, d = q.shape
+    T = k.shape[2]
+    rep = h // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if mask2d is None and L == T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    rows = torch.arange(T - L, T, device=q.device)
+    allowed = (torch.arange(T, device=q.device)[None, :] <= rows[:, None])[None]
+    if mask2d is not None:
+        allowed = allowed & mask2d[:, None, -T:].bool()
+    allowed = allowed | (torch.arange(T, device=q.device)[None, :] == rows[:, None])[None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+
+
+# ---------------------------------------------------------------------- transformers hooks
+def leank_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """transformers attention function (``AttentionInterface`` signature).
+
+    Args:
+        query: ``[batch, num_heads, q_len, head_dim]``; key, value: ``[batch,
+            num_kv_heads, q_len, head_dim]`` (the new tokens, from ``LeanKCache.update``).
+        attention_mask: 2-D bool ``[batch, kv_len]`` padding mask from ``leank_mask`` or None.
+
+    Returns ``(attn_output [batch, q_len, num_heads, head_dim], None)``.
+    """
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    if attention_mask is not None and mask2d is None:
+        raise ValueError(f"attention_mask: expected a 2-D padding mask for 'leank', got {tuple(attention_mask.shape)}")
+    step = take_pending(module.layer_idx, key)
+    if step is None:
+        _log_once("leank: no LeanKCache in this forward; computing exact attention")
+        return plain_attention(query, key, value, mask2d, scale).transpose(1, 2), None
+    layer = step.layer
+    L = query.shape[2]
+    backend = layer.config.backend
+    if L == 1 and layer.seen_tokens > 0:
+        layer.append_decode(key, value)
+        out = decode_attention(query[:, :, 0], layer, scale, backend)[:, :, None]
+        layer.flush_if_due()
+    else:
+        valid = None if mask2d is None else mask2d[:, -L:].bool()
+        out = chunk_attention(query, key, value, valid, layer, scale)
+        layer.store_chunk(key, value, valid)
+    layer.seen_tokens += L
+    return out.transpose(1, 2), None
+
+
+def leank_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs):
+    """transformers mask function: the 2-D padding mask ``[batch, kv_length]`` (bool), or None."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask

@@ -1,0 +1,452 @@
+"""The LeanK KV cache: a full-precision window plus a channel-compacted archive per layer.
+
+Per layer and sequence (see DESIGN.md):
+
+* window ``[batch, num_kv_heads, sink + recent + flush_every, head_dim]``: rows
+  ``[0, win_len)`` hold the first ``sink`` tokens, then the most recent tokens;
+* archive, grouped by kept-channel count ``d``: K ``[batch, heads_d, capacity, d]``
+  (only the kept channels are stored), V ``[batch, heads_d, capacity, head_dim]``; KV heads
+  with 0 kept channels store nothing; rows ``[0, arch_len)`` are valid;
+* after a chunk (prefill) step, and after a decode step once the window holds
+  ``recent + flush_every`` non-sink tokens, the oldest non-sink tokens beyond the most
+  recent ``recent`` move to the archive.
+
+Left padding is never stored: each sequence has its own lengths. The cache does not
+compute attention; ``leank.attention`` does, right after ``update`` hands it the step.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .config import LeanKConfig
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+# The cache whose ``update`` ran last in this context; the attention function consumes it.
+_PENDING: contextvars.ContextVar = contextvars.ContextVar("leank_pending_step", default=None)
+
+
+@dataclass
+class PendingStep:
+    """New keys/values handed from ``LeanKCache.update`` to the attention function."""
+
+    layer: "LeanKLayer"
+    layer_idx: int
+    key: Tensor
+    value: Tensor
+
+
+def take_pending(layer_idx: int, key: Tensor) -> Optional[PendingStep]:
+    """Return (and clear) the pending step if it belongs to ``layer_idx`` and ``key``."""
+    step = _PENDING.get()
+    if step is None or step.layer_idx != layer_idx or step.key is not key:
+        return None
+    _PENDING.set(None)
+    return step
+
+
+@dataclass
+class ArchiveGroup:
+    """KV heads of one layer that keep the same number ``d > 0`` of K channels."""
+
+    heads: Tensor  # int64 [heads_d]
+    chan: Tensor  # int64 [heads_d, d], sorted kept channel indices
+    keys: Optional[Tensor] = None  # [batch, heads_d, capacity, d]
+    values: Optional[Tensor] = None  # [batch, heads_d, capacity, head_dim]
+    bias: Optional[Tensor] = None  # float32 [batch, heads_d, capacity] (attention matching beta)
+
+    @property
+    def d(self) -> int:
+        return int(self.chan.shape[1])
+
+
+def groups_from_keep(keep: Tensor) -> list[ArchiveGroup]:
+    """Group the KV heads of one layer by kept count (ascending), skipping 0-channel heads.
+
+    Args:
+        keep: bool ``[num_kv_heads, head_dim]``.
+    """
+    counts = keep.sum(-1).tolist()
+    groups = []
+    for d in sorted({c for c in counts if c > 0}):
+        heads = [h for h, c in enumerate(counts) if c == d]
+        chan = torch.stack([keep[h].nonzero().flatten() for h in heads])
+        groups.append(ArchiveGroup(heads=torch.tensor(heads, dtype=torch.long), chan=chan.long()))
+    return groups
+
+
+class LeanKLayer(CacheLayerMixin):
+    """One layer's window and compacted archive (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, keep: Tensor, config: LeanKConfig):
+        super().__init__()
+        if keep.dim() != 2 or keep.dtype != torch.bool:
+            raise ValueError(f"keep: expected bool [num_kv_heads, head_dim], got {keep.dtype} {tuple(keep.shape)}")
+        self.keep = keep
+        self.config = config
+        self.groups = groups_from_keep(keep)
+        self.seen_tokens = 0  # columns processed, left padding included (what generate() counts)
+        self.batch_size = 0
+
+    # ------------------------------------------------------------------ storage
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        b, kvh, _, d = key_states.shape
+        if kvh != self.keep.shape[0] or d != self.keep.shape[1]:
+            raise ValueError(
+                f"key_states: expected [batch, {self.keep.shape[0]}, len, {self.keep.shape[1]}] to match the mask, "
+                f"got {tuple(key_states.shape)}"
+            )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_kv_heads, self.head_dim = b, kvh, d
+        wcap = self.config.window_capacity
+        self.win_k = key_states.new_zeros(b, kvh, wcap, d)
+        self.win_v = value_states.new_zeros(b, kvh, wcap, d)
+        self.win_len = torch.zeros(b, dtype=torch.int32, device=self.device)
+        self.arch_len = torch.zeros(b, dtype=torch.int32, device=self.device)
+        self.win_len_host = [0] * b
+        self.arch_len_host = [0] * b
+        self.capacity = 0
+        for g in self.groups:
+            g.heads, g.chan = g.heads.to(self.device), g.chan.to(self.device)
+        self._grow_archive(self.config.initial_archive_capacity)
+        self.is_initialized = True
+
+    def _grow_archive(self, needed: int) -> None:
+        """Amortised doubling of the archive capacity (all groups share it)."""
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity, self.config.initial_archive_capacity)
+        for g in self.groups:
+            hg = len(g.heads)
+            k = self.win_k.new_zeros(self.batch_size, hg, new_cap, g.d)
+            v = self.win_v.new_zeros(self.batch_size, hg, new_cap, self.head_dim)
+            if g.keys is not None and self.capacity:
+                k[:, :, : self.capacity] = g.keys
+                v[:, :, : self.capacity] = g.values
+            g.keys, g.values = k, v
+            if g.bias is not None:
+                bias = g.bias.new_zeros(self.batch_size, hg, new_cap)
+                bias[:, :, : self.capacity] = g.bias
+                g.bias = bias
+        self.capacity = new_cap
+
+    def _sink_rows(self, b: int) -> int:
+        return min(self.config.sink, self.win_len_host[b] + self.arch_len_host[b])
+
+    def _archive_append(self, b: int, k: Tensor, v: Tensor) -> None:
+        """Append full-width rows ``k, v [num_kv_heads, n, head_dim]`` to sequence ``b``'s archive."""
+        n = k.shape[1]
+        if n == 0:
+            return
+        start = self.arch_len_host[b]
+        self._grow_archive(start + n)
+        for g in self.groups:
+            kh = k[g.heads]  # [hg, n, D]
+            g.keys[b, :, start : start + n] = torch.gather(kh, 2, g.chan[:, None, :].expand(-1, n, -1))
+            g.values[b, :, start : start + n] = v[g.heads]
+            if g.bias is not None:
+                g.bias[b, :, start : start + n] = 0.0
+        self.arch_len_host[b] = start + n
+        self.arch_len[b] = start + n
+
+    def _set_window(self, b: int, k: Tensor, v: Tensor) -> None:
+        n = k.shape[1]
+        if n > self.config.window_capacity:
+            raise RuntimeError(f"window overflow: {n} rows > capacity {self.config.window_capacity}")
+        self.win_k[b, :, :n] = k
+        self.win_v[b, :, :n] = v
+        self.win_len_host[b] = n
+        self.win_len[b] = n
+
+    def store_chunk(self, key: Tensor, value: Tensor, valid: Optional[Tensor]) -> None:
+        """Store a chunk of new tokens and flush the window down to ``recent`` non-sink rows.
+
+        Args:
+            key, value: ``[batch, num_kv_heads, q_len, head_dim]``, post-RoPE.
+            valid: bool ``[batch, q_len]`` (False = padding, never stored) or None.
+        """
+        if valid is not None:
+            valid_host = valid.cpu()
+        for b in range(self.batch_size):
+            if valid is None:
+                nk, nv = key[b], value[b]
+            else:
+                idx = valid_host[b].nonzero().flatten().to(key.device)
+                nk, nv = key[b].index_select(1, idx), value[b].index_select(1, idx)
+            w = self.win_len_host[b]
+            stream_k = torch.cat([self.win_k[b, :, :w], nk], dim=1)
+            stream_v = torch.cat([self.win_v[b, :, :w], nv], dim=1)
+            n = stream_k.shape[1]
+            sink = min(self.config.sink, n)  # a non-empty archive implies a full sink
+            move = max(0, n - sink - self.config.recent)
+            self._archive_append(b, stream_k[:, sink : sink + move], stream_v[:, sink : sink + move])
+            keep_idx = torch.cat([torch.arange(sink), torch.arange(sink + move, n)]).to(key.device)
+            self._set_window(b, stream_k.index_select(1, keep_idx), stream_v.index_select(1, keep_idx))
+
+    def append_decode(self, key: Tensor, value: Tensor) -> None:
+        """Append one token per sequence (``[batch, num_kv_heads, 1, head_dim]``) to the window."""
+        rows = torch.arange(self.batch_size, device=self.device)
+        pos = self.win_len.long()
+        self.win_k[rows, :, pos] = key[:, :, 0]
+        self.win_v[rows, :, pos] = value[:, :, 0]
+        self.win_len += 1
+        self.win_len_host = [w + 1 for w in self.win_len_host]
+
+    def flush_if_due(self) -> None:
+        """Move the oldest non-sink rows to the archive where ``recent + flush_every`` are held."""
+        limit = self.config.recent + self.config.flush_every
+        for b in range(self.batch_size):
+            sink = self._sink_rows(b)
+            w = self.win_len_host[b]
+            if w - sink < limit or w - sink <= self.config.recent:
+                continue
+            move = w - sink - self.config.recent
+            self._archive_append(b, self.win_k[b, :, sink : sink + move], self.win_v[b, :, sink : sink + move])
+            tail_k = self.win_k[b, :, sink + move : w].clone()
+            tail_v = self.win_v[b, :, sink + move : w].clone()
+            self.win_k[b, :, sink : sink + tail_k.shape[1]] = tail_k
+            self.win_v[b, :, sink : sink + tail_v.shape[1]] = tail_v
+            self.win_len_host[b] = sink + tail_k.shape[1]
+            self.win_len[b] = self.win_len_host[b]
+
+    # ------------------------------------------------------------------ kernel view
+    def kernel_args(self) -> dict:
+        """Arguments of ``decode_attention_reference`` (and the kernels) for this layer."""
+        has_bias = any(g.bias is not None for g in self.groups)
+        return dict(
+            win_k=self.win_k,
+            win_v=self.win_v,
+            win_len=self.win_len,
+            arch_k=[g.keys for g in self.groups],
+            arch_v=[g.values for g in self.groups],
+            arch_heads=[g.heads for g in self.groups],
+            arch_chan=[g.chan for g in self.groups],
+            arch_len=self.arch_len,
+            arch_bias=[g.bias for g in self.groups] if has_bias else None,
+        )
+
+    # ------------------------------------------------------------------ compaction API
+    def get_window(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(keys, values [batch, num_kv_heads, window_cap, head_dim], win_len int32 [batch])``."""
+        return self.win_k, self.win_v, self.win_len
+
+    def get_archive(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The archive as dense tensors.
+
+        Returns:
+            keys ``[batch, num_kv_heads, capacity, head_dim]`` with pruned channels zero,
+            values of the same shape (zeros for 0-channel heads), bias float32
+            ``[batch, num_kv_heads, capacity]`` (0 where none; ``-inf`` for 0-channel heads),
+            arch_len int32 ``[batch]``.
+        """
+        b, kvh, d, cap = self.batch_size, self.num_kv_heads, self.head_dim, self.capacity
+        keys = self.win_k.new_zeros(b, kvh, cap, d)
+        values = self.win_v.new_zeros(b, kvh, cap, d)
+        bias = torch.full((b, kvh, cap), float("-inf"), device=self.device)
+        for g in self.groups:
+            kh = keys[:, g.heads]
+            kh.scatter_(3, g.chan[None, :, None, :].expand(b, -1, cap, -1), g.keys)
+            keys[:, g.heads] = kh
+            values[:, g.heads] = g.values
+            bias[:, g.heads] = g.bias if g.bias is not None else 0.0
+        return keys, values, bias, self.arch_len.clone()
+
+    def set_archive(self, keys: Tensor, values: Tensor, bias: Optional[Tensor], arch_len: Tensor) -> None:
+        """Replace the archive (attention-matching compaction).
+
+        Args:
+            keys, values: ``[batch, num_kv_heads, n, head_dim]``; K is re-compacted to the
+                kept channels, V is dropped for 0-channel heads.
+            bias: float32 ``[batch, num_kv_heads, n]`` added to the logits, ``-inf``
+                disables an entry; None for no bias.
+            arch_len: int ``[batch]``, valid rows per sequence (``<= n``).
+        """
+        b, kvh, n, d = keys.shape
+        if (b, kvh, d) != (self.batch_size, self.num_kv_heads, self.head_dim):
+            raise ValueError(
+                f"keys: expected [{self.batch_size}, {self.num_kv_heads}, n, {self.head_dim}], got {tuple(keys.shape)}"
+            )
+        if values.shape != keys.shape:
+            raise ValueError(f"values: expected {tuple(keys.shape)}, got {tuple(values.shape)}")
+        if bias is not None and bias.shape != (b, kvh, n):
+            raise ValueError(f"bias: expected {(b, kvh, n)}, got {tuple(bias.shape)}")
+        lens = [int(x) for x in arch_len.tolist()]
+        if len(lens) != b or any(not 0 <= x <= n for x in lens):
+            raise ValueError(f"arch_len: expected {b} values in [0, {n}], got {lens}")
+        cap = max(n, 1)
+        for g in self.groups:
+            g.keys = torch.gather(keys[:, g.heads], 3, g.chan[None, :, None, :].expand(b, -1, n, -1)).to(self.dtype)
+            g.values = values[:, g.heads].to(self.dtype).contiguous()
+            g.bias = None if bias is None else bias[:, g.heads].float().contiguous()
+            if n == 0:
+                g.keys = g.keys.new_zeros(b, len(g.heads), cap, g.d)
+                g.values = g.values.new_zeros(b, len(g.heads), cap, d)
+                g.bias = None if g.bias is None else g.bias.new_zeros(b, len(g.heads), cap)
+        self.capacity = cap if n == 0 else n
+        self.arch_len_host = lens
+        self.arch_len = torch.tensor(lens, dtype=torch.int32, device=self.device)
+
+    # ------------------------------------------------------------------ transformers API
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        """Not used directly: ``LeanKCache.update`` hands the step to the attention function."""
+        raise RuntimeError("LeanKLayer.update is driven by leank.attention; call LeanKCache.update")
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.win_len.zero_()
+            self.arch_len.zero_()
+            self.win_len_host = [0] * self.batch_size
+            self.arch_len_host = [0] * self.batch_size
+            for g in self.groups:
+                g.bias = None
+        self.seen_tokens = 0
+
+    def _select_batch(self, index: Tensor) -> None:
+        index = index.to(self.device)
+        self.win_k = self.win_k.index_select(0, index)
+        self.win_v = self.win_v.index_select(0, index)
+        self.win_len = self.win_len.index_select(0, index)
+        self.arch_len = self.arch_len.index_select(0, index)
+        host = index.tolist()
+        self.win_len_host = [self.win_len_host[i] for i in host]
+        self.arch_len_host = [self.arch_len_host[i] for i in host]
+        for g in self.groups:
+            g.keys = g.keys.index_select(0, index)
+            g.values = g.values.index_select(0, index)
+            if g.bias is not None:
+                g.bias = g.bias.index_select(0, index)
+        self.batch_size = len(host)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.as_tensor(indices, dtype=torch.long))
+
+    def crop(self, max_length: int) -> None:
+        """Drop the most recent tokens so that ``max_length`` columns remain (negative: drop that many).
+
+        Tokens are removed from the window's non-sink rows first, then from the end of
+        the archive, then from the sink; the remaining tokens keep their storage.
+        """
+        remove = -max_length if max_length < 0 else self.seen_tokens - max_length
+        if remove <= 0:
+            return
+        self.seen_tokens -= remove
+        if not self.is_initialized:
+            return
+        for b in range(self.batch_size):
+            r = remove
+            sink = self._sink_rows(b)
+            take = min(r, self.win_len_host[b] - sink)
+            self.win_len_host[b] -= take
+            r -= take
+            take = min(r, self.arch_len_host[b])
+            self.arch_len_host[b] -= take
+            r -= take
+            self.win_len_host[b] = max(0, self.win_len_host[b] - r)
+        self.win_len = torch.tensor(self.win_len_host, dtype=torch.int32, device=self.device)
+        self.arch_len = torch.tensor(self.arch_len_host, dtype=torch.int32, device=self.device)
+
+    # ------------------------------------------------------------------ accounting
+    def memory_report(self) -> dict:
+        """Bytes of this layer: held (allocated tensors), used (valid rows) and dense equivalents."""
+        if not self.is_initialized:
+            return dict(k_bytes=0, v_bytes=0, allocated_bytes=0, dense_k_bytes=0, dense_v_bytes=0, tokens=[])
+        es = self.win_k.element_size()
+        row = self.num_kv_heads * self.head_dim * es
+        tokens = [w + a for w, a in zip(self.win_len_host, self.arch_len_host)]
+        k_used = sum(self.win_len_host) * row + sum(
+            a * len(g.heads) * g.d * es for a in self.arch_len_host for g in self.groups
+        )
+        v_used = sum(self.win_len_host) * row + sum(
+            a * len(g.heads) * self.head_dim * es for a in self.arch_len_host for g in self.groups
+        )
+        allocated = self.win_k.nbytes + self.win_v.nbytes
+        for g in self.groups:
+            allocated += g.keys.nbytes + g.values.nbytes + (g.bias.nbytes if g.bias is not None else 0)
+        return dict(
+            k_bytes=k_used,
+            v_bytes=v_used,
+            allocated_bytes=allocated,
+            dense_k_bytes=sum(tokens) * row,
+            dense_v_bytes=sum(tokens) * row,
+            tokens=tokens,
+        )
+
+
+class LeanKCache(Cache):
+    """A transformers ``Cache`` that stores the K cache channel-compacted (LeanK).
+
+    Args:
+        mask: a ``ChannelMask`` (``keep [num_layers, num_kv_heads, head_dim]``).
+        config: window sizes and backend; ``LeanKConfig()`` by default.
+
+    ``generate()`` uses it automatically after ``leank.patch(model, ...)``; it can also be
+    built by hand (``leank.new_cache(model)``) and passed as ``past_key_values``.
+    """
+
+    def __init__(self, mask, config: Optional[LeanKConfig] = None):
+        keep = mask.keep if hasattr(mask, "keep") else mask
+        if not isinstance(keep, Tensor) or keep.dim() != 3:
+            raise ValueError(f"mask: expected a ChannelMask or bool [layers, kv_heads, head_dim], got {type(mask)}")
+        self.mask = mask
+        self.config = config or LeanKConfig()
+        super().__init__(layers=[LeanKLayer(keep[i].bool(), self.config) for i in range(keep.shape[0])])
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        """Hand the new keys/values to the attention function, which stores them after attending.
+
+        Returns the new ``key_states, value_states`` unchanged; the attention function
+        reads the layer's window and archive itself.
+        """
+        if layer_idx >= len(self.layers):
+            raise ValueError(f"layer_idx: expected < {len(self.layers)} (mask layers), got {layer_idx}")
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        _PENDING.set(PendingStep(layer, layer_idx, key_states, value_states))
+        return key_states, value_states
+
+    def memory_report(self) -> dict:
+        """Bytes held vs a dense bf16/fp16 cache of the same tokens, in total and per layer.
+
+        Keys: ``leank_bytes`` (K+V of the tokens held, window + archive), ``dense_bytes``
+        (the same tokens at full head_dim), ``k_bytes``, ``v_bytes``, ``dense_k_bytes``,
+        ``dense_v_bytes``, ``allocated_bytes`` (tensor storage incl. spare capacity),
+        ``layers`` (per-layer dicts).
+        """
+        layers = [layer.memory_report() for layer in self.layers]
+        tot = {k: sum(r[k] for r in layers) for k in ("k_bytes", "v_bytes", "dense_k_bytes", "dense_v_bytes", "allocated_bytes")}
+        tot["leank_bytes"] = tot["k_bytes"] + tot["v_bytes"]
+        tot["dense_bytes"] = tot["dense_k_bytes"] + tot["dense_v_bytes"]
+        tot["layers"] = layers
+        return tot

@@ -1,0 +1,233 @@
+"""End-to-end LeanK decoding on tiny Llama / Qwen2 models (CPU, fp32)."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import leank
+from leank import LeanKConfig
+from leank.cache import LeanKCache
+from leank.masks import ChannelMask
+from tests.oracle import oracle_logits, sparse_keep, tiny_model
+
+CFG = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference")
+
+
+def _mask(model, keep):
+    return ChannelMask(keep=keep, align=8)
+
+
+def _generate(model, ids, n, attention_mask=None, **kw):
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attention_mask if attention_mask is not None else torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            **kw,
+        )
+    return out.sequences, torch.stack(out.logits, 1), out.past_key_values
+
+
+def _prompt(n, seed=3, vocab=96):
+    return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_all_channels_kept_equals_unpatched(kind):
+    model = tiny_model(kind, init=0.06)
+    ids = _prompt(37)[None]
+    seq_ref, logits_ref, _ = _generate(model, ids, 24)
+    keep = torch.ones(2, 4, 32, dtype=torch.bool)
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    seq, logits, cache = _generate(model, ids, 24)
+    leank.unpatch(model)
+    assert isinstance(cache, LeanKCache)
+    assert cache.layers[0].arch_len_host[0] > 0, "the archive must be used"
+    assert torch.equal(seq, seq_ref)
+    assert logits_ref.abs().max() > 1.0, "logits must not be trivially small"
+    assert (logits - logits_ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_sparse_mask_matches_oracle_across_flushes(kind):
+    model = tiny_model(kind)
+    keep = sparse_keep(2, 4, 32)
+    assert (keep.sum(-1) == 0).any() and keep.float().mean() < 0.4
+    prompt = _prompt(41)
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    seq, logits, cache = _generate(model, prompt[None], 21)  # 21 steps: 5 flushes
+    leank.unpatch(model)
+    cont = seq[0, len(prompt):]
+    ref = oracle_logits(model, keep, CFG.sink, CFG.recent, CFG.flush_every, prompt, cont)
+    full = oracle_logits(model, torch.ones_like(keep), CFG.sink, CFG.recent, CFG.flush_every, prompt, cont)
+    err = (logits[0] - ref).abs().max().item()
+    assert err <= 2e-5, err
+    assert (full - ref).abs().max() > 100 * max(err, 1e-6), "pruning must change the logits (non-vacuous test)"
+
+
+def test_ragged_batch_equals_each_alone():
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32, seed=5)
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    prompts = [_prompt(n, seed=n) for n in (5, 23, 40)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    am = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        am[i, width - len(p):] = 1
+    seq, logits, cache = _generate(model, ids, 14, attention_mask=am)
+    for i, p in enumerate(prompts):
+        s1, l1, c1 = _generate(model, p[None], 14)
+        assert torch.equal(seq[i, width:], s1[0, len(p):])
+        assert (logits[i] - l1[0]).abs().max() <= 1e-4
+        layer, lone = cache.layers[1], c1.layers[1]
+        assert layer.win_len_host[i] == lone.win_len_host[0] and layer.arch_len_host[i] == lone.arch_len_host[0]
+        assert layer.win_len_host[i] + layer.arch_len_host[i] == len(p) + 13, "pads must not be stored"
+    leank.unpatch(model)
+
+
+@pytest.mark.parametrize("n", [3, 11, 12, 16])
+def test_short_prompts_and_flush_boundary(n):
+    """Prompts shorter than sink, than sink+recent, exactly sink+recent, and at a flush boundary."""
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32, seed=2)
+    prompt = _prompt(n, seed=n)
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    seq, logits, _ = _generate(model, prompt[None], 17)
+    leank.unpatch(model)
+    ref = oracle_logits(model, keep, CFG.sink, CFG.recent, CFG.flush_every, prompt, seq[0, n:])
+    assert (logits[0] - ref).abs().max() <= 2e-5
+
+
+def test_second_generate_continues_the_cache():
+    model = tiny_model("qwen2")
+    keep = sparse_keep(2, 4, 32, seed=4)
+    prompt = _prompt(30)
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    seq1, logits1, cache = _generate(model, prompt[None], 9)
+    follow = _prompt(6, seed=9)
+    ids2 = torch.cat([seq1, follow[None]], 1)
+    seq2, logits2, cache2 = _generate(model, ids2, 7, past_key_values=cache)
+    leank.unpatch(model)
+    assert cache2 is cache
+    # oracle: prompt, the 9 generated tokens one by one (last one fed with the follow-up chunk), then 7 more
+    gen1 = seq1[0, 30:]
+    cont = torch.cat([gen1, follow, seq2[0, ids2.shape[1]:]])
+    start = len(gen1) - 1  # the last generated token was never fed; generate feeds it with the follow-up
+    ref = oracle_logits(model, keep, CFG.sink, CFG.recent, CFG.flush_every, prompt, cont, chunks=[(start, start + 1 + len(follow))])
+    n1 = len(gen1)
+    assert (logits1[0] - ref[:n1]).abs().max() <= 2e-5
+    got2 = logits2[0]
+    want2 = ref[n1 + len(follow):]
+    assert (got2 - want2).abs().max() <= 2e-5
+
+
+def test_cache_stores_compacted_k_and_drops_v_of_zero_channel_heads():
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32, seed=6)
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    _, _, cache = _generate(model, _prompt(50)[None], 5)
+    leank.unpatch(model)
+    es = 4
+    for li, layer in enumerate(cache.layers):
+        counts = keep[li].sum(-1)
+        heads_in_groups = sorted(int(h) for g in layer.groups for h in g.heads)
+        assert heads_in_groups == [h for h in range(4) if counts[h] > 0]
+        for g in layer.groups:
+            assert g.keys.shape[-1] == g.d and all(counts[int(h)] == g.d for h in g.heads)
+            assert g.values.shape[1] == len(g.heads)
+        cap = layer.capacity
+        expected = 2 * 1 * 4 * CFG.window_capacity * 32 * es + sum(cap * int(c) * es + cap * 32 * es for c in counts if c > 0)
+        rep = layer.memory_report()
+        assert rep["allocated_bytes"] == expected
+        a = layer.arch_len_host[0]
+        assert rep["k_bytes"] == layer.win_len_host[0] * 4 * 32 * es + a * int(counts.sum()) * es
+        assert rep["v_bytes"] == layer.win_len_host[0] * 4 * 32 * es + a * 32 * int((counts > 0).sum()) * es
+    total = cache.memory_report()
+    assert total["k_bytes"] < total["dense_k_bytes"] and total["v_bytes"] < total["dense_v_bytes"]
+
+
+def test_unpatch_restores_model_exactly():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config._attn_implementation
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
+    assert leank.is_patched(model) and "generate" in model.__dict__
+    with pytest.raises(ValueError, match="already patched"):
+        leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
+    leank.unpatch(model)
+    assert not leank.is_patched(model) and "generate" not in model.__dict__
+    assert model.config._attn_implementation == impl
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="not patched"):
+        leank.unpatch(model)
+
+
+def test_beam_search_all_kept_equals_unpatched():
+    model = tiny_model("llama")
+    ids = _prompt(33)[None]
+    seq_ref, _, _ = _generate(model, ids, 8, num_beams=3)
+    leank.patch(model, masks=_mask(model, torch.ones(2, 4, 32, dtype=torch.bool)), config=CFG)
+    seq, _, _ = _generate(model, ids, 8, num_beams=3)
+    leank.unpatch(model)
+    assert torch.equal(seq, seq_ref)
+
+
+def test_crop_removes_recent_tokens():
+    model = tiny_model("llama")
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
+    _, _, cache = _generate(model, _prompt(40)[None], 6)
+    leank.unpatch(model)
+    layer = cache.layers[0]
+    total = layer.win_len_host[0] + layer.arch_len_host[0]
+    assert cache.get_seq_length() == 45 == total
+    cache.crop(30)
+    assert cache.get_seq_length() == 30
+    assert layer.win_len_host[0] + layer.arch_len_host[0] == 30 and layer.win_len_host[0] >= CFG.sink
+
+
+def test_unsupported_architecture_and_bad_config():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        leank.patch(gpt2, masks=ChannelMask(keep=torch.ones(1, 2, 16, dtype=torch.bool), align=16))
+    model = tiny_model("llama")
+    with pytest.raises(ValueError):
+        leank.patch(model, masks=ChannelMask(keep=torch.ones(3, 4, 32, dtype=torch.bool), align=8))
+    with pytest.raises(ValueError, match="config"):
+        leank.patch(model, masks=_mask(model, torch.ones(2, 4, 32, dtype=torch.bool)), config={"sink": 4})
+    assert not leank.is_patched(model)
+    with pytest.raises(ValueError, match="flush_every"):
+        LeanKConfig(flush_every=0)
+    with pytest.raises(ValueError, match="backend"):
+        LeanKConfig(backend="cuda")
+
+
+def test_tilelang_backend_refused_on_cpu():
+    model = tiny_model("llama")
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=LeanKConfig(sink=4, recent=8, flush_every=4, backend="tilelang"))
+    try:
+        with pytest.raises(ValueError, match="tilelang"):
+            _generate(model, _prompt(30)[None], 3)
+    finally:
+        leank.unpatch(model)
+
+
+def test_import_has_no_side_effects():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, leank, tilelang_kernels, patches;"
+        "from transformers import AttentionInterface;"
+        "assert 'leank' not in AttentionInterface._global_mapping;"
+        "assert 'tilelang' not in sys.modules; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(__import__('pathlib').Path(__file__).parents[1]))
+    assert out.stdout.strip() == "ok", out.stderr
