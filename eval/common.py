@@ -1,0 +1,337 @@
+"""Shared pieces of the eval scripts: argument helpers, result/config writing, tables,
+progress bars, the published kept-count mixes and model shapes.
+
+Nothing here touches CUDA, seeds a generator or imports TileLang at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "eval" / "results"
+
+# Published LeanK masks, kept channels per KV head -> number of KV heads with that count
+# (counted from the authors' files: Llama-3.1-8B-Instruct 32 layers x 8 KV heads,
+# Qwen2.5-7B-Instruct 28 layers x 4 KV heads; head_dim 128).
+PUBLISHED_MIX = {
+    "llama": {0: 47, 32: 120, 64: 67, 96: 22},
+    "qwen": {0: 35, 32: 34, 64: 33, 96: 10},
+}
+
+# Model shapes (random weights are enough for speed and memory).
+LLAMA31_8B = dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128009,
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+)
+QWEN25_7B = dict(
+    model_type="qwen2",
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    head_dim=128,
+    max_position_embeddings=131072,  # with YaRN x4 from 32K, as Qwen documents for long inputs
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=32768),
+)
+MODEL_SHAPES = {"llama3.1-8b": (LLAMA31_8B, "llama"), "qwen2.5-7b": (QWEN25_7B, "qwen")}
+# Tiny variants keep head_dim 128 (so the 32-aligned kept counts are the published ones)
+# and the GQA group sizes; only widths and depth shrink.
+TINY_OVERRIDES = {
+    "llama3.1-8b": dict(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=2, bos_token_id=1, eos_token_id=2),
+    "qwen2.5-7b": dict(vocab_size=512, hidden_size=896, intermediate_size=1024, num_hidden_layers=2,
+                       num_attention_heads=7, num_key_value_heads=1, bos_token_id=1, eos_token_id=2),
+}
+
+
+# ----------------------------------------------------------------------------- arguments
+def int_list(text: str) -> list[int]:
+    """Parse ``"8192,32K,64k"`` into ``[8192, 32768, 65536]`` (K = 1024)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        mult = 1024 if part.endswith("k") else 1
+        try:
+            out.append(int(part[:-1] if mult > 1 else part) * mult)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers (K suffix allowed), got {text!r}")
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return out
+
+
+def str_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """--out, --seed, --device, --dtype, --no-progress."""
+    parser.add_argument("--out", default=default_out,
+                        help="result JSON path; the resolved config is written next to it as *.config.json "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="model dtype; auto = bfloat16 on CUDA, float32 on CPU (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_leank_args(parser: argparse.ArgumentParser, sink: int = 128, recent: int = 1024) -> None:
+    """LeanKConfig fields and the mask choice."""
+    g = parser.add_argument_group("LeanK")
+    g.add_argument("--mask", default="mix",
+                   help="'mix' (published kept-count mix placed at random with --seed), 'mix:llama' / 'mix:qwen', "
+                        "'rope:SPARSITY' (data-free RoPE-frequency mask), or a mask file / model id that "
+                        "leank.patch resolves (default: %(default)s)")
+    g.add_argument("--sink", type=int, default=sink, help="full-precision sink tokens (default: %(default)s)")
+    g.add_argument("--recent", type=int, default=recent, help="full-precision recent tokens (default: %(default)s)")
+    g.add_argument("--flush-every", type=int, default=32, help="decode steps between flushes (default: %(default)s)")
+    g.add_argument("--backend", default="auto", choices=["auto", "reference", "tilelang"],
+                   help="LeanK attention backend (default: %(default)s)")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------- output
+def environment() -> dict:
+    """Versions, device and commit: what a reader needs to reproduce a result."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+    }
+    import importlib
+    import importlib.util
+
+    for mod in ("torch", "transformers"):
+        env[mod] = importlib.import_module(mod).__version__
+    for mod in ("tilelang", "flash_attn"):  # never imported here: report only what the run loaded
+        loaded = sys.modules.get(mod)
+        env[mod] = getattr(loaded, "__version__", "loaded") if loaded else None
+        env[mod + "_installed"] = importlib.util.find_spec(mod) is not None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["cuda_device"] = torch.cuda.get_device_name()
+            env["cuda_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)
+            env["cuda_version"] = torch.version.cuda
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                           text=True, timeout=5).stdout.strip() or None
+        env["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip())
+    except Exception:  # noqa: BLE001
+        env["git_commit"] = None
+    return env
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def config_path_for(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".config.json")
+
+
+def write_results(out: str | Path, results: dict, config: dict) -> tuple[Path, Path]:
+    """Write ``results`` to ``out`` and ``config`` (+ environment) to ``<stem>.config.json``.
+
+    Returns both paths. Parent folders are created.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = config_path_for(out)
+    full_cfg = {"config": _jsonable(config), "environment": environment()}
+    cfg_path.write_text(json.dumps(full_cfg, indent=2) + "\n")
+    payload = {"config_file": cfg_path.name, **_jsonable(results)}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    return out, cfg_path
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".2f") -> str:
+    """Render dict rows as a GitHub markdown table (floats with ``floatfmt``)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return format(v, floatfmt) if math.isfinite(v) else str(v)
+        return str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(columns), sep, *(line(b) for b in body)])
+
+
+def progress(iterable: Iterable | None = None, disable: bool = False, **kw):
+    """A tqdm bar on stderr (hidden with ``disable=True``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=disable, file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+# ----------------------------------------------------------------------------- masks
+def mix_counts(num_heads: int, mix: dict[int, int]) -> list[int]:
+    """Kept count of each of ``num_heads`` heads, in the proportions of ``mix``.
+
+    Exactly ``mix`` when ``num_heads`` equals its total; otherwise scaled by the largest
+    remainder so the proportions are kept as closely as integers allow. Unshuffled.
+    """
+    total = sum(mix.values())
+    if num_heads < 1:
+        raise ValueError(f"num_heads: expected >= 1, got {num_heads}")
+    exact = {c: n * num_heads / total for c, n in mix.items()}
+    counts = {c: int(math.floor(x)) for c, x in exact.items()}
+    short = num_heads - sum(counts.values())
+    for c in sorted(exact, key=lambda c: exact[c] - counts[c], reverse=True)[:short]:
+        counts[c] += 1
+    return [c for c in sorted(counts) for _ in range(counts[c])]
+
+
+def mix_keep(num_layers: int, num_kv_heads: int, head_dim: int, mix: dict[int, int], seed: int):
+    """Bool ``keep [num_layers, num_kv_heads, head_dim]`` with the kept-count mix at random heads.
+
+    Which heads get which count is a seeded shuffle; inside a head the kept channels are
+    the lowest-frequency RoPE pairs (``rotate_half`` layout: channel i pairs with
+    i + head_dim/2), the channels LeanK's learned masks keep most.
+    """
+    import torch
+
+    if head_dim % 2:
+        raise ValueError(f"head_dim: expected even, got {head_dim}")
+    counts = mix_counts(num_layers * num_kv_heads, mix)
+    random.Random(seed).shuffle(counts)
+    keep = torch.zeros(num_layers * num_kv_heads, head_dim, dtype=torch.bool)
+    half = head_dim // 2
+    for i, c in enumerate(counts):
+        if c > head_dim or c % 2:
+            raise ValueError(f"mix: kept count {c} must be even and <= head_dim {head_dim}")
+        keep[i, half - c // 2: half] = True
+        keep[i, head_dim - c // 2:] = True
+    return keep.view(num_layers, num_kv_heads, head_dim)
+
+
+def build_mask(spec: str, model, seed: int, family: str | None = None):
+    """Turn ``--mask`` into what ``leank.patch(masks=...)`` accepts.
+
+    ``mix`` / ``mix:llama`` / ``mix:qwen`` -> ChannelMask with the published kept-count mix;
+    ``rope:S`` -> ``ChannelMask.from_rope_frequency(config, S, align=32)``; anything else is
+    passed through (a mask file or a model id the registry resolves).
+    """
+    cfg = model.config
+    if spec.startswith("mix"):
+        fam = spec.split(":", 1)[1] if ":" in spec else (family or ("qwen" if cfg.model_type == "qwen2" else "llama"))
+        if fam not in PUBLISHED_MIX:
+            raise ValueError(f"--mask: expected mix, mix:llama or mix:qwen, got {spec!r}")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        keep = mix_keep(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, PUBLISHED_MIX[fam], seed)
+        from leank.masks import ChannelMask
+
+        return ChannelMask(keep=keep, model_id=getattr(cfg, "name_or_path", "") or "", align=32,
+                           source=f"published kept-count mix ({fam}) at random heads, seed {seed}")
+    if spec.startswith("rope:"):
+        from leank.masks import ChannelMask
+
+        return ChannelMask.from_rope_frequency(cfg, float(spec.split(":", 1)[1]), align=32)
+    return spec
+
+
+def leank_available() -> str | None:
+    """None when ``leank.patch`` and ``leank.masks`` can be imported, else the reason."""
+    import importlib
+
+    for mod in ("leank.patching", "leank.masks"):
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            return f"{mod} is not importable ({e})"
+    return None
+
+
+def ensure_repo_on_path() -> None:
+    """Let ``python eval/x.py`` import ``leank`` and ``eval`` from a checkout."""
+    root = str(REPO_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
