@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+            if e.name is None or not module.startswith(e.name):
+                raise  # a real missing dependency, not an absent subcommand module
             continue  # subcommand not shipped in this build
         mod.add_parser(sub)
     return parser

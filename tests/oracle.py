@@ -1,89 +1,9 @@
-"""An independent implementation of the LeanK function for tests.
-
-The model runs with a plain ``DynamicCache`` (full K/V of every token). At each step this
-attention function decides from the schedule formula alone which tokens are archived,
-zeroes their pruned K channels (or hides them for 0-channel heads) and computes
-attention in float64. It shares no code with ``leank.cache`` / ``leank.attention``.
-"""
-
-from __future__ import annotations
+"""Tiny models and masks for tests."""
 
 import torch
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, Qwen2Config
-from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-ORACLE = "leank_test_oracle"
-
-
-class Oracle:
-    def __init__(self, keep: torch.Tensor, sink: int, recent: int, flush_every: int):
-        self.keep = keep.bool()
-        self.sink, self.recent, self.flush_every = sink, recent, flush_every
-        self.num_layers = keep.shape[0]
-        self.archived = 0  # tokens in [sink, sink + archived) are archived
-
-    def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
-        b, h, L, d = query.shape
-        assert b == 1, "the oracle runs one sequence at a time"
-        T = key.shape[2]
-        kvh = key.shape[1]
-        rep = h // kvh
-        q = query.double()[0]
-        k = key.double()[0].clone()
-        v = value.double()[0]
-        keep = self.keep[module.layer_idx]
-        old = T - L  # tokens held before this step
-        hidden = torch.zeros(kvh, T, dtype=torch.bool)
-        if old > 0 and self.archived > 0:
-            arch = slice(self.sink, self.sink + self.archived)
-            for g in range(kvh):
-                k[g, arch, ~keep[g]] = 0.0
-                if not keep[g].any():
-                    hidden[g, arch] = True
-        logits = torch.einsum("hld,htd->hlt", q, k.repeat_interleave(rep, 0)) * scaling
-        causal = torch.arange(T)[None, :] <= torch.arange(old, T)[:, None]
-        allowed = causal[None] & ~hidden.repeat_interleave(rep, 0)[:, None, :]
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        out = torch.softmax(logits, -1) @ v.repeat_interleave(rep, 0)
-        if module.layer_idx == self.num_layers - 1:
-            self._advance(T, L)
-        return out.transpose(0, 1)[None].to(query.dtype), None
-
-    def _advance(self, total: int, step_len: int) -> None:
-        if step_len > 1 or total == step_len:
-            self.archived = max(self.archived, total - self.sink - self.recent)
-            return
-        non_sink = total - min(self.sink, total) - self.archived
-        if non_sink >= self.recent + self.flush_every:
-            self.archived = total - self.sink - self.recent
-
-
-def oracle_logits(model, keep, sink, recent, flush_every, prompt_ids, continuation_ids, chunks=()):
-    """Logits ``[len(continuation), vocab]`` the LeanK function gives, feeding ``continuation``.
-
-    ``chunks`` lists (start, end) ranges of ``continuation`` fed as one multi-token step.
-    Row ``i`` is the prediction made after seeing ``prompt + continuation[:i]``.
-    """
-    oracle = Oracle(keep, sink, recent, flush_every)
-    AttentionInterface.register(ORACLE, oracle.attention)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ORACLE)
-    try:
-        cache = DynamicCache(config=model.config)
-        rows = []
-        with torch.no_grad():
-            out = model(prompt_ids[None], past_key_values=cache, use_cache=True)
-            rows.append(out.logits[0, -1])
-            i = 0
-            starts = {s: e for s, e in chunks}
-            while i < len(continuation_ids) - 1:
-                j = starts.get(i, i + 1)
-                out = model(continuation_ids[None, i:j], past_key_values=cache, use_cache=True)
-                rows.extend(out.logits[0])
-                i = j
-        return torch.stack(rows[: len(continuation_ids)])
-    finally:
-        model.set_attn_implementation(previous)
+from leank.verify import oracle_logits  # noqa: F401  (re-exported for tests)
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, kv_heads: int = 4, heads: int = 8, head_dim: int = 32, init: float = 0.15):
