@@ -125,10 +125,15 @@ class LeanKLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _grow_archive(self, needed: int) -> None:
-        """Amortised doubling of the archive capacity (all groups share it)."""
+        """Grow the archive capacity geometrically (all groups share it).
+
+        Growth by 1/8 (at least ``initial_archive_capacity`` rows) keeps the spare
+        memory small for long contexts while each row is still copied O(1) times on average.
+        """
         if needed <= self.capacity:
             return
-        new_cap = max(needed, 2 * self.capacity, self.config.initial_archive_capacity)
+        step = max(self.capacity // 8, self.config.initial_archive_capacity)
+        new_cap = max(needed, self.capacity + step)
         for g in self.groups:
             hg = len(g.heads)
             k = self.win_k.new_zeros(self.batch_size, hg, new_cap, g.d)

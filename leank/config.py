@@ -18,15 +18,15 @@ class LeanKConfig:
             ``sink + recent + flush_every`` tokens (paper: 32).
         backend: ``"reference"`` (PyTorch, CPU and GPU), ``"tilelang"`` (CUDA kernels)
             or ``"auto"`` (TileLang on CUDA when importable, else reference).
-        initial_archive_capacity: archive rows preallocated per sequence before the
-            first growth (growth is amortised doubling, never a per-step concat).
+        initial_archive_capacity: archive rows preallocated per sequence, and the
+            smallest growth step (growth is geometric by 1/8, never a per-step concat).
     """
 
     sink: int = 128
     recent: int = 1024
     flush_every: int = 32
     backend: str = "auto"
-    initial_archive_capacity: int = 256
+    initial_archive_capacity: int = 512
 
     def __post_init__(self) -> None:
         for name in ("sink", "recent"):
