@@ -1,0 +1,34 @@
+"""Attention matching KV compaction (arXiv 2602.16284) for LeanK caches.
+
+    cache = leank.compact(model, cache, ratio=0.02, input_ids=ids)   # 50x fewer archive entries
+
+``compact`` is the entry point; ``compact_heads`` is the cache-independent math on a batch
+of KV heads; ``nnls`` and ``fit_values`` are the batched solvers it uses.
+"""
+
+from .api import collect_queries, compact
+from .core import (
+    CompactedHeads,
+    Targets,
+    attention_targets,
+    compact_heads,
+    reconstruction_error,
+    top_attention_baseline,
+)
+from .queries import REPEAT_PROMPT
+from .solvers import NNLSResult, fit_values, nnls
+
+__all__ = [
+    "CompactedHeads",
+    "NNLSResult",
+    "REPEAT_PROMPT",
+    "Targets",
+    "attention_targets",
+    "collect_queries",
+    "compact",
+    "compact_heads",
+    "fit_values",
+    "nnls",
+    "reconstruction_error",
+    "top_attention_baseline",
+]

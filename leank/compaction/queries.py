@@ -1,0 +1,172 @@
+"""Reference queries for attention matching: post-RoPE queries captured from model passes.
+
+A pass runs the base model (no LM head, no cache) over some tokens with a custom
+attention function registered through transformers' ``AttentionInterface`` inside a
+context manager (undone in ``finally``). The function records a sample of post-RoPE
+queries per layer and attends to ``[prefix ; new tokens]`` (lower-right causal), where the
+prefix is what the cache already holds for that layer (with its ``beta``), read lazily per
+layer so only one layer's prefix is alive at a time.
+
+* ``"repeat"`` pass: ``[repeat prompt ; context]`` on top of the cache, positions
+  continuing after the context: queries of the model re-reading its context;
+* ``"self"`` pass: the context alone from position 0, no prefix: the context
+  prefill's own queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+CAPTURE_NAME = "leank_compaction_capture"
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly, word for word.\n\n"
+
+# prefix(layer_idx) -> (keys [KVH, P, D], values [KVH, P, D], bias float32 [KVH, P] or None)
+PrefixFn = Callable[[int], tuple[Tensor, Tensor, Optional[Tensor]]]
+
+
+@dataclass
+class _PassState:
+    prefix: Optional[PrefixFn]
+    positions: Tensor  # int64 [m], indices into the new tokens to record
+    recorded: dict = field(default_factory=dict)  # layer_idx -> [num_heads, m, D]
+
+
+_STATE: contextvars.ContextVar = contextvars.ContextVar("leank_compaction_pass", default=None)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
+    """Lower-right causal attention of ``q [1, H, n, D]`` over ``k, v [1, H, P+n, D]``; bias ``[P+n]``-shaped per head."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from .core import _augment
+
+    n, kv = q.shape[2], k.shape[2]
+    D = q.shape[-1]
+    if bias is not None:
+        H = q.shape[1]
+        qa, ka = _augment(q[0], k[0], bias.expand(H, kv), scale)
+        q, k = qa[None], ka[None]
+        v = torch.cat([v, v.new_zeros(*v.shape[:3], q.shape[-1] - D)], -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, kv), scale=scale)
+    return out[..., :D]
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function: record sampled queries, attend to prefix + new tokens."""
+    state: Optional[_PassState] = _STATE.get()
+    if state is None:
+        raise RuntimeError(f"{CAPTURE_NAME}: called outside a leank.compaction query pass")
+    if query.shape[0] != 1:
+        raise RuntimeError(f"{CAPTURE_NAME}: one sequence per pass, got batch {query.shape[0]}")
+    layer = module.layer_idx
+    pos = state.positions.to(query.device)
+    state.recorded[layer] = query[0].index_select(1, pos).detach().clone()
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    bias = None
+    if state.prefix is not None:
+        pk, pv, pb = state.prefix(layer)
+        key = torch.cat([pk[None].to(key.dtype), key], 2)
+        value = torch.cat([pv[None].to(value.dtype), value], 2)
+        if pb is not None:
+            new = torch.zeros(pb.shape[0], query.shape[2], dtype=torch.float32, device=pb.device)
+            bias = torch.cat([pb.float(), new], 1)  # [KVH, P+n]
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:
+        key = key.repeat_interleave(rep, 1)
+        value = value.repeat_interleave(rep, 1)
+        if bias is not None:
+            bias = bias.repeat_interleave(rep, 0)
+    out = _attend(query, key, value, bias, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _capture_mode(model):
+    """Route every attention layer of ``model`` through ``_capture_attention``; undone in finally."""
+    from transformers import AttentionInterface
+
+    added = CAPTURE_NAME not in AttentionInterface._global_mapping
+    AttentionInterface.register(CAPTURE_NAME, _capture_attention)
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = CAPTURE_NAME
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+        if added:
+            AttentionInterface._global_mapping.pop(CAPTURE_NAME, None)
+
+
+def base_model(model):
+    """The decoder stack without the LM head (``model.model`` for ``*ForCausalLM``)."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "layers") else model
+
+
+@torch.no_grad()
+def run_pass(
+    model,
+    tokens: Tensor,
+    start_position: int,
+    record: Tensor,
+    prefix: Optional[PrefixFn] = None,
+) -> dict:
+    """One capture pass over ``tokens`` (int64 ``[n]``) of one sequence.
+
+    Args:
+        model: Llama/Qwen2 ``*ForCausalLM`` or base model.
+        tokens: token ids, on the model's device.
+        start_position: RoPE position of ``tokens[0]``.
+        record: int64 ``[m]`` indices into ``tokens`` whose queries to keep.
+        prefix: per-layer cache contents the tokens attend to first (None: no prefix).
+
+    Returns:
+        ``{layer_idx: [num_heads, m, head_dim]}`` post-RoPE queries (model dtype).
+    """
+    dev = tokens.device
+    positions = torch.arange(start_position, start_position + tokens.numel(), device=dev)[None]
+    state = _PassState(prefix, record)
+    token = _STATE.set(state)
+    try:
+        with _capture_mode(model):
+            base_model(model)(input_ids=tokens[None], position_ids=positions, use_cache=False)
+    finally:
+        _STATE.reset(token)
+    return state.recorded
+
+
+def sample_positions(lo: int, hi: int, m: int, generator: torch.Generator) -> Tensor:
+    """``min(m, hi - lo)`` distinct sorted positions in ``[lo, hi)``."""
+    n = max(0, hi - lo)
+    if m >= n:
+        return torch.arange(lo, hi)
+    return torch.randperm(n, generator=generator)[:m].sort().values + lo
+
+
+def pool_gqa(q: Tensor, num_kv_heads: int) -> Tensor:
+    """``[num_heads, m, D]`` -> ``[num_kv_heads, rep * m, D]`` (query heads of a group pooled)."""
+    h, m, d = q.shape
+    rep = h // num_kv_heads
+    return q.reshape(num_kv_heads, rep * m, d)
+
+
+def gaussian_like(ref: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` Gaussian vectors per head with the per-channel mean/std of ``ref [H, m, D]``: ``[H, n, D]``."""
+    r = ref.float()
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True).nan_to_num(0.0)
+    z = torch.randn(r.shape[0], n, r.shape[2], generator=generator).to(r.device)
+    return (mean + std * z).to(ref.dtype)
