@@ -225,7 +225,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, flo
     """Render dict rows as a GitHub markdown table (floats with ``floatfmt``)."""
     if not rows:
         return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    if columns is None:  # union of the rows' keys, in first-seen order
+        columns = list(dict.fromkeys(k for r in rows for k in r))
 
     def cell(v: Any) -> str:
         if v is None:
@@ -246,6 +247,45 @@ def progress(iterable: Iterable | None = None, disable: bool = False, **kw):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=disable, file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+# ----------------------------------------------------------------------------- models
+def model_config(shape: str, layers: int | None = None, tiny: bool = False):
+    """A transformers config of a published model shape (``MODEL_SHAPES``), optionally shallower or tiny."""
+    from transformers import AutoConfig
+
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"shape: expected one of {sorted(MODEL_SHAPES)}, got {shape!r}")
+    fields = dict(MODEL_SHAPES[shape][0])
+    if tiny:
+        fields.update(TINY_OVERRIDES[shape])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers: expected >= 1, got {layers}")
+        fields["num_hidden_layers"] = layers
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def build_model(config, device, dtype, attn: str):
+    """Random-weight ``AutoModelForCausalLM`` of ``config``, created directly on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def best_attention(requested: str = "auto") -> str:
+    """flash_attention_2 when flash_attn is importable, else sdpa (unless ``requested`` names one)."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 # ----------------------------------------------------------------------------- masks
@@ -303,9 +343,10 @@ def build_mask(spec: str, model, seed: int, family: str | None = None):
             raise ValueError(f"--mask: expected mix, mix:llama or mix:qwen, got {spec!r}")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         keep = mix_keep(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, PUBLISHED_MIX[fam], seed)
-        from leank.masks import ChannelMask
+        from leank.masks import ChannelMask, context_set_from_config
 
         return ChannelMask(keep=keep, model_id=getattr(cfg, "name_or_path", "") or "", align=32,
+                           context_set=context_set_from_config(cfg),
                            source=f"published kept-count mix ({fam}) at random heads, seed {seed}")
     if spec.startswith("rope:"):
         from leank.masks import ChannelMask

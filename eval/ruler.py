@@ -79,14 +79,6 @@ def check_args(args) -> None:
 
 
 # ----------------------------------------------------------------------------- model
-def best_attention(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    import importlib.util
-
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-
-
 def load_model(path: str, tokenizer_path: str | None, device, dtype, attn: str):
     """AutoModelForCausalLM + AutoTokenizer from local files only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -368,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
-    attn = best_attention(args.attn)
+    attn = common.best_attention(args.attn)
     mask = config = None
     if "leank" in args.modes:
         why = common.leank_available()

@@ -1,0 +1,485 @@
+"""End-to-end ``generate()`` decode speed and memory: transformers' best attention vs LeanK.
+
+    python eval/e2e_decode.py                          # full run on a GPU (Llama-3.1-8B and Qwen2.5-7B shapes)
+    python eval/e2e_decode.py --quick                  # 8 layers, 8K/32K, batch 1/8, no max-batch search
+    python eval/e2e_decode.py --device cpu --tiny      # CPU smoke run of every code path
+
+Models are built from the published configs with random weights (speed and memory do
+not depend on the values). For each model, prompt length and batch size it runs
+``model.generate`` greedily for warm-up + measured steps with
+
+- ``dense-static`` / ``dense-dynamic``: the unpatched model with its best attention
+  (flash_attention_2 when flash_attn is importable, else sdpa) and a static or dynamic cache;
+- ``leank``: the same model after ``leank.patch(model, masks=<mix>, config=LeanKConfig(backend=...))``
+  with the published kept-count mix (Llama: of 256 KV heads 47/120/67/22 keep 0/32/64/96
+  channels; Qwen: 35/34/33/10 of 112) placed at random with ``--seed``.
+
+Per-token latency comes from CUDA events recorded by a logits processor inside the real
+generate loop (median and mean over the measured steps; the mean includes LeanK's flush
+every ``--flush-every`` steps); tokens/s = batch x steps / measured time. Peak memory is
+``torch.cuda.max_memory_allocated`` during prefill and during decode; the KV bytes are the
+allocation still held by the returned cache. ``--max-batch`` finds, for each method, the
+largest batch whose whole generate() fits ``--budget-gib`` at ``--budget-length`` and
+measures its throughput. Writes JSON, ``*.config.json``, a markdown table and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # `python eval/e2e_decode.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval import common  # noqa: E402
+
+METHODS = ("dense-static", "dense-dynamic", "leank")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval/e2e_decode.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--models", type=common.str_list, default=list(common.MODEL_SHAPES),
+                   help=f"model shapes from {list(common.MODEL_SHAPES)} (default: both)")
+    p.add_argument("--lengths", type=common.int_list, default=[8192, 32768, 65536, 131072],
+                   help="prompt lengths in tokens, K suffix allowed (default: 8K,32K,64K,128K; "
+                        "those that cannot fit are skipped)")
+    p.add_argument("--batches", type=common.int_list, default=[1, 8], help="batch sizes (default: 1,8)")
+    p.add_argument("--methods", type=common.str_list, default=list(METHODS),
+                   help=f"subset of {list(METHODS)} (default: all)")
+    p.add_argument("--layers", type=int, default=None, help="use only this many decoder layers (default: all)")
+    p.add_argument("--tiny", action="store_true", help="tiny widths (2 layers, head_dim 128): a CPU smoke test")
+    p.add_argument("--quick", action="store_true",
+                   help="8 layers, lengths 8K,32K, batches 1,8, no max-batch search (overrides those options)")
+    p.add_argument("--warmup", type=int, default=8, help="decode steps excluded from the statistics (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=64, help="measured decode steps (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="generate(prefill_chunk_size=...) for the sweep; 0 = one-shot prefill (default: 0)")
+    p.add_argument("--attn", default="auto", help="dense attention: auto, sdpa, flash_attention_2, eager (default: auto)")
+    p.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="search the largest batch within --budget-gib for each method (default: on)")
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="memory budget of the whole generate() for the max-batch search "
+                        "(default: 92%% of the GPU's memory)")
+    p.add_argument("--budget-length", type=int, default=32768, help="prompt length of the max-batch search (default: %(default)s)")
+    p.add_argument("--budget-prefill-chunk", type=int, default=4096,
+                   help="prefill chunk of the max-batch search, so prefill activations do not dominate (default: %(default)s)")
+    p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
+    p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    common.add_common_args(p, default_out=str(common.RESULTS_DIR / "e2e_decode.json"))
+    common.add_leank_args(p)
+    return p
+
+
+def resolve_args(args) -> None:
+    if args.quick:
+        args.layers, args.lengths, args.batches, args.max_batch = args.layers or 8, [8192, 32768], [1, 8], False
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {list(METHODS)}")
+    bad = [m for m in args.models if m not in common.MODEL_SHAPES]
+    if bad:
+        raise SystemExit(f"--models: unknown {bad}; expected a subset of {list(common.MODEL_SHAPES)}")
+    if args.steps < 2 or args.warmup < 1:
+        raise SystemExit("--steps: expected >= 2 and --warmup >= 1")
+    if args.plot is None:
+        args.plot = str(Path(args.out).with_suffix(".png"))
+
+
+# ----------------------------------------------------------------------------- timing
+class StepClock:
+    """A logits processor that timestamps every step of ``generate``.
+
+    Call 0 happens right after the prefill forward, call i after decode step i. On CUDA it
+    records events (no host sync inside the loop beyond generate's own); on CPU it reads
+    ``time.perf_counter``. At call 0 it also reads and resets the peak-memory counter so
+    prefill and decode peaks are separate.
+    """
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list = []
+        self.prefill_peak = None
+
+    def start(self) -> None:
+        self.marks = [self._mark()]
+
+    def _mark(self):
+        if self.cuda:
+            e = self.torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def __call__(self, input_ids, scores):
+        self.marks.append(self._mark())
+        if len(self.marks) == 2 and self.cuda:
+            self.prefill_peak = self.torch.cuda.max_memory_allocated(self.device)
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        return scores
+
+    def intervals_ms(self) -> list[float]:
+        """[prefill, step 1, step 2, ...] in milliseconds."""
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [1000 * (b - a) for a, b in zip(self.marks, self.marks[1:])]
+
+
+def step_stats(intervals_ms: Sequence[float], warmup: int, batch: int) -> dict:
+    """Statistics of the decode steps after ``warmup`` (intervals[0] is the prefill)."""
+    steps = list(intervals_ms[1 + warmup:])
+    total_s = sum(steps) / 1000
+    return {
+        "prefill_s": intervals_ms[0] / 1000,
+        "latency_ms_median": statistics.median(steps),
+        "latency_ms_mean": statistics.fmean(steps),
+        "latency_ms_p90": sorted(steps)[min(len(steps) - 1, int(0.9 * len(steps)))],
+        "tokens_per_s": batch * len(steps) / total_s if total_s > 0 else float("inf"),
+        "measured_steps": len(steps),
+    }
+
+
+# ----------------------------------------------------------------------------- one run
+def kv_bytes_per_token(cfg) -> int:
+    """Dense K+V bytes of one token over all layers (bf16/fp16)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+
+
+def leank_fraction(mask) -> float:
+    """Archived-token K+V bytes with the mask / dense (K pruned channels, V of 0-channel heads)."""
+    k = mask.keep.float().mean().item()
+    v = 1.0 - mask.v_sparsity
+    return (k + v) / 2
+
+
+def estimate_gib(cfg, method: str, length: int, batch: int, new_tokens: int, mask, weight_bytes: int) -> float:
+    """Rough lower bound of generate()'s memory, used only to skip what cannot fit."""
+    kv = batch * (length + new_tokens) * kv_bytes_per_token(cfg)
+    if method == "leank":
+        kv *= leank_fraction(mask)
+    return (weight_bytes + kv) / 2**30
+
+
+def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0) -> dict:
+    """One greedy ``generate`` with step timestamps and memory readings (model patched already for leank)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = StepClock(device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
+                  top_p=None, top_k=None, logits_processor=LogitsProcessorList([clock]),
+                  return_dict_in_generate=True, pad_token_id=0)
+    if method == "dense-static":
+        kwargs["cache_implementation"] = "static"
+    elif method == "dense-dynamic":
+        kwargs["cache_implementation"] = "dynamic"
+    if prefill_chunk:
+        kwargs["prefill_chunk_size"] = prefill_chunk
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    clock.start()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    intervals = clock.intervals_ms()
+    wall = time.perf_counter() - t0
+    res = {"wall_s": wall, "intervals_ms": intervals}
+    if cuda:
+        torch.cuda.synchronize(device)
+        res["prefill_peak_gib"] = clock.prefill_peak / 2**30
+        res["decode_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        res["peak_gib"] = max(res["prefill_peak_gib"], res["decode_peak_gib"])
+    cache = out.past_key_values
+    del out
+    if cuda:
+        gc.collect()
+        res["kv_held_bytes"] = torch.cuda.memory_allocated(device) - base  # the returned cache, measured
+    if hasattr(cache, "memory_report"):
+        rep = cache.memory_report()
+        res["report"] = {k: v for k, v in rep.items() if k != "layers"}
+    del cache
+    return res
+
+
+def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, mask, weight_bytes, total_gib) -> dict:
+    import torch
+
+    row = {"method": method, "length": length, "batch": batch}
+    new_tokens = args.warmup + args.steps + 1  # the first token comes from the prefill
+    est = estimate_gib(cfg, method if method == "leank" else "dense", length, batch, new_tokens, mask, weight_bytes)
+    row["estimated_min_gib"] = est
+    if total_gib is not None and est > total_gib and not args.no_skip:
+        row["status"] = f"skipped: needs at least {est:.1f} GiB of {total_gib:.1f}"
+        return row
+    gen = torch.Generator().manual_seed(args.seed + length + batch)
+    ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
+    try:
+        res = run_generate(model, method, ids, new_tokens, device, args.prefill_chunk)
+    except torch.cuda.OutOfMemoryError as e:
+        row["status"] = f"OOM ({str(e).splitlines()[0][:120]})"
+        gc.collect()
+        torch.cuda.empty_cache()
+        return row
+    row.update(status="ok", **step_stats(res["intervals_ms"], args.warmup, batch),
+               **{k: v for k, v in res.items() if k != "intervals_ms"})
+    return row
+
+
+# ----------------------------------------------------------------------------- max batch
+def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, quiet: bool) -> dict:
+    """Largest batch whose generate() at ``--budget-length`` stays within ``budget_gib``, and its speed.
+
+    Peak memory is linear in the batch (weights + batch x per-sequence bytes), so two small
+    runs (batch 1 and 4) predict the largest batch; it is then run for real and stepped
+    down while it exceeds the budget or runs out of memory.
+    """
+    import torch
+
+    L, chunk = args.budget_length, args.budget_prefill_chunk
+    new_tokens = args.warmup + max(args.steps // 2, 8) + 1
+
+    def attempt(b: int):
+        gen = torch.Generator().manual_seed(args.seed + b)
+        ids = torch.randint(100, cfg.vocab_size, (b, L), generator=gen).to(device)
+        try:
+            return run_generate(model, method, ids, new_tokens, device, chunk)
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            return None
+
+    probes = {b: attempt(b) for b in (1, 4)}
+    if any(r is None for r in probes.values()):
+        return {"method": method, "status": "OOM at batch 1 or 4"}
+    per_seq = (probes[4]["peak_gib"] - probes[1]["peak_gib"]) / 3
+    fixed = probes[1]["peak_gib"] - per_seq
+    predicted = int((budget_gib - fixed) / per_seq) if per_seq > 0 else 1
+    tried, b = [], max(1, predicted)
+    for _ in range(6):
+        r = attempt(b)
+        tried.append({"batch": b, "peak_gib": None if r is None else r["peak_gib"]})
+        if r is not None and r["peak_gib"] <= budget_gib:
+            stats = step_stats(r["intervals_ms"], args.warmup, b)
+            return {"method": method, "status": "ok", "budget_gib": budget_gib, "length": L, "predicted_batch": predicted,
+                    "max_batch": b, "peak_gib": r["peak_gib"], "per_sequence_gib": per_seq, "fixed_gib": fixed,
+                    "tried": tried, **stats}
+        b = max(1, b - max(1, b // 16))
+    return {"method": method, "status": "no batch fit", "predicted_batch": predicted, "tried": tried}
+
+
+# ----------------------------------------------------------------------------- output
+def summary_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append({"model": r["model"], "method": r["method"], "length": r["length"], "batch": r["batch"],
+                        "status": r.get("status")})
+            continue
+        out.append({"model": r["model"], "method": r["method"], "length": r["length"], "batch": r["batch"],
+                    "ms/token": r["latency_ms_median"], "mean ms": r["latency_ms_mean"], "tok/s": r["tokens_per_s"],
+                    "speedup": r.get("speedup"), "prefill s": r["prefill_s"], "peak GiB": r.get("peak_gib"),
+                    "KV GiB": (r["kv_held_bytes"] / 2**30) if "kv_held_bytes" in r else None,
+                    "KV vs dense": r.get("kv_ratio"), "status": "ok"})
+    return out
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    """Speedup of every method over the fastest dense method at the same model/length/batch, KV ratio."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["model"], r["length"], r["batch"]), []).append(r)
+    for group in by.values():
+        dense = [r for r in group if r["method"].startswith("dense") and r.get("status") == "ok"]
+        if not dense:
+            continue
+        best = max(dense, key=lambda r: r["tokens_per_s"])
+        for r in group:
+            if r.get("status") == "ok":
+                r["speedup"] = r["tokens_per_s"] / best["tokens_per_s"]
+                r["baseline"] = best["method"]
+                if "kv_held_bytes" in r and best.get("kv_held_bytes"):
+                    r["kv_ratio"] = r["kv_held_bytes"] / best["kv_held_bytes"]
+
+
+def plot(rows: list[dict], path: str, title: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot written", file=sys.stderr)
+        return None
+    models = sorted({r["model"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(len(models), 2 * len(batches), figsize=(4.2 * 2 * len(batches), 3.4 * len(models)),
+                             squeeze=False)
+    for i, m in enumerate(models):
+        for j, b in enumerate(batches):
+            for method in sorted({r["method"] for r in rows}):
+                pts = sorted((r["length"], r) for r in rows if r["model"] == m and r["batch"] == b
+                             and r["method"] == method and r.get("status") == "ok")
+                if not pts:
+                    continue
+                xs = [p[0] / 1024 for p in pts]
+                axes[i][2 * j].plot(xs, [p[1]["tokens_per_s"] for p in pts], marker="o", label=method)
+                if all("kv_held_bytes" in p[1] for p in pts):
+                    line = axes[i][2 * j + 1].plot(xs, [p[1]["kv_held_bytes"] / 2**30 for p in pts], marker="o",
+                                                   label=f"{method} KV")[0]
+                    axes[i][2 * j + 1].plot(xs, [p[1]["peak_gib"] for p in pts], ls="--", color=line.get_color(),
+                                            label=f"{method} peak")
+            axes[i][2 * j].set_title(f"{m}, batch {b}: decode tokens/s")
+            axes[i][2 * j + 1].set_title(f"{m}, batch {b}: KV held / peak GiB")
+            for ax in axes[i][2 * j: 2 * j + 2]:
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("prompt length (K tokens)")
+                ax.grid(alpha=0.3)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- main
+def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tuple[list[dict], list[dict], dict]:
+    import torch
+
+    import leank
+
+    cfg = common.model_config(shape, layers=args.layers, tiny=args.tiny)
+    family = common.MODEL_SHAPES[shape][1]
+    model = common.build_model(cfg, device, dtype, attn)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    mask = common.build_mask(f"mix:{family}", model, args.seed) if "leank" in args.methods else None
+    lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
+    info = {"model": shape, "layers": cfg.num_hidden_layers, "weights_gib": weight_bytes / 2**30,
+            "mask_k_sparsity": None if mask is None else 1 - mask.keep.float().mean().item(),
+            "mask_v_sparsity": None if mask is None else mask.v_sparsity, "warmup_s": {}}
+    rows, maxb = [], []
+    try:
+        for method in args.methods:  # warm-up (TileLang compiles here), with a flush
+            ctx = _Patched(model, mask, lcfg) if method == "leank" else _Null()
+            with ctx:
+                ids = torch.randint(100, cfg.vocab_size, (1, min(2048, min(args.lengths))), device=device)
+                t0 = time.perf_counter()
+                run_generate(model, method, ids, args.flush_every + 2, device)
+                info["warmup_s"][method] = time.perf_counter() - t0
+        for length in args.lengths:
+            for batch in args.batches:
+                for method in args.methods:
+                    bar.set_postfix_str(f"{shape} {method} L={length} b={batch}")
+                    ctx = _Patched(model, mask, lcfg) if method == "leank" else _Null()
+                    with ctx:
+                        row = sweep_one(model, cfg, method, length, batch, args, device, mask, weight_bytes, total_gib)
+                    rows.append({"model": shape, **row})
+                    bar.update(1)
+        if args.max_batch and budget_gib:
+            for method in args.methods:
+                bar.set_postfix_str(f"{shape} {method} max batch")
+                with (_Patched(model, mask, lcfg) if method == "leank" else _Null()):
+                    maxb.append({"model": shape, **max_batch_search(model, cfg, method, args, device, budget_gib,
+                                                                    args.no_progress)})
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, maxb, info
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Patched:
+    def __init__(self, model, mask, config):
+        self.model, self.mask, self.config = model, mask, config
+
+    def __enter__(self):
+        import leank
+
+        leank.patch(self.model, masks=self.mask, config=self.config)
+
+    def __exit__(self, *exc):
+        import leank
+
+        leank.unpatch(self.model)
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resolve_args(args)
+    if "leank" in args.methods and (why := common.leank_available()):
+        raise SystemExit(f"--methods leank: {why}")
+    import torch
+
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
+    attn = common.best_attention(args.attn)
+    budget = args.budget_gib
+    if budget is None and device.type == "cuda":
+        budget = 0.92 * torch.cuda.get_device_properties(device).total_memory / 2**30
+    if device.type != "cuda" and args.max_batch:
+        print("max-batch search needs CUDA memory counters: skipped on CPU", file=sys.stderr)
+        args.max_batch = False
+    torch.manual_seed(args.seed)
+    total = len(args.models) * len(args.lengths) * len(args.batches) * len(args.methods)
+    bar = common.progress(total=total, desc="e2e decode", disable=args.no_progress, unit="run")
+    rows, maxb, infos = [], [], []
+    for shape in args.models:
+        r, m, info = run_model(shape, args, device, dtype, attn, bar, budget)
+        rows += r
+        maxb += m
+        infos.append(info)
+    bar.close()
+    add_comparisons(rows)
+    for m in maxb:  # throughput gain at the budget
+        dense = [x for x in maxb if x["model"] == m["model"] and x["method"].startswith("dense") and x["status"] == "ok"]
+        if m.get("status") == "ok" and dense:
+            best = max(dense, key=lambda x: x["tokens_per_s"])
+            m["throughput_vs_best_dense"] = m["tokens_per_s"] / best["tokens_per_s"]
+    table = summary_rows(rows)
+    result = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+              "attn_implementation": attn, "dtype": str(dtype), "models": infos, "runs": rows, "max_batch": maxb,
+              "table": table}
+    resolved = {**vars(args), "device": str(device), "dtype": str(dtype), "attn": attn, "budget_gib": budget}
+    out, cfgp = common.write_results(args.out, result, resolved)
+    png = plot(rows, args.plot, f"{result['device']}, {attn} vs LeanK ({args.backend}), random weights")
+    print(common.format_table(table, floatfmt=".3g"))
+    if maxb:
+        print()
+        print(common.format_table([{k: m.get(k) for k in ("model", "method", "status", "max_batch", "peak_gib",
+                                                             "tokens_per_s", "throughput_vs_best_dense")}
+                                   for m in maxb], floatfmt=".3g"))
+    print(f"wrote {out}, {cfgp}" + (f", {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

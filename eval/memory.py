@@ -1,0 +1,270 @@
+"""Bytes held by the LeanK cache vs a dense cache, after prefill and after N decode steps, per layer.
+
+    python eval/memory.py                              # GPU: Llama-3.1-8B and Qwen2.5-7B shapes, 8K and 32K
+    python eval/memory.py --device cpu --tiny          # CPU smoke run
+
+For each model shape and prompt length, the prompt is prefilled with ``generate``
+(1 new token) and then continued for ``--steps`` tokens by a second ``generate`` on the
+returned cache, once unpatched (transformers' DynamicCache, which holds exactly the
+tokens) and once after ``leank.patch`` with the published kept-count mix. At both points:
+
+- measured: the bytes of the cache's tensors, found by walking the cache object (storages
+  counted once; K = ``keys``/``win_k`` tensors, V = ``values``/``win_v``), and on CUDA the
+  allocator's ``memory_allocated`` delta while the cache is alive and the
+  ``max_memory_allocated`` peak of each phase;
+- reported: ``past_key_values.memory_report()`` (LeanK: used and allocated bytes, per layer).
+
+Checks (printed PASS/FAIL, exit status 1 on a FAIL): the tensor walk equals the report's
+allocated bytes per layer, and on CUDA the allocator delta equals the tensor walk (within
+allocator rounding). Writes JSON and ``*.config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # `python eval/memory.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval import common  # noqa: E402
+
+K_NAMES = ("keys", "win_k", "key_cache")
+V_NAMES = ("values", "win_v", "value_cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval/memory.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--models", type=common.str_list, default=list(common.MODEL_SHAPES),
+                   help=f"model shapes from {list(common.MODEL_SHAPES)} (default: both)")
+    p.add_argument("--lengths", type=common.int_list, default=[8192, 32768], help="prompt lengths (default: 8K,32K)")
+    p.add_argument("--batch", type=int, default=1, help="sequences (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=128, help="decode steps after the prefill (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=None, help="use only this many decoder layers (default: all)")
+    p.add_argument("--tiny", action="store_true", help="tiny widths (2 layers, head_dim 128): a CPU smoke test")
+    p.add_argument("--attn", default="auto", help="dense attention (default: auto)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="relative tolerance of the byte checks, plus 64 KiB per layer of allocator rounding "
+                        "(default: %(default)s)")
+    common.add_common_args(p, default_out=str(common.RESULTS_DIR / "memory.json"))
+    common.add_leank_args(p)
+    return p
+
+
+# ----------------------------------------------------------------------------- measuring
+def tensor_bytes(obj, device=None, depth: int = 4, _seen: set | None = None, _path: str = "") -> dict:
+    """Bytes of the tensors reachable from ``obj`` (attributes, lists, dicts), by kind.
+
+    Returns ``{"k": int, "v": int, "other": int}``; each storage is counted once, with its
+    full size (spare capacity included). Only tensors on ``device`` count when it is given.
+    """
+    import torch
+
+    seen = set() if _seen is None else _seen
+    out = {"k": 0, "v": 0, "other": 0}
+
+    def add(sub: dict) -> None:
+        for k in out:
+            out[k] += sub[k]
+
+    if isinstance(obj, torch.Tensor):
+        if device is not None and obj.device != device:
+            return out
+        st = obj.untyped_storage()
+        key = (st.data_ptr(), obj.device)
+        if key in seen or st.nbytes() == 0:
+            return out
+        seen.add(key)
+        leaf = _path.rsplit(".", 1)[-1].split("[")[0]
+        kind = "k" if leaf in K_NAMES else "v" if leaf in V_NAMES else "other"
+        out[kind] += st.nbytes()
+        return out
+    if depth < 0:
+        return out
+    if isinstance(obj, (list, tuple)):
+        for i, x in enumerate(obj):
+            add(tensor_bytes(x, device, depth - 1, seen, f"{_path}[{i}]" if _path else f"[{i}]"))
+    elif isinstance(obj, dict):
+        for k, x in obj.items():
+            add(tensor_bytes(x, device, depth - 1, seen, f"{_path}.{k}"))
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        for k, x in vars(obj).items():
+            if k in ("keep", "mask", "config"):  # mask metadata lives on the host, not cache storage
+                continue
+            add(tensor_bytes(x, device, depth - 1, seen, f"{_path}.{k}" if _path else k))
+    return out
+
+
+def measure(cache, device) -> dict:
+    """Tensor-walk bytes of a cache, in total and per layer (``cache.layers``)."""
+    layers = [tensor_bytes(layer, device) for layer in getattr(cache, "layers", [])]
+    tot = {k: sum(layer[k] for layer in layers) for k in ("k", "v", "other")}
+    return {"k_bytes": tot["k"], "v_bytes": tot["v"], "other_bytes": tot["other"],
+            "total_bytes": tot["k"] + tot["v"] + tot["other"], "layers": layers}
+
+
+def generate(model, ids, attention, new_tokens: int, cache=None):
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences, out.past_key_values
+
+
+def phase(model, ids, new_tokens: int, device, cache=None, prior: int = 0) -> tuple:
+    """One generate call; returns (sequences, cache, {allocated delta, peak delta}) with the cache alive.
+
+    ``prior``: bytes the allocator attributed to ``cache`` before this call (0 for a new cache).
+    """
+    import torch
+
+    cuda = device.type == "cuda"
+    if cuda:
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    seqs, cache = generate(model, ids, torch.ones_like(ids), new_tokens, cache)
+    info = {}
+    if cuda:
+        torch.cuda.synchronize(device)
+        gc.collect()
+        # bytes now held by the cache = what it held before + the growth seen by the allocator
+        info["allocated_delta_bytes"] = prior + torch.cuda.memory_allocated(device) - base - seqs.nbytes
+        info["peak_delta_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    return seqs, cache, info
+
+
+def run_method(model, method: str, length: int, args, device, cfg) -> dict:
+    """Prefill + ``--steps`` decode steps; measurements after each."""
+    import torch
+
+    gen = torch.Generator().manual_seed(args.seed + length)
+    ids = torch.randint(100, cfg.vocab_size, (args.batch, length), generator=gen).to(device)
+    seqs, cache, after_prefill = phase(model, ids, 1, device)
+    res = {"after_prefill": {**after_prefill, "measured": measure(cache, device)}}
+    if hasattr(cache, "memory_report"):
+        res["after_prefill"]["report"] = cache.memory_report()
+    seqs, cache, after_decode = phase(model, seqs, args.steps, device, cache,
+                                      after_prefill.get("allocated_delta_bytes", 0))
+    res["after_decode"] = {**after_decode, "measured": measure(cache, device)}
+    if hasattr(cache, "memory_report"):
+        res["after_decode"]["report"] = cache.memory_report()
+    res["tokens_per_sequence"] = int(seqs.shape[1]) - 1  # the last sampled token is not in the cache yet
+    del seqs, cache
+    gc.collect()
+    return res
+
+
+# ----------------------------------------------------------------------------- checks
+def close(a: float, b: float, rel: float, slack: float) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + slack
+
+
+def checks(result: dict, method: str, num_layers: int, tol: float) -> list[dict]:
+    """PASS/FAIL rows: tensor walk vs report (per layer), allocator vs tensor walk (total)."""
+    rows = []
+    for when in ("after_prefill", "after_decode"):
+        r = result[when]
+        m = r["measured"]
+        rep_layers = r.get("report", {}).get("layers") or []
+        if rep_layers and "allocated_bytes" in rep_layers[0]:
+            # the walk also counts small index tensors (lengths, head/channel tables): 4 KiB slack
+            bad = [i for i, (w, rep) in enumerate(zip(m["layers"], rep_layers))
+                   if not close(w["k"] + w["v"] + w["other"], rep["allocated_bytes"], tol, 4096)]
+            rows.append({"method": method, "when": when, "check": "tensor walk == report allocated (per layer)",
+                         "ok": not bad, "detail": f"layers off: {bad[:8]}" if bad else f"{num_layers} layers"})
+        if "allocated_delta_bytes" in r:
+            ok = close(r["allocated_delta_bytes"], m["total_bytes"], tol, 65536 * num_layers)
+            rows.append({"method": method, "when": when, "check": "allocator delta == tensor walk (total)", "ok": ok,
+                         "detail": f"{r['allocated_delta_bytes'] / 2**20:.2f} vs {m['total_bytes'] / 2**20:.2f} MiB"})
+    return rows
+
+
+def summary(shape: str, length: int, runs: dict) -> list[dict]:
+    rows = []
+    dense = runs.get("dense")
+    for when in ("after_prefill", "after_decode"):
+        for method, r in runs.items():
+            m = r[when]["measured"]
+            row = {"model": shape, "length": length, "when": when, "method": method,
+                   "K MiB": m["k_bytes"] / 2**20, "V MiB": m["v_bytes"] / 2**20,
+                   "alloc delta MiB": r[when].get("allocated_delta_bytes", 0) / 2**20 or None,
+                   "peak delta MiB": r[when].get("peak_delta_bytes", 0) / 2**20 or None}
+            if dense is not None and method != "dense":
+                d = dense[when]["measured"]
+                row["K saved"] = 1 - m["k_bytes"] / d["k_bytes"]
+                row["V saved"] = 1 - m["v_bytes"] / d["v_bytes"]
+            rep = r[when].get("report")
+            if rep and rep.get("dense_k_bytes"):
+                row["K saved (report, used)"] = 1 - rep["k_bytes"] / rep["dense_k_bytes"]
+                row["V saved (report, used)"] = 1 - rep["v_bytes"] / rep["dense_v_bytes"]
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (why := common.leank_available()):
+        raise SystemExit(f"eval/memory.py needs leank: {why}")
+    import torch
+
+    import leank
+
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
+    attn = common.best_attention(args.attn)
+    lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
+    torch.manual_seed(args.seed)
+    all_rows, all_checks, results = [], [], {}
+    bar = common.progress(total=len(args.models) * len(args.lengths) * 2, desc="memory", disable=args.no_progress,
+                          unit="run")
+    for shape in args.models:
+        cfg = common.model_config(shape, layers=args.layers, tiny=args.tiny)
+        model = common.build_model(cfg, device, dtype, attn)
+        mask = common.build_mask(args.mask if args.mask != "mix" else f"mix:{common.MODEL_SHAPES[shape][1]}", model,
+                                 args.seed)
+        for length in args.lengths:
+            runs = {}
+            bar.set_postfix_str(f"{shape} L={length} dense")
+            runs["dense"] = run_method(model, "dense", length, args, device, cfg)
+            bar.update(1)
+            bar.set_postfix_str(f"{shape} L={length} leank")
+            leank.patch(model, masks=mask, config=lcfg)
+            try:
+                runs["leank"] = run_method(model, "leank", length, args, device, cfg)
+            finally:
+                leank.unpatch(model)
+            bar.update(1)
+            results[f"{shape}/{length}"] = runs
+            all_rows += summary(shape, length, runs)
+            for method, r in runs.items():
+                all_checks += [{"model": shape, "length": length, **c}
+                               for c in checks(r, method, cfg.num_hidden_layers, args.tolerance)]
+        mask_info = {"k_sparsity": 1 - mask.keep.float().mean().item(), "v_sparsity": mask.v_sparsity}
+        results[f"{shape}/mask"] = mask_info
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+              "runs": results, "table": all_rows, "checks": all_checks}
+    resolved = {**vars(args), "device": str(device), "dtype": str(dtype), "attn": attn, "leank_config": lcfg}
+    out, cfgp = common.write_results(args.out, result, resolved)
+    print(common.format_table(all_rows, floatfmt=".3f"))
+    print()
+    print(common.format_table([{**c, "ok": "PASS" if c["ok"] else "FAIL"} for c in all_checks]))
+    print(f"wrote {out}, {cfgp}")
+    return 0 if all(c["ok"] for c in all_checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
