@@ -50,15 +50,15 @@ def _parse_queries(queries) -> Union[list, list[str]]:
     return parts
 
 
-def _to_leank_cache(cache, model_cfg):
-    """Wrap a transformers ``DynamicCache`` into a ``LeanKCache`` with every channel kept."""
+def _to_leank_cache(cache, config):
+    """Copy a transformers ``DynamicCache`` into a ``LeanKCache`` with every channel kept."""
     from ..cache import LeanKCache
     from ..config import LeanKConfig
 
     layers = cache.layers
     k0 = layers[0].keys
     keep = torch.ones(len(layers), k0.shape[1], k0.shape[3], dtype=torch.bool)
-    out = LeanKCache(keep, LeanKConfig())
+    out = LeanKCache(keep, config or LeanKConfig())
     for i, src in enumerate(layers):
         layer = out.layers[i]
         layer.lazy_initialization(src.keys, src.values)
@@ -67,7 +67,7 @@ def _to_leank_cache(cache, model_cfg):
     return out
 
 
-def _as_leank_cache(past_key_values, cfg):
+def _as_leank_cache(past_key_values, config):
     from transformers.cache_utils import DynamicCache
 
     from ..cache import LeanKCache
@@ -77,8 +77,8 @@ def _as_leank_cache(past_key_values, cfg):
             raise ValueError("past_key_values: expected a prefilled LeanKCache, got an empty one")
         return past_key_values
     if isinstance(past_key_values, DynamicCache) and len(past_key_values.layers) and past_key_values.layers[0].keys is not None:
-        logger.info("compact: converting a DynamicCache into a LeanKCache (all channels kept, default window)")
-        return _to_leank_cache(past_key_values, cfg)
+        logger.info("compact: copying a DynamicCache into a LeanKCache (all channels kept)")
+        return _to_leank_cache(past_key_values, config)
     raise ValueError(
         f"past_key_values: expected a prefilled LeanKCache (leank.patch) or DynamicCache, got {type(past_key_values).__name__}"
     )
@@ -230,6 +230,7 @@ def compact(
     repeat_prompt: str = REPEAT_PROMPT,
     seed: int = 0,
     workspace_bytes: int = 512 << 20,
+    config=None,
     timings: Optional[dict] = None,
 ):
     """Compact every layer's archive to a budget by attention matching (arXiv 2602.16284).
@@ -255,6 +256,8 @@ def compact(
         tokenizer: encodes ``repeat_prompt`` for the repeat pass (no prompt without it).
         seed: seed of the query sampling.
         workspace_bytes: bound on the key-scoring workspace per layer group.
+        config: ``LeanKConfig`` (window sizes) of the ``LeanKCache`` made from a
+            ``DynamicCache``; ignored for a ``LeanKCache``.
         timings: optional dict receiving seconds per phase (``queries``, ``targets``,
             ``selection``, ``solves``, ``write``, ``total``).
 
@@ -274,7 +277,7 @@ def compact(
     parsed = _parse_queries(queries)
     if budget is None and per_head_budget is None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1):
         raise ValueError(f"ratio: expected a number in (0, 1], got {ratio!r}")
-    cache = _as_leank_cache(past_key_values, cfg)
+    cache = _as_leank_cache(past_key_values, config)
     L = len(cache.layers)
     layer0 = cache.layers[0]
     B, KVH, D = layer0.batch_size, layer0.num_kv_heads, layer0.head_dim
@@ -282,6 +285,8 @@ def compact(
     arch_len = [int(x) for x in layer0.arch_len.tolist()]
     budgets = _budgets(arch_len, L, KVH, ratio, budget, per_head_budget)
     clock = _Sync(dev)
+    clock.t = t_start
+    phases_convert = clock()
 
     if isinstance(parsed[0], Tensor):
         q_layers = parsed
@@ -297,7 +302,7 @@ def compact(
             model, cache, input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev), parsed,
             max_queries_per_head, prompt_ids, seed,
         )
-    phases = {"queries": clock()}
+    phases = {"convert": phases_convert, "queries": clock()}
 
     n = q_layers[0].shape[2]
     cap = max(1, max(int(layer.arch_len.max()) for layer in cache.layers))

@@ -434,7 +434,7 @@ def _solve(q, k_sel, v_sel, b_sel, targets: Targets, scale, active, ridge, nnls_
         lam = beta_ridge * (diag.sum(-1) / act.sum(-1).clamp_min(1))
         gram = gram + torch.diag_embed(lam[:, None] * act)
         rhs = rhs + lam[:, None] * w_ref
-    w = nnls(gram=gram, rhs=rhs, active=active, tol=nnls_tol).w
+    w = nnls(gram=gram, rhs=rhs, active=active, tol=nnls_tol, max_iter=1000, check_every=50).w
     used = active & (w > 0)
     base = torch.zeros_like(w) if b_sel is None else b_sel.to(w.dtype)
     beta = torch.where(used, base + torch.log(torch.where(used, w, torch.ones_like(w))), torch.full_like(w, float("-inf")))
