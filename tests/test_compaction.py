@@ -334,3 +334,11 @@ def test_flash_targets_match_math_path_bf16():
         ref = attention_targets(q.double(), k.double(), v.double(), None if b is None else b.double())
         rel = (fl.out.double() - ref.out).norm() / ref.out.norm()
         assert float(rel) < 1e-2 and float((fl.lse.double() - ref.lse).abs().max()) < 2e-2
+
+
+def test_cli_parser_and_missing_model_error(tmp_path):
+    from leank.cli import build_parser, main
+
+    args = build_parser().parse_args(["compact", "--model", str(tmp_path / "nope"), "--context", "a b c", "--ratio", "0.05"])
+    assert args.command == "compact" and args.ratio == 0.05 and args.method == "hak"
+    assert main(["compact", "--model", str(tmp_path / "nope"), "--context", "a b c"]) == 1  # logged, exit code 1
