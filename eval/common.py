@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +21,8 @@ from typing import Any, Iterable, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "eval" / "results"
 
-# Published LeanK masks, kept channels per KV head -> number of KV heads with that count
-# (counted from the authors' files: Llama-3.1-8B-Instruct 32 layers x 8 KV heads,
-# Qwen2.5-7B-Instruct 28 layers x 4 KV heads; head_dim 128).
-PUBLISHED_MIX = {
-    "llama": {0: 47, 32: 120, 64: 67, 96: 22},
-    "qwen": {0: 35, 32: 34, 64: 33, 96: 10},
-}
+# Families of the published LeanK kept-count mixes (leank.mixes: LLAMA_MIX, QWEN_MIX).
+MIX_FAMILIES = ("llama", "qwen")
 
 # Model shapes (random weights are enough for speed and memory).
 LLAMA31_8B = dict(
@@ -289,65 +283,26 @@ def best_attention(requested: str = "auto") -> str:
 
 
 # ----------------------------------------------------------------------------- masks
-def mix_counts(num_heads: int, mix: dict[int, int]) -> list[int]:
-    """Kept count of each of ``num_heads`` heads, in the proportions of ``mix``.
-
-    Exactly ``mix`` when ``num_heads`` equals its total; otherwise scaled by the largest
-    remainder so the proportions are kept as closely as integers allow. Unshuffled.
-    """
-    total = sum(mix.values())
-    if num_heads < 1:
-        raise ValueError(f"num_heads: expected >= 1, got {num_heads}")
-    exact = {c: n * num_heads / total for c, n in mix.items()}
-    counts = {c: int(math.floor(x)) for c, x in exact.items()}
-    short = num_heads - sum(counts.values())
-    for c in sorted(exact, key=lambda c: exact[c] - counts[c], reverse=True)[:short]:
-        counts[c] += 1
-    return [c for c in sorted(counts) for _ in range(counts[c])]
-
-
-def mix_keep(num_layers: int, num_kv_heads: int, head_dim: int, mix: dict[int, int], seed: int):
-    """Bool ``keep [num_layers, num_kv_heads, head_dim]`` with the kept-count mix at random heads.
-
-    Which heads get which count is a seeded shuffle; inside a head the kept channels are
-    the lowest-frequency RoPE pairs (``rotate_half`` layout: channel i pairs with
-    i + head_dim/2), the channels LeanK's learned masks keep most.
-    """
-    import torch
-
-    if head_dim % 2:
-        raise ValueError(f"head_dim: expected even, got {head_dim}")
-    counts = mix_counts(num_layers * num_kv_heads, mix)
-    random.Random(seed).shuffle(counts)
-    keep = torch.zeros(num_layers * num_kv_heads, head_dim, dtype=torch.bool)
-    half = head_dim // 2
-    for i, c in enumerate(counts):
-        if c > head_dim or c % 2:
-            raise ValueError(f"mix: kept count {c} must be even and <= head_dim {head_dim}")
-        keep[i, half - c // 2: half] = True
-        keep[i, head_dim - c // 2:] = True
-    return keep.view(num_layers, num_kv_heads, head_dim)
-
-
 def build_mask(spec: str, model, seed: int, family: str | None = None):
     """Turn ``--mask`` into what ``leank.patch(masks=...)`` accepts.
 
-    ``mix`` / ``mix:llama`` / ``mix:qwen`` -> ChannelMask with the published kept-count mix;
+    ``mix`` / ``mix:llama`` / ``mix:qwen`` -> ``leank.mixes.mix_mask`` (the published kept-count
+    mix at random heads, lowest-frequency RoPE pairs kept) for the model's shape;
     ``rope:S`` -> ``ChannelMask.from_rope_frequency(config, S, align=32)``; anything else is
     passed through (a mask file or a model id the registry resolves).
     """
     cfg = model.config
     if spec.startswith("mix"):
         fam = spec.split(":", 1)[1] if ":" in spec else (family or ("qwen" if cfg.model_type == "qwen2" else "llama"))
-        if fam not in PUBLISHED_MIX:
+        if fam not in MIX_FAMILIES:
             raise ValueError(f"--mask: expected mix, mix:llama or mix:qwen, got {spec!r}")
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        keep = mix_keep(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, PUBLISHED_MIX[fam], seed)
-        from leank.masks import ChannelMask, context_set_from_config
+        from leank.masks import context_set_from_config, model_dims
+        from leank.mixes import LLAMA_MIX, QWEN_MIX, mix_mask
 
-        return ChannelMask(keep=keep, model_id=getattr(cfg, "name_or_path", "") or "", align=32,
-                           context_set=context_set_from_config(cfg),
-                           source=f"published kept-count mix ({fam}) at random heads, seed {seed}")
+        layers, kv_heads, head_dim = model_dims(cfg)
+        mask = mix_mask(layers, kv_heads, head_dim, mix=LLAMA_MIX if fam == "llama" else QWEN_MIX, seed=seed,
+                        model_id=getattr(cfg, "name_or_path", "") or "")
+        return dataclasses.replace(mask, context_set=context_set_from_config(cfg))
     if spec.startswith("rope:"):
         from leank.masks import ChannelMask
 

@@ -19,8 +19,9 @@ generate loop (median and mean over the measured steps; the mean includes LeanK'
 every ``--flush-every`` steps); tokens/s = batch x steps / measured time. Peak memory is
 ``torch.cuda.max_memory_allocated`` during prefill and during decode; the KV bytes are the
 allocation still held by the returned cache. ``--max-batch`` finds, for each method, the
-largest batch whose whole generate() fits ``--budget-gib`` at ``--budget-length`` and
-measures its throughput. Writes JSON, ``*.config.json``, a markdown table and a PNG.
+largest batch whose decode phase (weights + caches + step; ``--budget-phase all``: the whole
+generate(), prefill included) fits ``--budget-gib`` at ``--budget-length`` and measures its
+throughput. Writes JSON, ``*.config.json``, a markdown table and a PNG.
 """
 
 from __future__ import annotations
@@ -64,16 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", default="auto", help="dense attention: auto, sdpa, flash_attention_2, eager (default: auto)")
     p.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="search the largest batch within --budget-gib for each method (default: on)")
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="memory budget of the whole generate() for the max-batch search "
-                        "(default: 92%% of the GPU's memory)")
-    p.add_argument("--budget-length", type=int, default=32768, help="prompt length of the max-batch search (default: %(default)s)")
-    p.add_argument("--budget-prefill-chunk", type=int, default=4096,
-                   help="prefill chunk of the max-batch search, so prefill activations do not dominate (default: %(default)s)")
+    p.add_argument("--budget-gib", type=float, default=40.0,
+                   help="memory budget of the max-batch search (default: %(default)s)")
+    p.add_argument("--budget-phase", choices=["decode", "all"], default="decode",
+                   help="what must fit the budget: the decode phase (weights + caches + decode step: the serving "
+                        "regime where prompts are prefilled in micro-batches; the one-shot prefill may exceed the "
+                        "budget as long as the GPU holds it) or the whole generate() (default: %(default)s)")
+    p.add_argument("--budget-length", type=int, default=16384, help="prompt length of the max-batch search (default: %(default)s)")
+    p.add_argument("--budget-prefill-chunk", type=int, default=0,
+                   help="generate(prefill_chunk_size=...) in the max-batch search; 0 = one-shot. LeanK chunks after the "
+                        "first attend to the archive through the reference path: keep 0 at long contexts (default: 0)")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=str(common.RESULTS_DIR / "e2e_decode.json"))
     common.add_leank_args(p)
+    p.set_defaults(backend=None)
+    for a in p._actions:  # default backend: tilelang on CUDA (a benchmark must not fall back silently)
+        if a.dest == "backend":
+            a.help = "LeanK attention backend (default: tilelang on CUDA, reference on CPU)"
     return p
 
 
@@ -245,13 +254,15 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
 def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, quiet: bool) -> dict:
     """Largest batch whose generate() at ``--budget-length`` stays within ``budget_gib``, and its speed.
 
-    Peak memory is linear in the batch (weights + batch x per-sequence bytes), so two small
-    runs (batch 1 and 4) predict the largest batch; it is then run for real and stepped
-    down while it exceeds the budget or runs out of memory.
+    Peak memory (of the decode phase, or of the whole call with ``--budget-phase all``) is
+    linear in the batch (weights + batch x per-sequence bytes), so two small runs (batch 1
+    and 4) predict the largest batch; it is then run for real and stepped down while it
+    exceeds the budget or runs out of memory.
     """
     import torch
 
     L, chunk = args.budget_length, args.budget_prefill_chunk
+    key = "decode_peak_gib" if args.budget_phase == "decode" else "peak_gib"
     new_tokens = args.warmup + max(args.steps // 2, 8) + 1
 
     def attempt(b: int):
@@ -267,18 +278,19 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
     probes = {b: attempt(b) for b in (1, 4)}
     if any(r is None for r in probes.values()):
         return {"method": method, "status": "OOM at batch 1 or 4"}
-    per_seq = (probes[4]["peak_gib"] - probes[1]["peak_gib"]) / 3
-    fixed = probes[1]["peak_gib"] - per_seq
+    per_seq = (probes[4][key] - probes[1][key]) / 3
+    fixed = probes[1][key] - per_seq
     predicted = int((budget_gib - fixed) / per_seq) if per_seq > 0 else 1
     tried, b = [], max(1, predicted)
     for _ in range(6):
         r = attempt(b)
-        tried.append({"batch": b, "peak_gib": None if r is None else r["peak_gib"]})
-        if r is not None and r["peak_gib"] <= budget_gib:
+        tried.append({"batch": b, key: None if r is None else r[key]})
+        if r is not None and r[key] <= budget_gib:
             stats = step_stats(r["intervals_ms"], args.warmup, b)
-            return {"method": method, "status": "ok", "budget_gib": budget_gib, "length": L, "predicted_batch": predicted,
-                    "max_batch": b, "peak_gib": r["peak_gib"], "per_sequence_gib": per_seq, "fixed_gib": fixed,
-                    "tried": tried, **stats}
+            return {"method": method, "status": "ok", "budget_gib": budget_gib, "budget_phase": args.budget_phase,
+                    "length": L, "predicted_batch": predicted, "max_batch": b, "decode_peak_gib": r["decode_peak_gib"],
+                    "prefill_peak_gib": r["prefill_peak_gib"], "kv_held_gib": r["kv_held_bytes"] / 2**30,
+                    "per_sequence_gib": per_seq, "fixed_gib": fixed, "tried": tried, **stats}
         b = max(1, b - max(1, b // 16))
     return {"method": method, "status": "no batch fit", "predicted_batch": predicted, "tried": tried}
 
@@ -375,7 +387,8 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
     lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
     info = {"model": shape, "layers": cfg.num_hidden_layers, "weights_gib": weight_bytes / 2**30,
             "mask_k_sparsity": None if mask is None else 1 - mask.keep.float().mean().item(),
-            "mask_v_sparsity": None if mask is None else mask.v_sparsity, "warmup_s": {}}
+            "mask_v_sparsity": None if mask is None else mask.v_sparsity, "warmup_s": {},
+            "leank_backend": _resolved_backend(args.backend, device)}
     rows, maxb = [], []
     try:
         for method in args.methods:  # warm-up (TileLang compiles here), with a flush
@@ -406,6 +419,16 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, maxb, info
+
+
+def _resolved_backend(backend: str, device) -> str:
+    """The backend LeanK really uses for ``backend`` on ``device`` (what 'auto' becomes)."""
+    try:
+        from leank.attention import resolve_backend
+
+        return resolve_backend(backend, device)
+    except (ImportError, AttributeError, ValueError) as e:
+        return f"{backend} (unresolved: {e})"
 
 
 class _Null:
@@ -442,9 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     attn = common.best_attention(args.attn)
+    if args.backend is None:
+        args.backend = "tilelang" if device.type == "cuda" else "reference"
     budget = args.budget_gib
-    if budget is None and device.type == "cuda":
-        budget = 0.92 * torch.cuda.get_device_properties(device).total_memory / 2**30
     if device.type != "cuda" and args.max_batch:
         print("max-batch search needs CUDA memory counters: skipped on CPU", file=sys.stderr)
         args.max_batch = False
@@ -474,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(common.format_table(table, floatfmt=".3g"))
     if maxb:
         print()
-        print(common.format_table([{k: m.get(k) for k in ("model", "method", "status", "max_batch", "peak_gib",
+        print(common.format_table([{k: m.get(k) for k in ("model", "method", "status", "length", "max_batch",
+                                                             "decode_peak_gib", "prefill_peak_gib", "kv_held_gib",
                                                              "tokens_per_s", "throughput_vs_best_dense")}
                                    for m in maxb], floatfmt=".3g"))
     print(f"wrote {out}, {cfgp}" + (f", {png}" if png else ""))

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="relative tolerance of the byte checks, plus 64 KiB per layer of allocator rounding "
                         "(default: %(default)s)")
-    common.add_common_args(p, default_out=str(common.RESULTS_DIR / "memory.json"))
+    common.add_common_args(p, default_out=str(common.RESULTS_DIR / "e2e_memory.json"))
     common.add_leank_args(p)
     return p
 

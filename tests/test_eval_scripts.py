@@ -32,8 +32,8 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
     for r in runs.values():
         assert r["status"] == "ok" and r["measured_steps"] == 5 and r["tokens_per_s"] > 0
     assert runs["leank"]["report"]["leank_bytes"] > 0
-    counts = common.mix_counts(1, common.PUBLISHED_MIX["qwen"])  # 1 layer x 1 KV head: the most common count, 0
-    assert counts == [0] and res["models"][0]["mask_v_sparsity"] == 1.0
+    # 1 layer x 1 KV head gets the Qwen mix's most common count, 0: its archive is dropped
+    assert res["models"][0]["mask_v_sparsity"] == 1.0 and res["models"][0]["mask_k_sparsity"] == 1.0
     assert "| model" in capsys.readouterr().out
 
 
@@ -67,3 +67,34 @@ def test_tensor_bytes_counts_storages_once():
 
     b = memory.tensor_bytes(Layer())
     assert b == {"k": 24 + 5, "v": 32, "other": 0}
+
+
+def test_max_batch_search_logic(monkeypatch):
+    """Linear peak model -> predicted batch; over-budget and OOM answers step it down."""
+    args = e2e_decode.build_parser().parse_args(["--budget-length", "16", "--warmup", "1", "--steps", "4"])
+    e2e_decode.resolve_args(args)
+
+    class FakeOOM(Exception):
+        pass
+
+    monkeypatch.setattr(torch.cuda, "OutOfMemoryError", FakeOOM)
+    calls = []
+
+    def fake_run(model, method, ids, new_tokens, device, chunk):
+        b = ids.shape[0]
+        calls.append(b)
+        if b > 14:
+            raise FakeOOM("out of memory")
+        peak = 10.0 + 2.0 * b + (3.0 if b == 14 else 0.0)  # b=14 measures above the linear model
+        return {"decode_peak_gib": peak, "prefill_peak_gib": peak + 5, "peak_gib": peak + 5, "kv_held_bytes": 2**30 * b,
+                "intervals_ms": [100.0] + [10.0] * (new_tokens - 1)}
+
+    monkeypatch.setattr(e2e_decode, "run_generate", fake_run)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    cfg = common.model_config("llama3.1-8b", tiny=True)
+    res = e2e_decode.max_batch_search(None, cfg, "leank", args, torch.device("cpu"), budget_gib=40.0, quiet=True)
+    # fixed 10 GiB + 2 GiB/seq: 15 predicted; OOM at 15; 14 measures 41 GiB > 40; 13 fits at 36
+    assert res["predicted_batch"] == 15 and calls == [1, 4, 15, 14, 13]
+    assert res["status"] == "ok" and res["max_batch"] == 13 and res["decode_peak_gib"] == 36.0
+    assert [t["decode_peak_gib"] for t in res["tried"]] == [None, 41.0, 36.0]
+    assert res["tokens_per_s"] == pytest.approx(13 / 0.010)

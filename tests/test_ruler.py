@@ -56,7 +56,7 @@ def tiny_model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=2048,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -164,14 +164,23 @@ def test_fit_units_exact():
 
 
 def test_mix_mask_counts():
-    keep = common.mix_keep(32, 8, 128, common.PUBLISHED_MIX["llama"], seed=0)
-    counts = keep.sum(-1).flatten().tolist()
+    from types import SimpleNamespace
+
+    llama = SimpleNamespace(config=common.model_config("llama3.1-8b"))
+    mask = common.build_mask("mix", llama, seed=0)
+    counts = mask.kept_counts().flatten().tolist()
     assert {c: counts.count(c) for c in set(counts)} == {0: 47, 32: 120, 64: 67, 96: 22}
-    assert 1 - keep.float().mean().item() == pytest.approx(1 - 10240 / 32768)
+    assert mask.sparsity == pytest.approx(1 - 10240 / 32768) and mask.v_sparsity == pytest.approx(47 / 256)
     # the kept channels are whole RoPE pairs (i, i + 64) at the low-frequency end
-    assert torch.equal(keep[..., :64], keep[..., 64:])
-    assert not common.mix_keep(32, 8, 128, common.PUBLISHED_MIX["llama"], seed=1).equal(keep)
-    assert common.mix_counts(4, common.PUBLISHED_MIX["llama"]) == [0, 32, 32, 64]
+    assert torch.equal(mask.keep[..., :64], mask.keep[..., 64:])
+    assert not common.build_mask("mix", llama, seed=1).keep.equal(mask.keep)
+    qwen = SimpleNamespace(config=common.model_config("qwen2.5-7b"))
+    q = common.build_mask("mix", qwen, seed=0)
+    counts = q.kept_counts().flatten().tolist()
+    assert {c: counts.count(c) for c in set(counts)} == {0: 35, 32: 34, 64: 33, 96: 10}
+    assert q.context_set == "yarn"  # the Qwen shape uses YaRN beyond 32K
+    with pytest.raises(ValueError, match="--mask"):
+        common.build_mask("mix:gpt", llama, seed=0)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -224,14 +233,13 @@ def test_harness_patched_vs_unpatched(tokenizer, tiny_model, tmp_path):
     # the archive is used: prompts of ~180 tokens, window 4 + 16 + 4
     samples = [short(rt.make_sample(t, 280, 0, tokenizer), 6) for t in rt.TASKS]
     args = _args(tmp_path, ["dense", "leank"])
-    full = leank.ChannelMask.full(2, 2, 64)
+    full = leank.ChannelMask.full(2, 2, 128)
     res = ruler.evaluate(tiny_model, tokenizer, args, samples, mask=full, config=ruler.leank_config(args))
     preds = {m: [r["predictions"][m] for r in res["samples"]] for m in ("dense", "leank")}
     assert preds["leank"] == preds["dense"], "an all-channels-kept mask must not change greedy outputs"
     assert not leank.is_patched(tiny_model)
     # a sparse mask runs too and leaves the model unpatched afterwards
-    keep = common.mix_keep(2, 2, 64, {0: 1, 32: 2, 64: 1}, seed=0)
-    sparse = leank.ChannelMask(keep, align=32)
+    sparse = common.build_mask("mix", tiny_model, seed=0)
     res = ruler.evaluate(tiny_model, tokenizer, _args(tmp_path, ["leank"]), samples, mask=sparse,
                          config=ruler.leank_config(args))
     assert len(res["samples"]) == len(samples) and not leank.is_patched(tiny_model)
