@@ -23,7 +23,7 @@ SMALL = ["--device", "cpu", "--tiny", "--layers", "1", "--sink", "8", "--recent"
 def test_e2e_decode_cpu_tiny(tmp_path, capsys):
     out = tmp_path / "e2e.json"
     rc = e2e_decode.main([*SMALL, "--models", "qwen2.5-7b", "--lengths", "64", "--batches", "2", "--warmup", "1",
-                          "--steps", "5", "--out", str(out)])
+                          "--steps", "5", "--dense-prefill-chunk", "24", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert (tmp_path / "e2e.config.json").is_file()
