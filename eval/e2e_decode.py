@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import sys
 import time
@@ -186,7 +185,7 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
     from transformers import LogitsProcessorList
 
     clock = StepClock(device)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None,
                   top_p=None, top_k=None, logits_processor=LogitsProcessorList([clock]),
                   return_dict_in_generate=True, pad_token_id=0)
     if method == "dense-static":
@@ -226,6 +225,21 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
     return res
 
 
+def oom_safe(fn, *args):
+    """``fn(*args)``, or ``"OOM (...)"`` when CUDA runs out of memory (memory released after the traceback)."""
+    import torch
+
+    msg = None
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError as e:
+        msg = f"OOM ({str(e).splitlines()[0][:120]})"
+    gc.collect()  # outside the except block: the traceback no longer pins the failed call's tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return msg
+
+
 def prefill_chunk_for(method: str, args) -> int:
     return 0 if method == "leank" else args.dense_prefill_chunk
 
@@ -242,12 +256,9 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
         return row
     gen = torch.Generator().manual_seed(args.seed + length + batch)
     ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
-    try:
-        res = run_generate(model, method, ids, new_tokens, device, prefill_chunk_for(method, args))
-    except torch.cuda.OutOfMemoryError as e:
-        row["status"] = f"OOM ({str(e).splitlines()[0][:120]})"
-        gc.collect()
-        torch.cuda.empty_cache()
+    res = oom_safe(run_generate, model, method, ids, new_tokens, device, prefill_chunk_for(method, args))
+    if isinstance(res, str):
+        row["status"] = res
         return row
     row.update(status="ok", **step_stats(res["intervals_ms"], args.warmup, batch),
                **{k: v for k, v in res.items() if k != "intervals_ms"})
@@ -272,12 +283,8 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
     def attempt(b: int):
         gen = torch.Generator().manual_seed(args.seed + b)
         ids = torch.randint(100, cfg.vocab_size, (b, L), generator=gen).to(device)
-        try:
-            return run_generate(model, method, ids, new_tokens, device, chunk)
-        except torch.cuda.OutOfMemoryError:
-            gc.collect()
-            torch.cuda.empty_cache()
-            return None
+        res = oom_safe(run_generate, model, method, ids, new_tokens, device, chunk)
+        return None if isinstance(res, str) else res
 
     probes = {b: attempt(b) for b in (1, 4)}
     if any(r is None for r in probes.values()):

@@ -112,7 +112,7 @@ def generate(model, ids, attention, new_tokens: int, cache=None):
 
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
+                             max_new_tokens=new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, return_dict_in_generate=True, pad_token_id=0)
     return out.sequences, out.past_key_values
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import re
 import string
 import sys
@@ -95,11 +94,11 @@ def leank_config(args):
 
 
 # ----------------------------------------------------------------------------- generation
-def generate(model, tokenizer, prompts: Sequence[tuple[str, bool]], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of ``prompts`` (``(text, templated)`` pairs), left-padded as one batch."""
+def generate(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``samples``' prompts, left-padded as one batch."""
     import torch
 
-    ids = [encode(tokenizer, text, templated) for text, templated in prompts]
+    ids = [s.input_ids if s.input_ids is not None else encode(tokenizer, s.prompt, s.templated) for s in samples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         pad = 0
@@ -133,7 +132,7 @@ def predict(model, tokenizer, samples: Sequence[Sample], batch_size: int, desc: 
     preds: list[str] = []
     bar = common.progress(total=len(samples), desc=desc, disable=quiet, unit="sample")
     for batch in batches(samples, batch_size):
-        preds += generate(model, tokenizer, [(s.prompt, s.templated) for s in batch], batch[0].max_new_tokens)
+        preds += generate(model, tokenizer, batch, batch[0].max_new_tokens)
         bar.update(len(batch))
     bar.close()
     return preds
@@ -322,9 +321,8 @@ def run_longbench(args, model, tokenizer, mask, config) -> dict:
         for i, row in enumerate(rows):
             text, templated = apply_template(tokenizer, longbench_prompt(row, metric), not args.no_chat_template)
             ids = truncate_middle(encode(tokenizer, text, templated), args.longbench_max_length)
-            text = tokenizer.decode(ids, skip_special_tokens=False)
-            samples.append(Sample(task, args.longbench_max_length, i, text, True, list(row["answers"]),
-                                  LONGBENCH_NEW_TOKENS[metric], len(ids), 0))
+            samples.append(Sample(task, args.longbench_max_length, i, text, templated, list(row["answers"]),
+                                  LONGBENCH_NEW_TOKENS[metric], len(ids), 0, input_ids=ids))
         runs = run_modes(model, tokenizer, samples, args.modes, mask, config, args.batch_size, args.no_progress)
         scorer = LONGBENCH_SCORERS[metric]
         results[task] = {"metric": metric, "num_samples": len(samples),

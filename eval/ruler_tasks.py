@@ -326,6 +326,7 @@ class Sample:
     num_tokens: int
     units: int
     metadata: dict = field(default_factory=dict)
+    input_ids: list[int] | None = None  # set when the prompt was cut at token level (LongBench)
 
 
 def fit_units(tokens_for: Callable[[int], int], budget: int, max_iter: int = 64) -> int:

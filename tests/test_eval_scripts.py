@@ -90,7 +90,6 @@ def test_max_batch_search_logic(monkeypatch):
                 "intervals_ms": [100.0] + [10.0] * (new_tokens - 1)}
 
     monkeypatch.setattr(e2e_decode, "run_generate", fake_run)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     cfg = common.model_config("llama3.1-8b", tiny=True)
     res = e2e_decode.max_batch_search(None, cfg, "leank", args, torch.device("cpu"), budget_gib=40.0, quiet=True)
     # fixed 10 GiB + 2 GiB/seq: 15 predicted; OOM at 15; 14 measures 41 GiB > 40; 13 fits at 36

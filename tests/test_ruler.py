@@ -243,3 +243,24 @@ def test_harness_patched_vs_unpatched(tokenizer, tiny_model, tmp_path):
     res = ruler.evaluate(tiny_model, tokenizer, _args(tmp_path, ["leank"]), samples, mask=sparse,
                          config=ruler.leank_config(args))
     assert len(res["samples"]) == len(samples) and not leank.is_patched(tiny_model)
+
+
+def test_longbench_from_local_jsonl(tokenizer, tiny_model, tmp_path, capsys):
+    pytest.importorskip("datasets")
+    rows = [{"context": " ".join(["The quiet river was painted at dawn."] * 40), "input": "What was painted?",
+             "answers": ["river"], "length": 320, "dataset": "hotpotqa"} for _ in range(2)]
+    folder = tmp_path / "lb"
+    folder.mkdir()
+    (folder / "hotpotqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tiny_model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "lb.json"
+    rc = ruler.main(["--model", str(tmp_path / "m"), "--tasks", "niah_single", "--lengths", "160", "--num-samples", "1",
+                     "--modes", "dense", "--max-new-tokens", "4", "--no-progress", "--device", "cpu", "--out", str(out),
+                     "--longbench", str(folder), "--longbench-tasks", "hotpotqa", "--longbench-max-length", "100"])
+    assert rc == 0
+    lb = json.loads(out.read_text())["longbench"]["hotpotqa"]
+    assert lb["metric"] == "qa_f1" and lb["num_samples"] == 2 and 0.0 <= lb["dense"] <= 100.0
+    assert ruler.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
+    with pytest.raises(SystemExit, match="not found"):
+        ruler.load_longbench(str(folder), "qasper")
