@@ -31,6 +31,7 @@ Tensor = torch.Tensor
 
 ATTENTION_NAME = "leank"
 QUERY_BLOCK = 512  # query rows per block when a chunk attends with explicit logits
+CHUNK_SCORE_ELEMENTS = 1 << 26  # logits per block when a chunk attends to the cache
 
 
 # ---------------------------------------------------------------------- backend dispatch
@@ -144,11 +145,19 @@ def cached_attention_lse(q: Tensor, layer: LeanKLayer, scale: float):
     serves them in one call. Returns ``(out float32 [b, h, L, d], lse float32 [b, h, L])``.
     """
     b, h, L, d = q.shape
-    qf = q.float().reshape(b, h * L, d)
-    out, lse = decode_attention_reference(
-        qf, **layer.kernel_args(), scale=scale, return_lse=True, compute_dtype=_reference_dtype(q)
-    )
-    return out.view(b, h, L, d), lse.view(b, h, L)
+    held = max(w + a for w, a in zip(layer.win_len_host, layer.arch_len_host))
+    block = max(1, min(L, CHUNK_SCORE_ELEMENTS // max(1, b * h * held)))  # bounds the score tensor
+    outs, lses = [], []
+    for s in range(0, L, block):
+        qb = q[:, :, s : s + block].float()
+        n = qb.shape[2]
+        out, lse = decode_attention_reference(
+            qb.reshape(b, h * n, d), **layer.kernel_args(), scale=scale, return_lse=True,
+            compute_dtype=_reference_dtype(q),
+        )
+        outs.append(out.float().view(b, h, n, d))
+        lses.append(lse.view(b, h, n))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def chunk_attention(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], layer: LeanKLayer, scale: float) -> Tensor:

@@ -100,6 +100,7 @@ class LeanKLayer(CacheLayerMixin):
         self.groups = groups_from_keep(keep)
         self.seen_tokens = 0  # columns processed, left padding included (what generate() counts)
         self.batch_size = 0
+        self.reserve = 0  # archive rows to add at the next growth (expected new tokens)
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -121,7 +122,9 @@ class LeanKLayer(CacheLayerMixin):
         self.capacity = 0
         for g in self.groups:
             g.heads, g.chan = g.heads.to(self.device), g.chan.to(self.device)
+        reserve, self.reserve = self.reserve, 0  # kept for the first real growth
         self._grow_archive(self.config.initial_archive_capacity)
+        self.reserve = reserve
         self.is_initialized = True
 
     def _grow_archive(self, needed: int) -> None:
@@ -133,7 +136,8 @@ class LeanKLayer(CacheLayerMixin):
         if needed <= self.capacity:
             return
         step = max(self.capacity // 8, self.config.initial_archive_capacity)
-        new_cap = max(needed, self.capacity + step)
+        new_cap = max(needed + self.reserve, self.capacity + step)
+        self.reserve = 0
         for g in self.groups:
             hg = len(g.heads)
             k = self.win_k.new_zeros(self.batch_size, hg, new_cap, g.d)
@@ -440,6 +444,17 @@ class LeanKCache(Cache):
             layer.lazy_initialization(key_states, value_states)
         _PENDING.set(PendingStep(layer, layer_idx, key_states, value_states))
         return key_states, value_states
+
+    def reserve(self, new_tokens: int) -> None:
+        """Size the next archive growth for ``new_tokens`` more tokens per sequence.
+
+        ``generate()`` after ``leank.patch`` calls this with ``max_new_tokens``, so the
+        archive is allocated once at prefill and never grows (or over-allocates) while decoding.
+        """
+        if not isinstance(new_tokens, int) or new_tokens < 0:
+            raise ValueError(f"new_tokens: expected an int >= 0, got {new_tokens!r}")
+        for layer in self.layers:
+            layer.reserve = new_tokens
 
     def memory_report(self) -> dict:
         """Bytes held vs a dense bf16/fp16 cache of the same tokens, in total and per layer.

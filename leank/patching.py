@@ -120,7 +120,18 @@ def new_cache(model):
 
 
 def _generate(model, original_generate, *args, **kwargs):
-    """``generate`` with a fresh ``LeanKCache`` unless the caller passes a cache."""
+    """``generate`` with a fresh ``LeanKCache`` unless the caller passes a cache.
+
+    The cache reserves archive rows for ``max_new_tokens`` so that decoding never grows it.
+    """
+    from .cache import LeanKCache
+
     if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
         kwargs["past_key_values"] = new_cache(model)
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, LeanKCache):
+        gen_cfg = kwargs.get("generation_config") or model.generation_config
+        new_tokens = kwargs.get("max_new_tokens", getattr(gen_cfg, "max_new_tokens", None))
+        if isinstance(new_tokens, int) and new_tokens > 0:
+            cache.reserve(new_tokens + 1)
     return original_generate(model, *args, **kwargs)

@@ -153,6 +153,17 @@ def test_cache_stores_compacted_k_and_drops_v_of_zero_channel_heads():
     assert total["k_bytes"] < total["dense_k_bytes"] and total["v_bytes"] < total["dense_v_bytes"]
 
 
+def test_generate_reserves_archive_for_new_tokens():
+    model = tiny_model("llama")
+    cfg = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference", initial_archive_capacity=16)
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=cfg)
+    _, _, cache = _generate(model, _prompt(100)[None], 40)
+    leank.unpatch(model)
+    layer = cache.layers[0]
+    assert layer.arch_len_host[0] > 100 - 12  # decode flushed into the archive
+    assert layer.capacity == (100 - 12) + 41  # sized once at prefill: no growth, no slack beyond the reservation
+
+
 def test_unpatch_restores_model_exactly():
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
