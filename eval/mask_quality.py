@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="reference")
     p.add_argument("--engine", choices=("patch", "train-attention"), default="patch")
     p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--style", default="compact", choices=("compact", "natural"), help="task style the model was trained on")
+    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=str(RESULTS / "mask_quality"))
     args = p.parse_args(argv)
 
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     window = LeanKConfig(sink=args.sink, recent=args.recent, backend=args.backend)
-    task = RetrievalTask(tok, seed=args.seed, n_pairs=(4, 16), use_chat_template=False)
+    task = RetrievalTask(tok, seed=args.seed, n_pairs=(4, 16), use_chat_template=False, style=args.style)
     samples = {(t, n): [task.sample(i, n, t) for i in range(args.n)] for n in args.lengths for t in TASK_NAMES}
 
     conditions: list[tuple[str, float | None, ChannelMask | None]] = [("full", None, None)]
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
 
     meta = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "engine": args.engine, "backend": args.backend, "dtype": args.dtype, "sink": args.sink,
-            "recent": args.recent, "lengths": args.lengths, "n_per_cell": args.n, "heldout_seed": args.seed,
+            "recent": args.recent, "style": args.style, "lengths": args.lengths, "n_per_cell": args.n, "heldout_seed": args.seed,
             "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

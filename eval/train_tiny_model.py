@@ -33,10 +33,11 @@ from leank.train.data import RetrievalTask, decode_words, score  # noqa: E402
 from leank.train.tiny import build_word_tokenizer, tiny_llama_config  # noqa: E402
 
 
-def curriculum(step: int, steps: int, max_len: int, min_len: int = 256) -> tuple[int, int]:
-    """Length range at ``step``: the maximum grows geometrically from 512 to ``max_len``
-    over the first 60% of training; lengths are drawn from ``[max/4, max]``."""
-    frac = min(1.0, step / max(1, 0.6 * steps))
+def curriculum(step: int, steps: int, max_len: int, min_len: int = 128) -> tuple[int, int]:
+    """Length range at ``step``: lengths up to 512 for the first 40% of training (the
+    retrieval circuit forms on short sequences), then the maximum grows geometrically to
+    ``max_len`` by 75%; lengths are drawn from ``[max/4, max]``."""
+    frac = min(1.0, max(0.0, step / max(1, steps) - 0.4) / 0.35)
     hi = int(512 * (max_len / 512) ** frac) if max_len > 512 else max_len
     return max(min_len, hi // 4), hi
 
@@ -44,11 +45,13 @@ def curriculum(step: int, steps: int, max_len: int, min_len: int = 256) -> tuple
 class Batches(torch.utils.data.IterableDataset):
     """Step ``s`` → (input_ids [B, T], loss_mask [B, T]) with ``B * T ≈ tokens_per_step``."""
 
-    def __init__(self, tok, seed: int, steps: int, tokens_per_step: int, max_len: int, start: int = 0):
+    def __init__(self, tok, seed: int, steps: int, tokens_per_step: int, max_len: int, start: int = 0,
+                 style: str = "compact"):
+        self.style = style
         self.tok, self.seed, self.steps, self.tps, self.max_len, self.start = tok, seed, steps, tokens_per_step, max_len, start
 
     def batch(self, step: int):
-        task = RetrievalTask(self.tok, seed=self.seed, n_pairs=(2, 16), use_chat_template=False)
+        task = RetrievalTask(self.tok, seed=self.seed, n_pairs=(2, 16), use_chat_template=False, style=self.style)
         rng = random.Random(f"tiny:{self.seed}:{step}")
         lo, hi = curriculum(step, self.steps, self.max_len)
         length = rng.randint(lo, hi)
@@ -56,8 +59,8 @@ class Batches(torch.utils.data.IterableDataset):
         ids, mask = [], []
         for j in range(b):
             kind = "multikey" if j % 2 == 0 else "multivalue"
-            pairs = max(2, min(16, length // 64))
-            nq = rng.randint(1, max(1, min(8, length // 160))) if kind == "multikey" else 1
+            pairs = max(2, min(16, length // 32))
+            nq = rng.randint(1, max(1, min(8, length // 48))) if kind == "multikey" else 1
             s = task.sample(step * 1024 + j, length, kind, n_questions=nq, n_pairs=(2, pairs))
             m = torch.zeros(length, dtype=torch.bool)
             for a, e in s.answer_spans:  # position t predicts token t + 1
@@ -81,9 +84,9 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, tok, device, lengths, n: int, seed: int, batch: int = 32) -> dict:
+def evaluate(model, tok, device, lengths, n: int, seed: int, batch: int = 16, style: str = "compact") -> dict:
     """Held-out greedy accuracy with the full cache (plain transformers generate)."""
-    task = RetrievalTask(tok, seed=seed, n_pairs=(4, 16), use_chat_template=False)
+    task = RetrievalTask(tok, seed=seed, n_pairs=(4, 16), use_chat_template=False, style=style)
     out = {}
     for length in lengths:
         for kind in ("multikey", "multivalue"):
@@ -105,18 +108,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="leank/data/tiny-llama")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1100)
     p.add_argument("--tokens-per-step", type=int, default=131072)
     p.add_argument("--max-len", type=int, default=8192)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--time-budget", type=float, default=0, help="stop training after this many seconds (0 = none)")
     p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--style", default="compact", choices=("compact", "natural"), help="task text style (leank.train.data)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: small model, short sequences")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.tokens_per_step, args.max_len, args.workers, args.eval_n = min(args.steps, 60), 4096, 512, 0, 8
+        args.tokens_per_step, args.workers = 4096, 0
+        args.max_len, args.eval_n = min(args.max_len, 512), min(args.eval_n, 16)
 
     from transformers import LlamaForCausalLM
 
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))
-    data = Batches(tok, args.seed, args.steps, args.tokens_per_step, args.max_len)
+    data = Batches(tok, args.seed, args.steps, args.tokens_per_step, args.max_len, style=args.style)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=4 if args.workers else None,
                                          persistent_workers=False)
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
         if step % 50 == 0 or step == args.steps - 1:
             acc = float((logits.argmax(-1) == labels).float().mean())
             el = time.time() - t0
-            rec = {"step": step, "len": ids.shape[1], "batch": ids.shape[0], "loss": float(loss), "tok_acc": acc,
+            rec = {"step": step, "len": ids.shape[1], "batch": ids.shape[0], "loss": float(loss.detach()), "tok_acc": acc,
                    "elapsed_s": round(el, 1), "tokens_per_s": round(tokens / max(el, 1e-9))}
             log.append(rec)
             print(json.dumps(rec), flush=True)
@@ -165,15 +170,15 @@ def main(argv=None) -> int:
             print(f"time budget reached at step {step}", flush=True)
             break
     train_s = time.time() - t0
-    model.eval()
-    lengths = [512] if args.smoke else [2048, 4096, 8192]
-    t1 = time.time()
-    acc = evaluate(model, tok, args.device, lengths, args.eval_n, seed=args.seed + 10_000)
-    print("held-out full-cache accuracy:", json.dumps(acc), flush=True)
+    model.to(torch.bfloat16).eval()  # saved in bf16; evaluating in bf16 keeps SDPA on a fused kernel
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
+    model.save_pretrained(out)
     tok.save_pretrained(out)
+    lengths = [args.max_len] if args.smoke else [2048, 4096, 8192]
+    t1 = time.time()
+    acc = evaluate(model, tok, args.device, lengths, args.eval_n, seed=args.seed + 10_000, style=args.style)
+    print("held-out full-cache accuracy:", json.dumps(acc), flush=True)
     meta = {"seed": args.seed, "steps_planned": args.steps, "steps_run": step + 1, "tokens_per_step": args.tokens_per_step,
             "max_len": args.max_len, "lr": args.lr, "warmup": args.warmup, "parameters": nparams,
             "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - t1, 1),

@@ -2,10 +2,12 @@
 
 Two tasks (RULER-style), both hidden in natural-looking filler text:
 
-* ``multikey``: ``n_pairs`` needles "The code for KEY is V1 V2 V3." with distinct keys;
-  one key is asked; the answer is its three value words, in order.
-* ``multivalue``: one key with four needles "One of the codes for KEY is V." spread over
-  the text; the answer lists the four values in document order (scored as a set).
+* ``multikey``: ``n_pairs`` needles "the code for KEY is V1 V2 V3 ." with distinct keys;
+  one key is asked ("what is the code for KEY ? the code for KEY is"); the answer is its
+  three value words, in order.
+* ``multivalue``: one key with four needles "one of the codes for KEY is V ." spread over
+  the text; asked with "what are all the codes for KEY ? the codes for KEY are", the
+  answer lists the four values in document order (scored as a set).
 
 Keys and values are made-up pronounceable ids from fixed pools (:data:`KEY_POOL`,
 :data:`VALUE_POOL`); the value words of one sample are drawn without replacement.
@@ -24,6 +26,7 @@ from typing import Sequence
 import torch
 
 TASKS = ("multikey", "multivalue")
+STYLES = ("natural", "compact")
 
 _CONS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -60,7 +63,7 @@ TEMPLATE_WORDS = (
     "the", "a", "code", "codes", "for", "is", "one", "of", "what", "are", "all", "read",
     "text", "below", "and", "remember", "answer", "with", "only", "in", "at", "after", "before",
     "every", "during", "on", "late", "morning", "rain", "noon", "dinner", "spring", "festival",
-    "night", "sunday", "words", "its", "it", "three", "four",
+    "night", "sunday", "words", "its", "it", "three", "four", "are",
 )
 PUNCT = (".", ",", "?", ":")
 
@@ -148,10 +151,17 @@ class RetrievalTask:
         seed: base seed; sample ``index`` uses ``random.Random(f"{seed}:{index}")``.
         n_pairs: (min, max) needles in a ``multikey`` sample.
         use_chat_template: wrap the prompt with the tokenizer's chat template if it has one.
+        style: ``"natural"`` (needle "the code for KEY is V1 V2 V3 .", question ending
+            "the code for KEY is") or ``"compact"`` (needle "the code for KEY V1 V2 V3 .",
+            question ending "the code for KEY": the key is directly followed by the value,
+            a one-token induction that a small model trained from scratch learns quickly).
     """
 
     def __init__(self, tokenizer, seed: int = 0, n_pairs: tuple[int, int] = (4, 16),
-                 use_chat_template: bool = True) -> None:
+                 use_chat_template: bool = True, style: str = "natural") -> None:
+        if style not in STYLES:
+            raise ValueError(f"style: expected one of {STYLES}, got {style!r}")
+        self.style = style
         if not (1 <= n_pairs[0] <= n_pairs[1] <= len(KEY_POOL)):
             raise ValueError(f"n_pairs: expected 1 <= min <= max <= {len(KEY_POOL)}, got {n_pairs}")
         self.tok = tokenizer
@@ -182,20 +192,23 @@ class RetrievalTask:
             raise ValueError(f"n_questions: expected 1 (or >= 1 for multikey), got {n_questions}")
         rng = random.Random(f"{self.seed}:{task}:{index}")
         qa: list[tuple[str, str, list[str]]] = []  # (question, answer text, answer words)
+        link = " is" if self.style == "natural" else ""
         if task == "multikey":
             n = rng.randint(*(n_pairs or self.n_pairs))
             keys = rng.sample(KEY_POOL, n)
             vals = rng.sample(VALUE_POOL, 3 * n)
-            needles = [f"the code for {k} is {' '.join(vals[3 * i:3 * i + 3])} ." for i, k in enumerate(keys)]
+            needles = [f"the code for {k}{link} {' '.join(vals[3 * i:3 * i + 3])} ." for i, k in enumerate(keys)]
             for q in rng.sample(range(n), min(n_questions, n)):
                 words = vals[3 * q:3 * q + 3]
-                qa.append((f"what is the code for {keys[q]} ? answer with its three words only .",
+                qa.append((f"what is the code for {keys[q]} ? the code for {keys[q]} is" if link
+                           else f"what is the code for {keys[q]}",
                            " ".join(words), words))
         else:
             key = rng.choice(KEY_POOL)
             words = rng.sample(VALUE_POOL, 4)
-            needles = [f"one of the codes for {key} is {v} ." for v in words]
-            qa.append((f"what are all the codes for {key} ? answer with the four words only .",
+            needles = [f"one of the codes for {key}{link} {v} ." for v in words]
+            qa.append((f"what are all the codes for {key} ? the codes for {key} are" if link
+                       else f"what are the codes for {key}",
                        " , ".join(words), words))
         intro = self.pieces.words("read the text below and remember the codes in it .")
         prompt_head = self.chat_pre + intro

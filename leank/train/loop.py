@@ -148,7 +148,7 @@ class Trainer:
         else:
             model.to(self.device)
         self.task = RetrievalTask(tokenizer, seed=recipe.seed, n_pairs=tuple(recipe.n_pairs),
-                                  use_chat_template=recipe.chat_template)
+                                  use_chat_template=recipe.chat_template, style=recipe.task_style)
         self.factors = torch.ones(self.dims, dtype=torch.float32, device=self.device, requires_grad=True)
         self.opt = _make_opt(self.factors, recipe.lr)
         self.step = 0

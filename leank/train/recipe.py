@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LeanKConfig
-from .data import TASKS
+from .data import STYLES, TASKS
 
 DTYPES = ("float32", "bfloat16", "float16")
 _DEFAULT_WINDOW = LeanKConfig()
@@ -38,6 +38,7 @@ class TrainRecipe:
         same_length_per_step: all samples of a step share one length (batched forward).
         tasks: synthetic tasks to cycle through (see :mod:`leank.train.data`).
         n_pairs: (min, max) needles of a multikey sample.
+        task_style: text style of the tasks (``"natural"``; ``"compact"`` for the tiny model).
         sink, recent: full-K window sizes (deployment's ``LeanKConfig`` defaults).
         warmup_frac, decay_frac: fraction of each stage's steps with linear warm-up from 0
             and with linear decay to 0 at the end; flat in between.
@@ -69,6 +70,7 @@ class TrainRecipe:
     same_length_per_step: bool = False
     tasks: list = field(default_factory=lambda: list(TASKS))
     n_pairs: list = field(default_factory=lambda: [4, 16])
+    task_style: str = "natural"
     sink: int = _DEFAULT_WINDOW.sink
     recent: int = _DEFAULT_WINDOW.recent
     warmup_frac: float = 0.1
@@ -112,6 +114,8 @@ class TrainRecipe:
                 or not all(isinstance(x, int) and x >= 1 for x in self.n_pairs) or self.n_pairs[0] > self.n_pairs[1]):
             raise ValueError(f"n_pairs: expected [min, max] ints with 1 <= min <= max, got {self.n_pairs!r}")
         self.n_pairs = list(self.n_pairs)
+        if self.task_style not in STYLES:
+            raise ValueError(f"task_style: expected one of {STYLES}, got {self.task_style!r}")
         _check_float(self, "warmup_frac", 0.0, 1.0)
         _check_float(self, "decay_frac", 0.0, 1.0)
         if self.warmup_frac + self.decay_frac > 1.0:
