@@ -122,12 +122,14 @@ def main() -> int:
                     help="extra single runs context:ratio:method:queries, comma-separated")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny fp32 model")
+    ap.add_argument("--deadline", type=float, default=None, help="skip points that start after this many seconds")
     args = ap.parse_args()
 
     import leank
     from leank.compaction import collect_queries
     from leank.config import LeanKConfig
 
+    t_begin = time.perf_counter()
     dev = "cpu" if args.tiny else "cuda"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     conf = LeanKConfig(sink=args.sink, recent=args.recent, flush_every=32, backend="reference")
@@ -163,6 +165,9 @@ def main() -> int:
         runs = [(r, "hak", args.queries, args.reps) for r in args.ratios]
         runs += [(float(r), m, q, 1) for (c, r, m, q) in extra if int(c) == T]
         for ratio, method, queries, reps in runs:
+            if args.deadline is not None and time.perf_counter() - t_begin > args.deadline:
+                print(f"skipped T={T} ratio={ratio} {method} {queries}: past the {args.deadline:.0f} s deadline", flush=True)
+                continue
             times, peaks = [], []
             n_runs = reps + (1 if first else 0)  # one untimed warm-up run on the very first point
             for rep in range(n_runs):
