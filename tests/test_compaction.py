@@ -342,3 +342,37 @@ def test_cli_parser_and_missing_model_error(tmp_path):
     args = build_parser().parse_args(["compact", "--model", str(tmp_path / "nope"), "--context", "a b c", "--ratio", "0.05"])
     assert args.command == "compact" and args.ratio == 0.05 and args.method == "hak"
     assert main(["compact", "--model", str(tmp_path / "nope"), "--context", "a b c"]) == 1  # logged, exit code 1
+
+
+def test_half_precision_scores_rank_like_float64():
+    from leank.compaction.core import hak_scores
+
+    q, k, v = _structured(2, 500, 32, 300, seed=20)
+    bias = torch.randn(2, 500, generator=_gen(21), dtype=torch.float64)
+    scale = 1 / math.sqrt(32)
+    lse = attention_targets(q, k, v, bias).lse
+    ref = hak_scores(q, k, bias, lse, scale, chunk=128)
+    half = hak_scores(q.bfloat16(), k.bfloat16(), bias.float(), lse.float(), scale, chunk=77)
+    top_ref, top_half = ref.topk(25).indices, half.topk(25).indices
+    overlap = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_ref, top_half)]
+    assert min(overlap) >= 22, overlap
+    assert torch.allclose(half.double(), ref.double(), rtol=0.1, atol=1e-3 * float(ref.max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capture_attention_flash_split_matches_math_path():
+    from leank.compaction.queries import _attend
+
+    g = _gen(22)
+    H, n, P, D = 8, 300, 1000, 128
+    q = torch.randn(1, H, n, D, generator=g)
+    k = torch.randn(1, H, P + n, D, generator=g)
+    v = torch.randn(1, H, P + n, D, generator=g)
+    bias = torch.randn(1, P + n, generator=g)
+    bias[:, P:] = 0
+    for b in (None, bias):
+        ref = _attend(q.double(), k.double(), v.double(), None if b is None else b.double(), D ** -0.5, P)
+        out = _attend(*(x.cuda().bfloat16() for x in (q, k, v)), None if b is None else b.cuda(), D ** -0.5, P)
+        rel = (out.double().cpu() - ref).norm() / ref.norm()
+        assert float(rel) < 1e-2, float(rel)

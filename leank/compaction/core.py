@@ -171,15 +171,33 @@ def attention_targets(
 
 
 # ---------------------------------------------------------------------- key scoring
-def _weight_chunks(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, scale: float, chunk: int):
-    """Yield ``(start, a)`` with ``a [G, n, c]`` float32 attention weights ``exp(s - LSE)`` per key chunk."""
+def _weight_chunks(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, scale: float, chunk: int, square: bool = False):
+    """Yield ``(start, a)``: attention weights ``exp(s - LSE)`` (or their squares) per key chunk, ``[G, n, c]``.
+
+    fp16/bf16 inputs: ``s - LSE`` comes out of one ``baddbmm`` (fp32 accumulation, one
+    rounding of a value near 0 for the keys that matter) and the weights stay in half
+    precision (scoring only). fp32/fp64 inputs: computed in fp32/fp64.
+    """
+    if q.dtype in (torch.float16, torch.bfloat16):
+        neg_lse = (-lse).to(q.dtype)[..., None]
+        for s in range(0, k.shape[1], chunk):
+            x = torch.baddbmm(neg_lse, q, k[:, s : s + chunk].transpose(1, 2), alpha=scale)
+            if bias is not None:
+                x.add_(bias[:, None, s : s + chunk].to(q.dtype))
+            if square:
+                x.mul_(2)
+            yield s, x.exp_()
+        return
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_c = lse.to(cdt)
     for s in range(0, k.shape[1], chunk):
         lg = torch.bmm(q, k[:, s : s + chunk].transpose(1, 2)).to(cdt).mul_(scale)
         if bias is not None:
             lg.add_(bias[:, None, s : s + chunk].to(cdt))
-        yield s, lg.sub_(lse_c[..., None]).exp_()
+        lg.sub_(lse_c[..., None])
+        if square:
+            lg.mul_(2)
+        yield s, lg.exp_()
 
 
 def _chunk_for(G: int, n: int, T: int, workspace_bytes: int) -> int:
@@ -190,8 +208,8 @@ def hak_scores(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, scale:
     """RMS over queries of the attention weights, ``[G, T]`` float32 (0 for invalid keys)."""
     scores = torch.empty(k.shape[:2], dtype=torch.float32, device=k.device)
     n = q.shape[1]
-    for s, a in _weight_chunks(q, k, bias, lse, scale, chunk):
-        scores[:, s : s + a.shape[-1]] = (a.square_().sum(1) / n).sqrt_().float()
+    for s, a2 in _weight_chunks(q, k, bias, lse, scale, chunk, square=True):
+        scores[:, s : s + a2.shape[-1]] = a2.sum(1, dtype=torch.float32).div_(n).sqrt_()
     return scores
 
 
@@ -252,7 +270,7 @@ def omp_select(
     store = torch.empty(G, n, T, dtype=k.dtype if k.dtype != torch.float64 else cdt, device=dev) if keep_a else None
     norms = torch.zeros(G, T, dtype=cdt, device=dev)
     for s, a in _weight_chunks(q, k, bias, lse, scale, chunk):
-        norms[:, s : s + a.shape[-1]] = a.square().sum(1).sqrt()
+        norms[:, s : s + a.shape[-1]] = a.to(cdt).square().sum(1).sqrt()
         if keep_a:
             store[:, :, s : s + a.shape[-1]] = a.to(store.dtype)
     norms = norms.clamp_min(torch.finfo(cdt).tiny)
@@ -269,7 +287,7 @@ def omp_select(
         else:
             corr = torch.empty(G, T, dtype=cdt, device=dev)
             for s, a in _weight_chunks(q, k, bias, lse, scale, chunk):
-                corr[:, s : s + a.shape[-1]] = torch.bmm(resid[:, None, :].to(a.dtype), a)[:, 0]
+                corr[:, s : s + a.shape[-1]] = torch.bmm(resid[:, None, :].to(a.dtype), a)[:, 0].to(cdt)
         corr = (corr / norms).masked_fill(chosen, float("-inf"))
         new = torch.topk(corr, step, dim=-1).indices
         new_ok = torch.isfinite(torch.gather(corr, 1, new))
@@ -434,7 +452,7 @@ def _solve(q, k_sel, v_sel, b_sel, targets: Targets, scale, active, ridge, nnls_
         lam = beta_ridge * (diag.sum(-1) / act.sum(-1).clamp_min(1))
         gram = gram + torch.diag_embed(lam[:, None] * act)
         rhs = rhs + lam[:, None] * w_ref
-    w = nnls(gram=gram, rhs=rhs, active=active, tol=nnls_tol, max_iter=1000, check_every=50).w
+    w = nnls(gram=gram, rhs=rhs, active=active, tol=nnls_tol, max_iter=600, check_every=50, polish_every=4).w
     used = active & (w > 0)
     base = torch.zeros_like(w) if b_sel is None else b_sel.to(w.dtype)
     beta = torch.where(used, base + torch.log(torch.where(used, w, torch.ones_like(w))), torch.full_like(w, float("-inf")))

@@ -45,16 +45,45 @@ class _PassState:
 _STATE: contextvars.ContextVar = contextvars.ContextVar("leank_compaction_pass", default=None)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
-    """Lower-right causal attention of ``q [1, H, n, D]`` over ``k, v [1, H, P+n, D]``; bias ``[P+n]``-shaped per head."""
+def _flash_ok(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] + 8 <= 256
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """aten's FlashAttention with the LSE: ``q [1, H, n, D]``, ``k, v [1, H, m, D]`` -> out, lse ``[1, H, n]``."""
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return res[0], res[1]
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, n_prefix: int) -> Tensor:
+    """Attention of ``q [1, H, n, D]`` over ``k, v [1, H, P+n, D]``: all of the prefix, causal within the new tokens.
+
+    ``bias`` (float32 ``[H, P+n]`` or None) is added to the logits. On CUDA half
+    precision: two FlashAttention calls (prefix, non-causal; new tokens, causal) merged by
+    LSE, the bias carried in extra head-dim columns. Elsewhere: SDPA with a lower-right
+    causal mask.
+    """
     from torch.nn.attention.bias import causal_lower_right
+
+    from tilelang_kernels.reference import merge_states
 
     from .core import _augment
 
     n, kv = q.shape[2], k.shape[2]
-    D = q.shape[-1]
+    D, H = q.shape[-1], q.shape[1]
+    if _flash_ok(q):
+        out, lse = _flash(q, k[:, :, n_prefix:], v[:, :, n_prefix:], True, scale)
+        if n_prefix:
+            pk, pv = k[:, :, :n_prefix], v[:, :, :n_prefix]
+            pq = q
+            if bias is not None:
+                qa, ka = _augment(q[0], pk[0], bias[:, :n_prefix].expand(H, n_prefix), scale)
+                pq, pk = qa[None], ka[None]
+                pv = torch.cat([pv, pv.new_zeros(*pv.shape[:3], pq.shape[-1] - D)], -1)
+            out_p, lse_p = _flash(pq, pk, pv, False, scale)
+            out, _ = merge_states(out.float(), lse, out_p[..., :D].float(), lse_p)
+        return out.to(q.dtype)
     if bias is not None:
-        H = q.shape[1]
         qa, ka = _augment(q[0], k[0], bias.expand(H, kv), scale)
         q, k = qa[None], ka[None]
         v = torch.cat([v, v.new_zeros(*v.shape[:3], q.shape[-1] - D)], -1)
@@ -74,8 +103,10 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     state.recorded[layer] = query[0].index_select(1, pos).detach().clone()
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     bias = None
+    n_prefix = 0
     if state.prefix is not None:
         pk, pv, pb = state.prefix(layer)
+        n_prefix = pk.shape[1]
         key = torch.cat([pk[None].to(key.dtype), key], 2)
         value = torch.cat([pv[None].to(value.dtype), value], 2)
         if pb is not None:
@@ -87,7 +118,7 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         value = value.repeat_interleave(rep, 1)
         if bias is not None:
             bias = bias.repeat_interleave(rep, 0)
-    out = _attend(query, key, value, bias, scale)
+    out = _attend(query, key, value, bias, scale, n_prefix)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -97,6 +97,7 @@ def nnls(
     max_iter: int = 2000,
     check_every: int = 25,
     polish: bool = True,
+    polish_every: int = 4,
 ) -> NNLSResult:
     """Batched non-negative least squares ``min_w ||A w - b||^2  s.t.  w >= 0``.
 
@@ -115,8 +116,10 @@ def nnls(
         tol: relative KKT tolerance (max projected gradient / max |A^T b|); default
             1e-10 for float64, 1e-5 for float32.
         max_iter: cap on projected-gradient iterations.
-        check_every: iterations between KKT checks / polishing rounds.
+        check_every: iterations between KKT checks.
         polish: run the active-set polishing (on by default).
+        polish_every: KKT checks between polishing rounds (each costs a batched Cholesky
+            of ``[G, t, t]``); the last round always polishes.
 
     Returns:
         ``NNLSResult``; problems not converged within ``max_iter`` are logged.
@@ -171,14 +174,19 @@ def nnls(
             w = torch.where(done[:, None], w, w_new)
             y = torch.where(done[:, None], w, y)
         it += check_every
-        if polish:
-            w = _polish(gram, rhs, w, active, done)
-            y = w.clone()
-            theta = torch.ones_like(theta)
         kkt = _kkt(gram, rhs, w, active, scale)
         done = kkt <= tol
         if bool(done.all()):
             break
+        last = it + check_every > max_iter
+        if polish and (last or (it // check_every) % polish_every == 0):
+            w = _polish(gram, rhs, w, active, done)
+            y = w.clone()
+            theta = torch.ones_like(theta)
+            kkt = _kkt(gram, rhs, w, active, scale)
+            done = kkt <= tol
+            if bool(done.all()):
+                break
     if not bool(done.all()):
         logger.info(
             "nnls: %d of %d problems above tolerance %.1e after %d iterations (worst %.2e)",
@@ -190,7 +198,7 @@ def nnls(
 def _polish(gram: Tensor, rhs: Tensor, w: Tensor, active: Tensor, frozen: Tensor) -> Tensor:
     """Lawson–Hanson inner loop on the support of ``w``: exact solves, stepping back to feasibility."""
     support = (w > 0) & active
-    for _ in range(4):
+    for _ in range(2):
         z = _solve_on_support(gram, rhs, support)
         bad = support & (z <= 0)
         # largest step alpha in [0, 1] from w toward z that stays feasible
