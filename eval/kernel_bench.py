@@ -1,0 +1,420 @@
+"""Decode-attention kernel benchmark: LeanK TileLang kernel vs FlashAttention on the same data.
+
+    python eval/kernel_bench.py                               # GPU: Llama + Qwen, 8K..128K, batch 1/8/32
+    python eval/kernel_bench.py --mask ../shared/reference-masks/llama-3.1-8b-instruct.pth
+    python eval/kernel_bench.py --shapes llama --kv-lens 8192 --batches 1 --layers 1   # quick
+
+For each model shape (Llama-3.1-8B 32/8 heads, Qwen2.5-7B 28/4, head_dim 128), kv_len and
+batch, one decode step of one layer is timed:
+
+- ``leank``: the TileLang split + combine kernels over a full window of 128 sink + 1024
+  recent tokens (capacity +32 pending) and the compacted archive of the other tokens,
+  with the layer's kept counts from the mask (``--layers`` layers sampled evenly; the
+  time reported is their mean);
+- ``leank_dense``: the same code path with every channel of every head kept;
+- baselines on dense K/V of kv_len tokens: torch SDPA with the FlashAttention-2 and the
+  cuDNN backends (``enable_gqa=True``) and ``flash_attn.flash_attn_with_kvcache`` when
+  flash-attn is importable.
+
+Times are medians of ``triton.testing.do_bench`` (L2 flushed before every run, warm-up
+excluded), of CUDA-graph replays when every method can be captured (``--no-graph`` for
+eager calls). Bandwidth is the bytes the step must read (K/V of the tokens attended to,
+at their stored width, plus q and the output) over the time, against the device-to-device
+copy bandwidth measured in the same run (bytes read + written). Masks: ``--mask FILE``
+(float 0/1 ``[layers, kv_heads, head_dim]``, matched to a shape by its head count) or the
+built-in default with the published kept-count mix (``leank.mixes``) at a fixed seed.
+Writes a JSON and a PNG (``--out``), prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python eval/kernel_bench.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from leank.mixes import LLAMA_MIX, QWEN_MIX, low_frequency_order  # noqa: E402
+
+SHAPES = {"llama": dict(name="Llama-3.1-8B", layers=32, heads=32, kv_heads=8, head_dim=128),
+          "qwen": dict(name="Qwen2.5-7B", layers=28, heads=28, kv_heads=4, head_dim=128)}
+# published kept-count mixes ({kept count: number of KV heads}): leank.mixes is the one source
+MIXES = {"llama": LLAMA_MIX, "qwen": QWEN_MIX}
+SINK, RECENT, PENDING = 128, 1024, 32
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval/kernel_bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="llama,qwen", help="comma list of: llama, qwen")
+    p.add_argument("--kv-lens", default="8192,32768,65536,131072")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--mask", action="append", default=[], help="mask file (.pth); repeatable")
+    p.add_argument("--layers", type=int, default=4, help="layers of the mask timed per point")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rep-ms", type=int, default=200)
+    p.add_argument("--mem-limit-gb", type=float, default=0.0, help="skip points above this (0: 85%% of the GPU)")
+    p.add_argument("--no-graph", action="store_true", help="time eager calls, not CUDA-graph replays")
+    p.add_argument("--cold-compile", action="store_true", help="also time a cold compile of each model's kernels")
+    p.add_argument("--out", default="eval/results/kernel_bench_h100", help="output stem (.json, .png)")
+    return p
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def kept_counts_default(shape: str, seed: int) -> list[list[int]]:
+    """``[layers][kv_heads]`` kept counts: the published mix placed at random (fixed seed)."""
+    s = SHAPES[shape]
+    counts = [d for d, c in sorted(MIXES[shape].items()) for _ in range(c)]
+    assert len(counts) == s["layers"] * s["kv_heads"]
+    perm = torch.randperm(len(counts), generator=torch.Generator().manual_seed(seed)).tolist()
+    flat = [counts[i] for i in perm]
+    return [flat[l * s["kv_heads"]:(l + 1) * s["kv_heads"]] for l in range(s["layers"])]
+
+
+def load_mask(path: str) -> torch.Tensor:
+    """Bool keep ``[layers, kv_heads, head_dim]`` from a float 0/1 (or bool) tensor file."""
+    m = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(m, dict):
+        m = next(v for v in m.values() if isinstance(v, torch.Tensor))
+    if m.dim() != 3:
+        raise ValueError(f"--mask {path}: expected [layers, kv_heads, head_dim], got {tuple(m.shape)}")
+    return m > 0.5
+
+
+def sample_layers(n_layers: int, k: int) -> list[int]:
+    k = max(1, min(k, n_layers))
+    return sorted({round(i * (n_layers - 1) / max(1, k - 1)) for i in range(k)}) if k > 1 else [n_layers // 2]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def leank_inputs(batch, shape, kv_len, keep, dtype, gen_dev):
+    """Window + compacted archive for one layer. ``keep``: bool [kv_heads, head_dim]."""
+    s = SHAPES[shape]
+    kvh, d = s["kv_heads"], s["head_dim"]
+    win = min(kv_len, SINK + RECENT)
+    wcap = SINK + RECENT + PENDING
+    arch = kv_len - win
+    dev = "cuda"
+    rnd = lambda *sh: torch.randn(*sh, device=dev, dtype=dtype, generator=gen_dev)  # noqa: E731
+    q = rnd(batch, s["heads"], d)
+    win_k, win_v = rnd(batch, kvh, wcap, d), rnd(batch, kvh, wcap, d)
+    counts = keep.sum(-1).tolist()
+    ak, av, ah, ac = [], [], [], []
+    for dg in sorted({c for c in counts if c > 0}):
+        heads = [h for h, c in enumerate(counts) if c == dg]
+        ah.append(torch.tensor(heads, dtype=torch.int64))
+        ac.append(torch.stack([keep[h].nonzero().flatten() for h in heads]).to(dev))
+        ak.append(rnd(batch, len(heads), max(arch, 1), dg))
+        av.append(rnd(batch, len(heads), max(arch, 1), d))
+    wl = torch.full((batch,), win, dtype=torch.int32, device=dev)
+    al = torch.full((batch,), arch, dtype=torch.int32, device=dev)
+    nbytes = _leank_bytes(batch, s, win, arch, counts, dtype)
+    return (q, win_k, win_v, wl, ak, av, ah, ac, al), nbytes
+
+
+def _leank_bytes(batch, s, win, arch, counts, dtype):
+    e = torch.finfo(dtype).bits // 8
+    d = s["head_dim"]
+    kv = s["kv_heads"] * win * 2 * d + sum(arch * (c + d) for c in counts if c > 0)
+    return batch * (kv + 2 * s["heads"] * d) * e
+
+
+def dense_bytes(batch, s, kv_len, dtype):
+    e = torch.finfo(dtype).bits // 8
+    return batch * (s["kv_heads"] * kv_len * 2 * s["head_dim"] + 2 * s["heads"] * s["head_dim"]) * e
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def bench(fn, rep_ms, graph):
+    """Median µs of ``fn`` (do_bench; L2 flushed each run), of graph replays if ``graph``."""
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            g.replay()
+            torch.cuda.synchronize()
+            run = g.replay
+        except Exception as e:  # capture unsupported: time eager calls
+            print(f"  graph capture failed ({type(e).__name__}: {str(e)[:100]}); eager timing")
+            torch.cuda.synchronize()
+    return do_bench(run, warmup=25, rep=rep_ms, return_mode="median") * 1e3
+
+
+def copy_bandwidth(rep_ms) -> float:
+    """Device-to-device copy GB/s of a 1 GiB buffer, counting bytes read + written."""
+    from triton.testing import do_bench
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = do_bench(partial(b.copy_, a), warmup=25, rep=rep_ms, return_mode="median") * 1e-3
+    del a, b
+    return 2 * (1 << 30) / t / 1e9
+
+
+def baselines(q4, k, v, rep_ms, graph):
+    """Dense baselines on ``q4 [B, H, 1, D]``, ``k, v [B, KVH, T, D]``: {name: µs}."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def f(be=be):
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+        try:
+            out[name] = bench(f, rep_ms, graph)
+        except Exception as e:  # backend unavailable for this shape/dtype
+            print(f"  {name}: unavailable ({type(e).__name__}: {str(e)[:80]})")
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except Exception:
+        flash_attn_with_kvcache = None
+    if flash_attn_with_kvcache is not None:
+        qf = q4.transpose(1, 2).contiguous()  # [B, 1, H, D]
+        kf, vf = k.transpose(1, 2), v.transpose(1, 2)  # [B, T, KVH, D] views (strided)
+        kf, vf = kf.contiguous(), vf.contiguous()
+        out["flash_attn"] = bench(lambda: flash_attn_with_kvcache(qf, kf, vf), rep_ms, graph)
+        del kf, vf
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run_point(shape, batch, kv_len, keeps, layers, args, dtype, gen_dev):
+    from tilelang_kernels.decode import decode_attention
+
+    s = SHAPES[shape]
+    graph = not args.no_graph
+    rec = dict(shape=shape, model=s["name"], batch=batch, kv_len=kv_len, layers=layers)
+    # dense baselines: K/V of kv_len tokens
+    k = torch.randn(batch, s["kv_heads"], kv_len, s["head_dim"], device="cuda", dtype=dtype, generator=gen_dev)
+    v = torch.randn_like(k)
+    q4 = torch.randn(batch, s["heads"], 1, s["head_dim"], device="cuda", dtype=dtype, generator=gen_dev)
+    rec["baselines_us"] = baselines(q4, k, v, args.rep_ms, graph)
+    rec["dense_bytes"] = dense_bytes(batch, s, kv_len, dtype)
+    # LeanK code path with every channel kept: the dense K/V serve as the archive
+    win = min(kv_len, SINK + RECENT)
+    wk = torch.randn(batch, s["kv_heads"], SINK + RECENT + PENDING, s["head_dim"], device="cuda", dtype=dtype,
+                     generator=gen_dev)
+    wv = torch.randn_like(wk)
+    heads = torch.arange(s["kv_heads"])
+    chan = torch.arange(s["head_dim"], device="cuda").expand(s["kv_heads"], -1).contiguous()
+    wl = torch.full((batch,), win, dtype=torch.int32, device="cuda")
+    al = torch.full((batch,), kv_len - win, dtype=torch.int32, device="cuda")
+    qd = q4[:, :, 0].contiguous()
+    dense_args = (qd, wk, wv, wl, [k], [v], [heads], [chan], al)
+    rec["leank_dense_us"] = bench(partial(decode_attention, *dense_args), args.rep_ms, graph)
+    del k, v, wk, wv, dense_args
+    torch.cuda.empty_cache()
+    # LeanK with the mask's kept counts, per sampled layer
+    times, nbytes = [], []
+    for layer in layers:
+        inputs, nb = leank_inputs(batch, shape, kv_len, keeps[layer], dtype, gen_dev)
+        times.append(bench(partial(decode_attention, *inputs), args.rep_ms, graph))
+        nbytes.append(nb)
+        del inputs
+        torch.cuda.empty_cache()
+    rec["leank_us_per_layer"] = times
+    rec["leank_us"] = sum(times) / len(times)
+    rec["leank_bytes"] = sum(nbytes) / len(nbytes)
+    fastest = min(rec["baselines_us"].items(), key=lambda kv: kv[1]) if rec["baselines_us"] else (None, math.nan)
+    rec["fastest_baseline"] = fastest[0]
+    rec["speedup"] = fastest[1] / rec["leank_us"]
+    rec["speedup_vs_leank_dense"] = rec["leank_dense_us"] / rec["leank_us"]
+    rec["leank_gbps"] = rec["leank_bytes"] / (rec["leank_us"] * 1e-6) / 1e9
+    rec["fastest_baseline_gbps"] = rec["dense_bytes"] / (fastest[1] * 1e-6) / 1e9
+    rec["leank_dense_gbps"] = (dense_bytes(batch, s, kv_len, dtype)) / (rec["leank_dense_us"] * 1e-6) / 1e9
+    return rec
+
+
+def estimate_gb(batch, s, kv_len, dtype):
+    """Peak GPU memory of one point: dense K/V + window + the largest LeanK layer (≤ dense)."""
+    return 2.2 * dense_bytes(batch, s, kv_len, dtype) / 1e9
+
+
+def cold_compile_seconds(shape: str, dtype: torch.dtype, keeps: torch.Tensor) -> dict:
+    """Compile every kernel the model's layers need, in a fresh process and TileLang cache.
+
+    Returns seconds and the distinct kernel variants (slot sets) the mask's layers need.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    s = SHAPES[shape]
+    from tilelang_kernels.decode import default_slot_dims
+
+    sets = sorted({default_slot_dims(s["head_dim"], sorted({int(c) for c in k.sum(-1).tolist() if c > 0}))
+                   for k in keeps})
+    code = ("import sys, time, torch; sys.path.insert(0, '.');"
+            "from tilelang_kernels.decode import get_kernels; t = time.time();"
+            f"[get_kernels({s['heads']}, {s['kv_heads']}, {s['head_dim']}, torch.{str(dtype)[6:]}, sl, False) "
+            f"for sl in {sets!r}]; print('COLD', time.time() - t)")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, TILELANG_CACHE_DIR=tmp)
+        t = time.time()
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           cwd=str(Path(__file__).resolve().parents[1]))
+        wall = time.time() - t
+    line = [x for x in r.stdout.splitlines() if x.startswith("COLD")]
+    return dict(variants=[list(x) for x in sets], compile_s=float(line[0].split()[1]) if line else None,
+                process_s=wall, ok=r.returncode == 0)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_bench needs a CUDA GPU")
+        return 2
+    dtype = getattr(torch, args.dtype)
+    dev_name = torch.cuda.get_device_name()
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    limit = args.mem_limit_gb or 0.85 * total_gb
+    masks = {}
+    for path in args.mask:
+        keep = load_mask(path)
+        for name, s in SHAPES.items():
+            if keep.shape == (s["layers"], s["kv_heads"], s["head_dim"]):
+                masks[name] = (keep, path)
+    gen_dev = torch.Generator(device="cuda").manual_seed(args.seed)
+    copy_gbps = copy_bandwidth(args.rep_ms)
+    print(f"device: {dev_name}; copy bandwidth {copy_gbps:.0f} GB/s (read + write); dtype {args.dtype}")
+    results, models = [], []
+    for shape in args.shapes.split(","):
+        s = SHAPES[shape]
+        if shape in masks:
+            keeps, src = masks[shape][0], masks[shape][1]
+        else:
+            counts = kept_counts_default(shape, args.seed)
+            order = low_frequency_order(s["head_dim"]).tolist()
+            keeps = torch.zeros(s["layers"], s["kv_heads"], s["head_dim"], dtype=torch.bool)
+            for l in range(s["layers"]):
+                for h in range(s["kv_heads"]):
+                    keeps[l, h, order[:counts[l][h]]] = True
+            src = f"default: published mix {MIXES[shape]}, seed {args.seed}"
+        layers = sample_layers(s["layers"], args.layers)
+        model_ratio = _model_byte_ratio(keeps, s)
+        print(f"{s['name']}: mask {src}; layers timed {layers}; "
+              f"archive bytes/token vs dense over all layers {model_ratio:.3f}")
+        info = dict(model=s["name"], mask=src, layers_timed=layers, archive_byte_ratio=model_ratio)
+        if args.cold_compile:
+            info["cold_compile"] = cold_compile_seconds(shape, dtype, keeps)
+            print(f"  cold compile of all {s['layers']} layers' kernels: {info['cold_compile']}")
+        models.append(info)
+        for kv_len in [int(x) for x in args.kv_lens.split(",")]:
+            for batch in [int(x) for x in args.batches.split(",")]:
+                if estimate_gb(batch, s, kv_len, dtype) > limit:
+                    print(f"  skip batch {batch} kv_len {kv_len}: ~{estimate_gb(batch, s, kv_len, dtype):.0f} GB")
+                    continue
+                rec = run_point(shape, batch, kv_len, keeps, layers, args, dtype, gen_dev)
+                rec["mask"] = src
+                results.append(rec)
+                print(_row(rec, copy_gbps), flush=True)
+                torch.cuda.empty_cache()
+    out = dict(device=dev_name, dtype=args.dtype, copy_gbps=copy_gbps, torch=torch.__version__,
+               python=platform.python_version(), graph=not args.no_graph, window=dict(sink=SINK, recent=RECENT,
+               pending_cap=PENDING), timing="triton do_bench median, L2 flushed, warm-up excluded",
+               launches_per_layer_step=2, models=models, results=results)
+    try:
+        import tilelang
+
+        out["tilelang"] = tilelang.__version__
+    except Exception:
+        pass
+    stem = Path(args.out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    _plot(out, stem.with_suffix(".png"))
+    print()
+    print(table(out))
+    return 0
+
+
+def _model_byte_ratio(keeps, s):
+    counts = keeps.sum(-1)
+    d = s["head_dim"]
+    return float(((counts + d) * (counts > 0)).sum() / (2 * d * counts.numel()))
+
+
+def _row(r, copy_gbps):
+    b = r["baselines_us"]
+    base = " ".join(f"{k}={v:.1f}" for k, v in b.items())
+    return (f"  {r['model']} B={r['batch']} T={r['kv_len']}: leank={r['leank_us']:.1f}us "
+            f"dense-path={r['leank_dense_us']:.1f}us {base} speedup={r['speedup']:.2f}x "
+            f"{r['leank_gbps']:.0f}GB/s ({100 * r['leank_gbps'] / copy_gbps:.0f}% of copy)")
+
+
+def table(out) -> str:
+    lines = [f"device {out['device']}, {out['dtype']}, copy {out['copy_gbps']:.0f} GB/s, "
+             f"{'CUDA graph' if out['graph'] else 'eager'}, median µs",
+             "| model | batch | kv_len | LeanK µs | LeanK all-channels µs | SDPA flash µs | SDPA cuDNN µs | "
+             "flash_attn µs | speedup vs fastest | LeanK GB/s | % of copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in out["results"]:
+        b = r["baselines_us"]
+        f = lambda k: f"{b[k]:.1f}" if k in b else "-"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['batch']} | {r['kv_len']} | {r['leank_us']:.1f} | {r['leank_dense_us']:.1f} | "
+                     f"{f('sdpa_flash')} | {f('sdpa_cudnn')} | {f('flash_attn')} | {r['speedup']:.2f}x | "
+                     f"{r['leank_gbps']:.0f} | {100 * r['leank_gbps'] / out['copy_gbps']:.0f}% |")
+    return "\n".join(lines)
+
+
+def _plot(out, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        print(f"no plot: {e}")
+        return
+    res = out["results"]
+    shapes = sorted({r["model"] for r in res})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], shapes):
+        for batch in sorted({r["batch"] for r in res if r["model"] == m}):
+            rr = sorted((r for r in res if r["model"] == m and r["batch"] == batch), key=lambda r: r["kv_len"])
+            xs = [r["kv_len"] // 1024 for r in rr]
+            ax.plot(xs, [r["speedup"] for r in rr], "o-", label=f"batch {batch}: vs fastest baseline")
+            ax.plot(xs, [r["speedup_vs_leank_dense"] for r in rr], "x--", label=f"batch {batch}: vs all-channels path")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axhline(1.3, color="red", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("kv_len (K tokens)")
+        ax.set_ylabel("speedup (time ratio)")
+        ax.set_title(f"{m} decode attention, {out['dtype']}\n{out['device']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""LeanK decode attention on CUDA through TileLang: plan once per layout, two launches per call.
+
+``decode_attention`` has the signature and semantics of
+:func:`tilelang_kernels.reference.decode_attention_reference`. TileLang is imported on
+first use, never at import time.
+
+How a call runs:
+
+* **plan** (cached per batch size, window capacity, dtype, device and group layout,
+  i.e. per layer layout; built on the CPU, once): a work table with one row per
+  (KV head, segment, split), where a segment is the head's full window or its row in an
+  archive group. Splits per segment are chosen from the SM count and weighted by bytes
+  per token (``d + head_dim`` for an archive row), so blocks carry similar loads. Lengths
+  are *not* part of the plan: each block reads ``win_len``/``arch_len`` on the device.
+* **run**: launch 1 walks the table (one block per row and sequence) and writes float32
+  partial outputs and LSEs; launch 2 merges them per query head. Nothing is synchronised
+  with the host.
+
+Kernels are compiled once per (num_heads, num_kv_heads, head_dim, dtype, slot set, bias
+flag) and kept in TileLang's disk cache. The slot set is by default every multiple of 16
+up to ``head_dim`` (one compile serves every layer whatever its kept counts); kept counts
+that are not multiples of 16 are zero-padded per call (correct, slower, logged once).
+
+Requirements beyond the reference: CUDA tensors; ``q``, window and archive tensors
+contiguous; rows at and past the lengths must hold finite values (as for the reference,
+whose ``0 * NaN`` would also poison the result). ``arch_heads`` are read on the host: keep
+them on the CPU to avoid a device sync per call (they are tiny and static per layer);
+keep ``arch_chan`` on the device (int64) to avoid a copy per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .reference import validate_decode_inputs
+
+log = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_TARGET = {"kind": "cuda", "arch": "sm_90a"}
+_lock = threading.Lock()
+_kernels: dict = {}
+_plans: dict = {}
+_dummies: dict = {}
+_sms: dict = {}
+_warned: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def default_slot_dims(head_dim: int, dims: Sequence[int] = ()) -> tuple:
+    """Kept counts the kernel is compiled for by default.
+
+    Every multiple of ``align`` up to ``head_dim``, with ``align = 32`` when all ``dims``
+    are multiples of 32 (the published masks: one compile serves every layer) and 16
+    otherwise. Each slot costs compile time (about 10 s), none at run time.
+    """
+    align = 32 if all(x % 32 == 0 for x in dims) else 16
+    return tuple(range(align, head_dim + 1, align))
+
+
+def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                slot_dims: tuple, has_bias: bool, target: Optional[dict] = None,
+                config: Optional[dict] = None):
+    """Compiled ``(split, combine)`` kernels for one layout class (in-process + disk cache).
+
+    ``target`` defaults to SM90 (``{"kind": "cuda", "arch": "sm_90a"}``); compiling needs
+    nvcc but no GPU. ``config`` overrides the tile config (``decode_kernels.default_config``).
+    """
+    key = (num_heads, num_kv_heads, head_dim, dtype, tuple(slot_dims), bool(has_bias),
+           tuple(sorted((config or {}).items())))
+    with _lock:
+        hit = _kernels.get(key)
+    if hit is not None:
+        return hit
+    import tilelang
+
+    from . import decode_kernels as dk
+
+    tgt = dict(target or _TARGET)
+    cfg = {**dk.default_config(), **(config or {})}
+    name = _DTYPES[dtype]
+    split = tilelang.compile(
+        dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
+        target=tgt, pass_configs=dk.PASS_CONFIGS)
+    combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name),
+                               target=tgt, pass_configs=dk.PASS_CONFIGS)
+    with _lock:
+        _kernels[key] = (split, combine)
+    return split, combine
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Per-layout launch metadata (device tensors + sizes), reusable across steps.
+
+    table: int32 ``[num_items, 6]`` rows ``(slot, row, kv_head, split, nsplit, part)``.
+    nparts: int32 ``[num_kv_heads]``, parts written per KV head; ``num_parts`` their max.
+    group_slot: the kernel slot of each archive group (``-1`` for an empty group).
+    """
+
+    table: Tensor
+    nparts: Tensor
+    num_parts: int
+    num_items: int
+    group_slot: tuple
+    slot_dims: tuple
+
+
+def num_sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sms:
+        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sms[idx]
+
+
+def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], sms: int,
+                  block_n: int = 64, max_split: int = 64) -> tuple:
+    """Splits per segment: ``(window_splits, [archive splits per KV head])``.
+
+    ``kept[h]`` is the kept count of KV head ``h`` (0 = no archive). Aim at about two
+    blocks per SM in total, giving each archive row a share proportional to its bytes per
+    token; the window (short, full width) gets enough splits to stay off the critical path.
+    """
+    target = 2 * sms
+    weights = [(d + head_dim) / (2 * head_dim) for d in kept if d > 0]
+    if weights:
+        per = target / (batch * sum(weights))
+        arch = [0 if d == 0 else int(min(max_split, max(1, round(per * (d + head_dim) / (2 * head_dim)))))
+                for d in kept]
+        win = int(max(1, min(math.ceil(win_cap / (4 * block_n)), math.ceil(per))))
+    else:
+        arch = [0] * len(kept)
+        win = int(max(1, min(math.ceil(win_cap / block_n), math.ceil(target / (batch * len(kept))), max_split)))
+    return win, arch
+
+
+def build_plan(batch: int, num_kv_heads: int, head_dim: int, win_cap: int, groups: Sequence[tuple],
+               slot_dims: tuple, device: torch.device, sms: int) -> DecodePlan:
+    """Work table for one layout. ``groups``: per archive group ``(d, heads, capacity)``."""
+    kept = [0] * num_kv_heads
+    where = [None] * num_kv_heads  # (slot, row)
+    group_slot = []
+    used = set()
+    for d, heads, cap in groups:
+        if not heads or cap == 0:
+            group_slot.append(-1)
+            continue
+        slot = next(s for s, sd in enumerate(slot_dims) if sd == d and s not in used)
+        used.add(slot)
+        group_slot.append(slot)
+        for r, h in enumerate(heads):
+            kept[h] = d
+            where[h] = (slot, r)
+    win, arch = choose_splits(batch, head_dim, win_cap, kept, sms)
+    nslots = len(slot_dims)
+    rows, nparts = [], []
+    for h in range(num_kv_heads):
+        p = 0
+        if where[h] is not None:
+            slot, r = where[h]
+            for s in range(arch[h]):
+                rows.append((slot, r, h, s, arch[h], p))
+                p += 1
+        for s in range(win):
+            rows.append((nslots, h, h, s, win, p))
+            p += 1
+        nparts.append(p)
+    # heavy archive rows first, window rows (short) last: better tail behaviour
+    rows.sort(key=lambda r: r[0] == nslots)
+    table = torch.tensor(rows, dtype=torch.int32).to(device)
+    npt = torch.tensor(nparts, dtype=torch.int32).to(device)
+    return DecodePlan(table, npt, max(nparts), len(rows), tuple(group_slot), tuple(slot_dims))
+
+
+# ----------------------------------------------------------------------------- run
+
+
+_host_lists: dict = {}
+
+
+def _host_list(t: Tensor) -> tuple:
+    """``tuple(t.tolist())`` without a device sync per call for the same, unmodified tensor.
+
+    Cached per live tensor object (weak reference + version counter), so a device
+    ``arch_heads`` costs one sync when first seen and none afterwards.
+    """
+    if not t.is_cuda:
+        return tuple(t.tolist())
+    hit = _host_lists.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    val = tuple(t.tolist())
+    if len(_host_lists) > 4096:
+        _host_lists.clear()
+    _host_lists[id(t)] = (weakref.ref(t), t._version, val)
+    return val
+
+
+def _dummy(device: torch.device, dtype: torch.dtype, shape: tuple) -> Tensor:
+    """Zero tensor standing in for an unused kernel slot (never read: no table row)."""
+    key = (device, dtype, shape)
+    if key not in _dummies:
+        _dummies[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return _dummies[key]
+
+
+def _pad_group(k: Tensor, chan: Tensor, d_to: int):
+    """Zero-pad a group's K (and its channel list) to ``d_to`` channels."""
+    pad = d_to - k.shape[-1]
+    k = torch.nn.functional.pad(k, (0, pad))
+    chan = torch.cat([chan, chan[:, :1].expand(-1, pad)], dim=1)
+    return k, chan
+
+
+def decode_attention(
+    q: Tensor,
+    win_k: Tensor,
+    win_v: Tensor,
+    win_len: Tensor,
+    arch_k: Sequence[Tensor],
+    arch_v: Sequence[Tensor],
+    arch_heads: Sequence[Tensor],
+    arch_chan: Sequence[Tensor],
+    arch_len: Tensor,
+    arch_bias: Optional[Sequence[Optional[Tensor]]] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    *,
+    slot_dims: Optional[tuple] = None,
+):
+    """One LeanK decode step on CUDA (TileLang). Same contract as the reference.
+
+    Args:
+        q: ``[batch, num_heads, head_dim]`` fp16/bf16, CUDA, contiguous.
+        win_k, win_v: ``[batch, num_kv_heads, window_cap, head_dim]``, q's dtype.
+        win_len, arch_len: int32 ``[batch]`` on q's device (other int dtypes are cast).
+        arch_k / arch_v / arch_heads / arch_chan / arch_bias: per archive group, as in
+            the reference (``arch_bias`` float32 ``[batch, heads_d, capacity]`` or None).
+        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        return_lse: also return the float32 natural-log LSE ``[batch, num_heads]``.
+        slot_dims: kept counts to compile the kernel for (default 16, 32, ..., head_dim).
+
+    Returns:
+        ``out [batch, num_heads, head_dim]`` in q's dtype (and ``lse``). Rows with nothing
+        to attend to give zeros and ``lse = -inf``.
+    """
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q: expected float16 or bfloat16, got {q.dtype}")
+    if not q.is_cuda:
+        raise ValueError(f"q: expected a CUDA tensor, got device {q.device}")
+    if q.dim() != 3 or win_k.dim() != 4:
+        validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
+    b, h, d = q.shape
+    kvh, wcap = win_k.shape[1], win_k.shape[2]
+    dev = q.device
+    for name, t in (("win_k", win_k), ("win_v", win_v)):
+        if t.dtype != q.dtype or t.device != dev:
+            raise ValueError(f"{name}: expected {q.dtype} on {dev}, got {t.dtype} on {t.device}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    has_bias = arch_bias is not None and any(x is not None for x in arch_bias)
+
+    n = len(arch_k)
+    ks, vs, cs, bs, dims = [], [], [], [], []
+    for g in range(n):
+        k, v, chan = arch_k[g], arch_v[g], arch_chan[g]
+        dg = k.shape[-1] if k.dim() == 4 else -1
+        if dg % 16:
+            _warn_once(f"pad{dg}", f"kept count {dg} is not a multiple of 16: padding K per call (slow path)")
+            k, chan = _pad_group(k, chan.to(dev), (dg + 15) // 16 * 16)
+        if chan.device != dev or chan.dtype != torch.int64:
+            _warn_once("chan", "arch_chan is not int64 on the device: copying it every call")
+            chan = chan.to(dev, torch.int64)
+        bias = None
+        if has_bias:
+            bias = arch_bias[g] if arch_bias[g] is not None else torch.zeros(k.shape[:3], dtype=torch.float32, device=dev)
+            bias = bias.to(dev, torch.float32).contiguous()
+        ks.append(k.contiguous())
+        vs.append(v.contiguous())
+        cs.append(chan.contiguous())
+        bs.append(bias)
+        dims.append(k.shape[-1])
+
+    heads_key = tuple(_host_list(x) for x in arch_heads)
+    if slot_dims is None:
+        slot_dims = default_slot_dims(d, dims)
+        if len(set(dims)) != len(dims) or any(x not in slot_dims for x in dims):
+            slot_dims = tuple(sorted(dims))
+    slot_dims = tuple(slot_dims)
+    key = (b, h, kvh, d, wcap, dev, q.dtype, slot_dims,
+           tuple((dims[g], heads_key[g], ks[g].shape[2]) for g in range(n)))
+    plan = _plans.get(key)
+    if plan is None:
+        validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
+        plan = build_plan(b, kvh, d, wcap, [(dims[g], list(heads_key[g]), ks[g].shape[2]) for g in range(n)],
+                          slot_dims, dev, num_sms(dev))
+        _plans[key] = plan
+    split, combine = get_kernels(h, kvh, d, q.dtype, slot_dims, has_bias)
+
+    df = _dummy(dev, torch.float32, (1,))
+    slot_args = []
+    for s in range(8):
+        if s < len(slot_dims):
+            sd = slot_dims[s]
+            slot_args += [_dummy(dev, q.dtype, (b, 1, 1, sd)), _dummy(dev, q.dtype, (b, 1, 1, d)),
+                          _dummy(dev, torch.int64, (1, sd)),
+                          _dummy(dev, torch.float32, (b, 1, 1)) if has_bias else df]
+        else:
+            slot_args += [_dummy(dev, q.dtype, (1,)), _dummy(dev, q.dtype, (1,)), _dummy(dev, torch.int64, (1,)), df]
+    for g in range(n):
+        s = plan.group_slot[g]
+        if s >= 0:
+            slot_args[4 * s: 4 * s + 4] = [ks[g], vs[g], cs[g], bs[g] if has_bias else df]
+
+    wl = win_len if win_len.dtype == torch.int32 else win_len.to(torch.int32)
+    al = arch_len if arch_len.dtype == torch.int32 else arch_len.to(torch.int32)
+    opart = torch.empty(b, h, plan.num_parts, d, dtype=torch.float32, device=dev)
+    lpart = torch.empty(b, h, plan.num_parts, dtype=torch.float32, device=dev)
+    out = torch.empty(b, h, d, dtype=q.dtype, device=dev)
+    lse = torch.empty(b, h, dtype=torch.float32, device=dev)
+    if b > 0:
+        split(q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
+              plan.table, opart, lpart, scale)
+        combine(opart, lpart, plan.nparts, out, lse)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,265 @@
+"""TileLang kernels for one LeanK decode step: a split pass over a work table + an LSE combine.
+
+This module imports TileLang: import it only on the ``tilelang`` backend. The validated
+public entry point is :func:`tilelang_kernels.decode.decode_attention`.
+
+Two launches per layer and step:
+
+1. ``split``: one block per (work item, sequence). A work item is one KV head, one
+   *segment* (that head's full window, or its row in one archive slot) and one of
+   ``nsplit`` equal, block-aligned token ranges of the segment's runtime length. The
+   block gathers the kept channels of the query heads of its KV head, runs online
+   softmax (base 2, float32) over its range and writes a normalised float32 partial
+   output and its base-2 LSE to part ``part`` of its query heads.
+2. ``combine``: one block per (query head, sequence) merges the parts by LSE.
+
+Archive slots have compile-time kept counts ``slot_dims``; batch, capacities, heads per
+slot, table size and part count are ``T.dynamic``: a model compiles this pair once per
+(head shape, slot set, dtype, bias flag) and never again as the context grows.
+"""
+
+import tilelang.language as T
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_SLOTS = 8
+
+# Work-table columns (int32 [num_items, TABLE_COLS]).
+COL_SLOT, COL_ROW, COL_KVH, COL_SPLIT, COL_NSPLIT, COL_PART = range(6)
+TABLE_COLS = 6
+
+PASS_CONFIGS = {}
+
+
+def default_config() -> dict:
+    """Tile config for SM90: a 64-row wgmma tile of query heads, 64-token K/V tiles."""
+    return {"block_N": 64, "block_H": 64, "num_stages": 2, "threads": 128}
+
+
+def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
+                 block_N=64, block_H=64, num_stages=2, threads=128):
+    """Build the split pass. Table slot ``len(slot_dims)`` means the window."""
+    if len(slot_dims) > MAX_SLOTS:
+        raise ValueError(f"slot_dims: at most {MAX_SLOTS} archive slots, got {len(slot_dims)}")
+    rep = num_heads // num_kv_heads
+    D = head_dim
+    nslots = len(slot_dims)
+    accum = T.float32
+    neg_inf = -T.infinity(accum)
+
+    B = T.dynamic("batch")
+    WCAP = T.dynamic("win_cap")
+    NI = T.dynamic("num_items")
+    NP = T.dynamic("num_parts")
+    HG = [T.dynamic(f"heads_{s}") for s in range(MAX_SLOTS)]
+    CAP = [T.dynamic(f"cap_{s}") for s in range(MAX_SLOTS)]
+
+    def kshape(s):
+        return [B, HG[s], CAP[s], slot_dims[s]] if s < nslots else [1]
+
+    def vshape(s):
+        return [B, HG[s], CAP[s], D] if s < nslots else [1]
+
+    def cshape(s):
+        return [HG[s], slot_dims[s]] if s < nslots else [1]
+
+    def bshape(s):
+        return [B, HG[s], CAP[s]] if (s < nslots and has_bias) else [1]
+
+    @T.macro
+    def online_tile(acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha):
+        # acc_s: base-2 logits of one tile, -inf where masked.
+        T.copy(m_run, m_prev)
+        T.reduce_max(acc_s, m_run, dim=1, clear=False)
+        for i in T.Parallel(block_H):
+            alpha[i] = T.exp2(m_prev[i] - T.if_then_else(m_run[i] == neg_inf, 0.0, m_run[i]))
+        for i, j in T.Parallel(block_H, block_N):
+            acc_s[i, j] = T.exp2(acc_s[i, j] - T.if_then_else(m_run[i] == neg_inf, 0.0, m_run[i]))
+        T.reduce_sum(acc_s, tile_sum, dim=1)
+        for i in T.Parallel(block_H):
+            l_run[i] = l_run[i] * alpha[i] + tile_sum[i]
+        T.copy(acc_s, acc_s_cast)
+        for i, j in T.Parallel(block_H, D):
+            acc_o[i, j] *= alpha[i]
+
+    @T.macro
+    def issue(Kt, Vt, b, row, n0, K_sh, V_sh, bars, st):
+        # TMA loads of one K and one V tile into stage ``st``, completing on ``bars[st]``
+        T.tma_copy(Kt[b, row, n0 : n0 + block_N, :], K_sh[st, :, :], barrier=bars[st])
+        T.tma_copy(Vt[b, row, n0 : n0 + block_N, :], V_sh[st, :, :], barrier=bars[st])
+        if T.shuffle_elect(threads):
+            T.barrier_arrive(bars[st])
+
+    @T.macro
+    def segment(Q, Kt, Vt, Ct, Bt, d, b, kvh, row, sidx, ns, L, qs, bars,
+                acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha):
+        # token range of this split: block-aligned chunks of the runtime length L
+        chunk = T.alloc_var(T.int32, init=((L + ns * block_N - 1) // (ns * block_N)) * block_N)
+        start = T.alloc_var(T.int32, init=T.min(sidx * chunk, L))
+        end = T.alloc_var(T.int32, init=T.min(start + chunk, L))
+        n = T.alloc_var(T.int32, init=(end - start + block_N - 1) // block_N)
+        Q_sh = T.alloc_shared([block_H, d], dtype)
+        K_sh = T.alloc_shared([num_stages, block_N, d], dtype)
+        V_sh = T.alloc_shared([num_stages, block_N, D], dtype)
+        # prologue: the first num_stages tiles in flight while q is gathered
+        for st in T.unroll(num_stages):
+            if st < n:
+                issue(Kt, Vt, b, row, start + st * block_N, K_sh, V_sh, bars, st)
+        if Ct is None:
+            for i, j in T.Parallel(block_H, d):
+                Q_sh[i, j] = T.if_then_else(i < rep, Q[b, kvh * rep + i, j], 0)
+        else:
+            for i, j in T.Parallel(block_H, d):
+                Q_sh[i, j] = T.if_then_else(i < rep, Q[b, kvh * rep + i, Ct[row, j]], 0)
+        for k in T.serial(n):
+            st = k % num_stages
+            n0 = start + k * block_N
+            T.mbarrier_wait_parity(bars[st], (k // num_stages) % 2)
+            T.clear(acc_s)
+            T.gemm(Q_sh, K_sh[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            if Bt is None:
+                for i, j in T.Parallel(block_H, block_N):
+                    acc_s[i, j] = T.if_then_else(n0 + j < end, acc_s[i, j] * qs, neg_inf)
+            else:
+                for i, j in T.Parallel(block_H, block_N):
+                    acc_s[i, j] = T.if_then_else(
+                        n0 + j < end, acc_s[i, j] * qs + Bt[b, row, n0 + j] * LOG2E, neg_inf)
+            online_tile(acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
+            T.gemm(acc_s_cast, V_sh[st, :, :], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            T.sync_threads()  # every warp is done with stage st before it is refilled
+            if k + num_stages < n:
+                issue(Kt, Vt, b, row, n0 + num_stages * block_N, K_sh, V_sh, bars, st)
+
+    @T.prim_func
+    def split(
+        Q: T.Tensor([B, num_heads, D], dtype),
+        WK: T.Tensor([B, num_kv_heads, WCAP, D], dtype),
+        WV: T.Tensor([B, num_kv_heads, WCAP, D], dtype),
+        WLEN: T.Tensor([B], T.int32),
+        ALEN: T.Tensor([B], T.int32),
+        K0: T.Tensor(kshape(0), dtype), V0: T.Tensor(vshape(0), dtype),
+        C0: T.Tensor(cshape(0), T.int64), B0: T.Tensor(bshape(0), accum),
+        K1: T.Tensor(kshape(1), dtype), V1: T.Tensor(vshape(1), dtype),
+        C1: T.Tensor(cshape(1), T.int64), B1: T.Tensor(bshape(1), accum),
+        K2: T.Tensor(kshape(2), dtype), V2: T.Tensor(vshape(2), dtype),
+        C2: T.Tensor(cshape(2), T.int64), B2: T.Tensor(bshape(2), accum),
+        K3: T.Tensor(kshape(3), dtype), V3: T.Tensor(vshape(3), dtype),
+        C3: T.Tensor(cshape(3), T.int64), B3: T.Tensor(bshape(3), accum),
+        K4: T.Tensor(kshape(4), dtype), V4: T.Tensor(vshape(4), dtype),
+        C4: T.Tensor(cshape(4), T.int64), B4: T.Tensor(bshape(4), accum),
+        K5: T.Tensor(kshape(5), dtype), V5: T.Tensor(vshape(5), dtype),
+        C5: T.Tensor(cshape(5), T.int64), B5: T.Tensor(bshape(5), accum),
+        K6: T.Tensor(kshape(6), dtype), V6: T.Tensor(vshape(6), dtype),
+        C6: T.Tensor(cshape(6), T.int64), B6: T.Tensor(bshape(6), accum),
+        K7: T.Tensor(kshape(7), dtype), V7: T.Tensor(vshape(7), dtype),
+        C7: T.Tensor(cshape(7), T.int64), B7: T.Tensor(bshape(7), accum),
+        TABLE: T.Tensor([NI, TABLE_COLS], T.int32),
+        OPART: T.Tensor([B, num_heads, NP, D], accum),
+        LPART: T.Tensor([B, num_heads, NP], accum),
+        SCALE: T.float32,
+    ):
+        with T.Kernel(NI, B, threads=threads) as (bx, by):
+            bars = T.alloc_barrier([1] * num_stages)
+            acc_s = T.alloc_fragment([block_H, block_N], accum)
+            acc_s_cast = T.alloc_fragment([block_H, block_N], dtype)
+            acc_o = T.alloc_fragment([block_H, D], accum)
+            m_run = T.alloc_fragment([block_H], accum)
+            m_prev = T.alloc_fragment([block_H], accum)
+            l_run = T.alloc_fragment([block_H], accum)
+            tile_sum = T.alloc_fragment([block_H], accum)
+            alpha = T.alloc_fragment([block_H], accum)
+
+            slot = TABLE[bx, COL_SLOT]
+            row = TABLE[bx, COL_ROW]
+            kvh = TABLE[bx, COL_KVH]
+            sidx = TABLE[bx, COL_SPLIT]
+            ns = TABLE[bx, COL_NSPLIT]
+            part = TABLE[bx, COL_PART]
+            b = by
+            qs = SCALE * LOG2E
+            ks = (K0, K1, K2, K3, K4, K5, K6, K7)
+            vs = (V0, V1, V2, V3, V4, V5, V6, V7)
+            cs = (C0, C1, C2, C3, C4, C5, C6, C7)
+            bs = (B0, B1, B2, B3, B4, B5, B6, B7)
+
+            T.fill(acc_o, 0)
+            T.fill(l_run, 0)
+            T.fill(m_run, neg_inf)
+
+            if slot == nslots:
+                segment(Q, WK, WV, None, None, D, b, kvh, row, sidx, ns, WLEN[b], qs, bars,
+                        acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
+            for s in list(range(nslots)):
+                if slot == s:
+                    segment(Q, ks[s], vs[s], cs[s], bs[s] if has_bias else None, slot_dims[s],
+                            b, kvh, row, sidx, ns, ALEN[b], qs, bars,
+                            acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
+
+            for i in T.Parallel(block_H):
+                if i < rep:
+                    LPART[b, kvh * rep + i, part] = T.if_then_else(
+                        l_run[i] > 0, T.log2(l_run[i]) + m_run[i], neg_inf)
+            for i, j in T.Parallel(block_H, D):
+                if i < rep:
+                    OPART[b, kvh * rep + i, part, j] = T.if_then_else(
+                        l_run[i] > 0, acc_o[i, j] / l_run[i], 0)
+
+    return split
+
+
+def combine_kernel(num_heads, num_kv_heads, head_dim, dtype):
+    """Build the combine pass: LSE-merge of ``nparts[kv_head]`` (at most 128) float32 parts.
+
+    One block per (query head, sequence): thread ``t`` loads part ``t``'s LSE, the block
+    reduces max and sum with warp shuffles, then thread ``j`` sums channel ``j`` over parts
+    (independent loads, unrolled).
+    """
+    rep = num_heads // num_kv_heads
+    D = head_dim
+    if D != 128:
+        raise ValueError(f"head_dim: the combine kernel is written for 128, got {D}")
+    accum = T.float32
+    neg_inf = -T.infinity(accum)
+    B = T.dynamic("batch")
+    NP = T.dynamic("num_parts")
+
+    @T.prim_func
+    def combine(
+        OPART: T.Tensor([B, num_heads, NP, D], accum),
+        LPART: T.Tensor([B, num_heads, NP], accum),
+        NPARTS: T.Tensor([num_kv_heads], T.int32),
+        O: T.Tensor([B, num_heads, D], dtype),
+        LSE: T.Tensor([B, num_heads], accum),
+    ):
+        with T.Kernel(num_heads, B, threads=D) as (h, b):
+            tx = T.get_thread_binding()
+            red = T.alloc_shared([8], accum)
+            wts = T.alloc_shared([D], accum)
+            n = T.alloc_var(T.int32, init=NPARTS[h // rep])
+            lp = T.alloc_var(accum, init=neg_inf)
+            if tx < n:
+                lp = LPART[b, h, tx]
+            m = T.alloc_var(accum, init=lp)
+            for off in [16, 8, 4, 2, 1]:
+                m = T.max(m, T.shfl_xor(m, off))
+            if tx % 32 == 0:
+                red[tx // 32] = m
+            T.sync_threads()
+            m = T.max(T.max(red[0], red[1]), T.max(red[2], red[3]))
+            w = T.alloc_var(accum, init=T.if_then_else(lp == neg_inf, 0.0, T.exp2(lp - m)))
+            wts[tx] = w
+            tot = T.alloc_var(accum, init=w)
+            for off in [16, 8, 4, 2, 1]:
+                tot = tot + T.shfl_xor(tot, off)
+            if tx % 32 == 0:
+                red[4 + tx // 32] = tot
+            T.sync_threads()
+            tot = red[4] + red[5] + red[6] + red[7]
+            acc = T.alloc_var(accum, init=0.0)
+            for p in T.unroll(n, unroll_factor=8):
+                acc = acc + wts[p] * OPART[b, h, p, tx]
+            O[b, h, tx] = T.if_then_else(tot > 0, acc / tot, 0.0)
+            if tx == 0:
+                LSE[b, h] = T.if_then_else(tot > 0, (T.log2(tot) + m) * LN2, neg_inf)
+
+    return combine
