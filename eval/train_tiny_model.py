@@ -3,9 +3,11 @@
 No pretrained weights can be downloaded here, so LeanK's mask training is demonstrated on
 a model we train ourselves: RoPE, GQA (8 query / 4 KV heads, head_dim 64), 6 layers,
 hidden 256, a word-level tokenizer built from the task vocabulary (~890 tokens). It learns
-multi-key and multi-value retrieval (see ``leank/train/data.py``) with a length curriculum
-up to 8K tokens. Loss: cross-entropy on answer tokens only (multi-key samples carry up to 8
-question/answer turns to give more signal per sequence). Reproducible from ``--seed``
+multi-key and multi-value retrieval (see ``leank/train/data.py``, compact style) with a
+length curriculum up to 8K tokens. Loss: cross-entropy on answer tokens only (multi-key
+samples carry up to 8 question/answer turns to give more signal per sequence); a third of
+each batch is the classic induction exercise (a random word sequence followed by its
+repeat, loss on the repeat), which gives the copy circuit dense supervision. Reproducible from ``--seed``
 (data is a pure function of seed and step; model init from ``torch.manual_seed``).
 
     python eval/train_tiny_model.py --out leank/data/tiny-llama            # GPU, ~5 min
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leank.train.data import RetrievalTask, decode_words, score  # noqa: E402
-from leank.train.tiny import build_word_tokenizer, tiny_llama_config  # noqa: E402
+from leank.train.tiny import SPECIAL, build_word_tokenizer, tiny_llama_config  # noqa: E402
 
 
 def curriculum(step: int, steps: int, max_len: int, min_len: int = 128) -> tuple[int, int]:
@@ -57,8 +59,18 @@ class Batches(torch.utils.data.IterableDataset):
         length = rng.randint(lo, hi)
         b = max(1, self.tps // length)
         ids, mask = [], []
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         for j in range(b):
-            kind = "multikey" if j % 2 == 0 else "multivalue"
+            if j % 3 == 2:  # induction warm-up: a random word sequence and its repeat, loss on the repeat
+                half = length // 2
+                first = torch.randint(len(SPECIAL), len(self.tok), (half,), generator=gen)
+                seq = torch.cat([first, first, first[: length - 2 * half]])
+                m = torch.zeros(length, dtype=torch.bool)
+                m[half - 1:length - 1] = True
+                ids.append(seq)
+                mask.append(m)
+                continue
+            kind = "multikey" if j % 3 == 0 else "multivalue"
             pairs = max(2, min(16, length // 32))
             nq = rng.randint(1, max(1, min(8, length // 48))) if kind == "multikey" else 1
             s = task.sample(step * 1024 + j, length, kind, n_questions=nq, n_pairs=(2, pairs))
@@ -89,8 +101,9 @@ def evaluate(model, tok, device, lengths, n: int, seed: int, batch: int = 16, st
     task = RetrievalTask(tok, seed=seed, n_pairs=(4, 16), use_chat_template=False, style=style)
     out = {}
     for length in lengths:
+        pairs = (min(4, length // 32), min(16, length // 32))
         for kind in ("multikey", "multivalue"):
-            samples = [task.sample(i, length, kind) for i in range(n)]
+            samples = [task.sample(i, length, kind, n_pairs=pairs) for i in range(n)]
             ok = 0
             for i in range(0, n, batch):
                 chunk = samples[i:i + batch]

@@ -183,6 +183,18 @@ def test_stage2_counts_meet_sparsity_and_alignment(ratio, align):
     assert torch.equal(scale.detach(), keep.float())
 
 
+def test_ties_broken_by_accumulated_distillation_pressure():
+    f = torch.zeros(1, 2, 8)
+    f[0, 0, 7] = 0.5
+    importance = torch.arange(16.0).view(1, 2, 8)
+    importance[0, 1] = importance[0, 1].flip(-1)
+    counts = kept_units(f, 0.75, 2, importance)
+    assert counts.tolist() == [[2, 2]]
+    keep = topk_mask(f, counts, importance)
+    assert keep[0, 0].nonzero().flatten().tolist() == [6, 7]  # 0.5 first, then the larger importance
+    assert keep[0, 1].nonzero().flatten().tolist() == [0, 1]
+
+
 # ----------------------------------------------------------------------------- training
 def test_training_reduces_loss_meets_sparsity_and_loads_through_patch(tmp_path):
     import leank

@@ -153,6 +153,8 @@ class Trainer:
         self.opt = _make_opt(self.factors, recipe.lr)
         self.step = 0
         self.counts: torch.Tensor | None = None
+        # accumulated distillation pressure -dMSE/df (breaks ties among equal factors, e.g. all at 0)
+        self.importance = torch.zeros(self.dims, dtype=torch.float32, device=self.device)
         self.history: list[dict] = []
         self.state = AnswerAttentionState(sink=recipe.sink, recent=recipe.recent)
 
@@ -164,7 +166,8 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {
             "version": CKPT_VERSION, "step": self.step, "factors": self.factors.detach().cpu(),
-            "optimizer": self.opt.state_dict(), "counts": None if self.counts is None else self.counts.cpu(),
+            "optimizer": self.opt.state_dict(), "importance": self.importance.detach().cpu(),
+            "counts": None if self.counts is None else self.counts.cpu(),
             "recipe": self.recipe.to_dict(), "history": self.history,
         }
         tmp = path.with_suffix(".tmp")
@@ -185,6 +188,7 @@ class Trainer:
         self.step = int(blob["step"])
         with torch.no_grad():
             self.factors.copy_(blob["factors"].to(self.device))
+            self.importance.copy_(blob["importance"].to(self.device))
         self.counts = None if blob["counts"] is None else blob["counts"].to(torch.int64)
         stage2 = self.step > self.recipe.stage1_steps or (self.step == self.recipe.stage1_steps and self.counts is not None)
         self.opt = _make_opt(self.factors, self.recipe.lr / (2 if stage2 else 1))
@@ -197,7 +201,7 @@ class Trainer:
         return 1 if step < self.recipe.stage1_steps else 2
 
     def _enter_stage2(self) -> None:
-        self.counts = kept_units(self.factors, self.recipe.ratio, self.recipe.align)
+        self.counts = kept_units(self.factors, self.recipe.ratio, self.recipe.align, self.importance)
         self.opt = _make_opt(self.factors, self.recipe.lr / 2)
         logger.info("stage 2: kept counts per head fixed (total %d of %d channels)",
                     int(self.counts.sum()), self.factors.numel())
@@ -205,7 +209,7 @@ class Trainer:
     def _scale(self):
         if self.counts is None:
             return self.factors, None
-        return ste_scale(self.factors, self.counts.to(self.device)), (self.counts == 0).to(self.device)
+        return ste_scale(self.factors, self.counts.to(self.device), self.importance), (self.counts == 0).to(self.device)
 
     def train_step(self) -> dict:
         r = self.recipe
@@ -238,12 +242,16 @@ class Trainer:
             self.state.scale = self.state.dropped = None
         self.state.keys.clear()
         self.state.values.clear()
-        reg = r.reg * self.factors.mean()
-        (reg / self.world).backward()
+        if self.factors.grad is None:  # no sample of this step had an archive
+            self.factors.grad = torch.zeros_like(self.factors)
         if self.world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(self.factors.grad)
+        self.importance -= self.factors.grad  # distillation part only (reg is added below)
+        reg = r.reg * self.factors.mean()
+        reg.backward()
+        if self.world > 1:
             dist.all_reduce(mse_sum)
         self.opt.step()
         with torch.no_grad():
@@ -314,8 +322,9 @@ class Trainer:
         """The binary ``ChannelMask`` of the current factors (stage-2 counts, or computed now)."""
         from ..masks import ChannelMask
 
-        counts = self.counts if self.counts is not None else kept_units(self.factors, self.recipe.ratio, self.recipe.align)
-        keep = topk_mask(self.factors.detach().cpu(), counts.cpu())
+        counts = (self.counts if self.counts is not None
+                  else kept_units(self.factors, self.recipe.ratio, self.recipe.align, self.importance))
+        keep = topk_mask(self.factors.detach().cpu(), counts.cpu(), self.importance.cpu())
         last = self.history[-1] if self.history else {}
         meta = {"method": "leank-two-stage", "recipe": self.recipe.to_dict(), "steps": self.step,
                 "final_mse": last.get("mse"), "final_loss": last.get("loss")}

@@ -24,10 +24,22 @@ def lr_at(step: int, total: int, base: float, warmup_frac: float, decay_frac: fl
     return base
 
 
-def kept_units(factors: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
+def _order(values: torch.Tensor, tiebreak: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Indices sorting ``values`` descending along ``dim``; equal values ordered by
+    ``tiebreak`` descending, then by index."""
+    v = values.detach().float()
+    if tiebreak is None:
+        return torch.argsort(-v, dim=dim, stable=True)
+    first = torch.argsort(-tiebreak.detach().float().to(v.device), dim=dim, stable=True)
+    second = torch.argsort(-v.gather(dim, first), dim=dim, stable=True)
+    return first.gather(dim, second)
+
+
+def kept_units(factors: torch.Tensor, ratio: float, align: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head kept counts from a global quantile, rounded to multiples of ``align``.
 
-    The ``(1 - ratio) * N`` largest factors overall (ties broken by index) give each head a
+    The ``(1 - ratio) * N`` largest factors overall (ties broken by ``tiebreak``, e.g. the
+    accumulated distillation gradient, then by index) give each head a
     raw count; counts are rounded to multiples of ``align`` by largest remainder so that
     their sum is exactly ``round((1 - ratio) * N / align) * align`` (each head within
     ``[0, head_dim]``). Returns int64 ``[num_layers, num_kv_heads]``.
@@ -40,7 +52,7 @@ def kept_units(factors: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
     n = factors.numel()
     keep_total = int(round((1.0 - ratio) * n))
     flat = factors.detach().float().cpu().flatten()
-    order = torch.argsort(-flat, stable=True)
+    order = _order(flat, None if tiebreak is None else tiebreak.cpu().flatten(), 0)
     top = torch.zeros(n, dtype=torch.bool)
     top[order[:keep_total]] = True
     raw = top.view(L, H, D).sum(-1).double() / align  # units, fractional
@@ -61,19 +73,20 @@ def kept_units(factors: torch.Tensor, ratio: float, align: int) -> torch.Tensor:
     return (units * align).view(L, H)
 
 
-def topk_mask(factors: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """bool ``[L, H, D]``: in each head the ``counts[l, h]`` largest factors (ties: lower index)."""
+def topk_mask(factors: torch.Tensor, counts: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[L, H, D]``: in each head the ``counts[l, h]`` largest factors (ties: larger
+    ``tiebreak``, then lower index)."""
     L, H, D = factors.shape
-    order = torch.argsort(-factors.detach().float(), dim=-1, stable=True)
+    order = _order(factors, tiebreak, -1)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(D, device=factors.device).expand(L, H, D).contiguous())
     return rank < counts.to(factors.device)[..., None]
 
 
-def ste_scale(factors: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def ste_scale(factors: torch.Tensor, counts: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
     """Straight-through scale: forward value is the binary top-k mask (kept = exactly 1),
     gradient flows to ``factors`` as if the scale were the factors themselves."""
-    hard = topk_mask(factors, counts).to(factors.dtype)
+    hard = topk_mask(factors, counts, tiebreak).to(factors.dtype)
     return hard + (factors - factors.detach())  # exactly `hard` in the forward (x - x == 0)
 
 
