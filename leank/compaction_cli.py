@@ -77,6 +77,7 @@ def _run(args) -> int:
     import torch
 
     import leank
+    from leank.compaction import record_queries
     from leank.config import LeanKConfig
     from leank.patching import new_cache
 
@@ -87,7 +88,10 @@ def _run(args) -> int:
         ids = tok(text, return_tensors="pt")["input_ids"].to(device)
         cache = new_cache(model)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        cfg = model.config
+        rep = cfg.num_attention_heads // cfg.num_key_value_heads
+        every = max(1, rep * ids.shape[1] // args.max_queries)  # the prefill's own queries, recorded for free
+        with record_queries(model, every=every) as rec, torch.no_grad():
             model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         before = cache.memory_report()
         print(f"prefill: {ids.shape[1]} tokens in {time.perf_counter() - t0:.2f} s, "
@@ -95,7 +99,7 @@ def _run(args) -> int:
         timings: dict = {}
         cache = leank.compact(model, cache, ratio=args.ratio, budget=args.budget, queries=args.queries,
                               method=args.method, ridge=args.ridge, max_queries_per_head=args.max_queries,
-                              input_ids=ids, tokenizer=tok, timings=timings)
+                              input_ids=ids, tokenizer=tok, timings=timings, context_queries=rec.queries())
         after = cache.memory_report()
         print(f"compact: {timings['total']:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in timings.items() if k != "total")
               + f"); KV {before['leank_bytes'] / 2**20:.1f} -> {after['leank_bytes'] / 2**20:.1f} MiB "

@@ -376,3 +376,58 @@ def test_capture_attention_flash_split_matches_math_path():
         out = _attend(*(x.cuda().bfloat16() for x in (q, k, v)), None if b is None else b.cuda(), D ** -0.5, P)
         rel = (out.double().cpu() - ref).norm() / ref.norm()
         assert float(rel) < 1e-2, float(rel)
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_record_queries_equal_self_pass_queries(patched):
+    import leank
+    from leank.compaction import record_queries
+    from leank.compaction.queries import run_pass
+    from transformers import DynamicCache
+
+    model = _tiny("llama")
+    new_cache = _patch(model) if patched else None
+    try:
+        ids = torch.randint(0, 97, (1, 90), generator=_gen(23))
+        cache = new_cache(model) if patched else DynamicCache(config=model.config)
+        with record_queries(model, every=3) as rec, torch.no_grad():
+            model(ids[:, :50], past_key_values=cache, use_cache=True)  # two prefill chunks
+            model(ids[:, 50:], past_key_values=cache, use_cache=True)
+        assert model.config._attn_implementation == ("leank" if patched else "sdpa")
+        got = rec.queries()  # [1, KVH, rep * m, D]
+        pos = torch.cat([torch.arange(0, 50, 3), torch.arange(50, 90, 3)])
+        ref = run_pass(model, ids[0], 0, pos)
+        # the patched model's second chunk sees channel-pruned archived keys, so from layer 1
+        # on its queries are its own (not the dense model's); layer 0 is identical either way
+        for i in range(1 if patched else 2):
+            assert torch.allclose(got[i][0], ref[i].reshape(2, -1, 16), atol=1e-5), i
+        from leank.config import LeanKConfig
+
+        out = leank.compact(model, cache, ratio=0.2, input_ids=ids, context_queries=got, progress=False,
+                            config=LeanKConfig(sink=4, recent=16))
+        assert 1 <= int(out.layers[0].arch_len[0]) <= math.ceil(0.2 * 70)
+    finally:
+        if patched:
+            leank.unpatch(model)
+
+
+def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from leank.cli import main
+
+    words = [f"w{i}" for i in range(90)]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model = _tiny("llama")
+    model.save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    g = _gen(24)
+    context = " ".join(words[int(i)] for i in torch.randint(0, 90, (300,), generator=g))
+    rc = main(["compact", "--model", str(tmp_path), "--context", context, "--question", "w1 w2", "--ratio", "0.1",
+               "--sink", "4", "--recent", "16", "--max-new-tokens", "3", "--device", "cpu", "--max-queries", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "compact:" in out and "MiB" in out, out

@@ -15,12 +15,13 @@ from .core import (
     reconstruction_error,
     top_attention_baseline,
 )
-from .queries import REPEAT_PROMPT
+from .queries import REPEAT_PROMPT, QueryRecorder, record_queries
 from .solvers import NNLSResult, fit_values, nnls
 
 __all__ = [
     "CompactedHeads",
     "NNLSResult",
+    "QueryRecorder",
     "REPEAT_PROMPT",
     "Targets",
     "attention_targets",
@@ -30,5 +31,6 @@ __all__ = [
     "fit_values",
     "nnls",
     "reconstruction_error",
+    "record_queries",
     "top_attention_baseline",
 ]

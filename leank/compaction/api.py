@@ -143,12 +143,15 @@ def collect_queries(
     max_queries_per_head: int = DEFAULT_MAX_QUERIES,
     repeat_prompt_ids: Optional[Tensor] = None,
     seed: int = 0,
+    context_queries: Optional[list] = None,
 ) -> list[Tensor]:
     """Reference queries per layer, ``[batch, num_kv_heads, n, head_dim]`` (model dtype).
 
     ``sources``: ``"repeat"`` (repeat pass + the context's own queries, half the budget
     each), ``"repeat_only"``, ``"self"``, ``"gaussian"`` (Gaussian vectors with the
     per-channel statistics of the other sources, a quarter of the budget).
+    ``context_queries`` (per layer ``[batch, num_kv_heads, m, head_dim]``, e.g. from
+    ``record_queries``) stand in for the ``"self"`` pass, which is then not run.
     """
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -165,6 +168,8 @@ def collect_queries(
         passes.append("repeat")
     if "self" in sources and "self" not in passes:
         passes.append("self")
+    if context_queries is not None and "self" in passes:
+        passes[passes.index("self")] = "recorded"
     n_gauss = max_queries_per_head // 4 if "gaussian" in sources else 0
     per_pass = max(1, -(-(max_queries_per_head - n_gauss) // (len(passes) * rep)))  # positions per pass
     prompt = repeat_prompt_ids if repeat_prompt_ids is not None else input_ids.new_zeros(0)
@@ -174,22 +179,36 @@ def collect_queries(
         n_ctx = ids.numel()
         got: list[dict] = []
         for kind in passes:
+            if kind == "recorded":
+                m = per_pass * rep
+                got.append({i: _subsample(context_queries[i][b], m, gen) for i in range(L)})
+                continue
             if kind == "repeat":
                 toks = torch.cat([prompt.to(ids.device), ids])
                 rec = sample_positions(prompt.numel(), toks.numel(), per_pass, gen)
-                got.append(run_pass(model, toks, n_ctx, rec.to(ids.device), prefix=_prefix_fn(cache, b)))
+                res = run_pass(model, toks, n_ctx, rec.to(ids.device), prefix=_prefix_fn(cache, b))
             else:
                 rec = sample_positions(0, n_ctx, per_pass, gen)
-                got.append(run_pass(model, ids, 0, rec.to(ids.device), prefix=None))
+                res = run_pass(model, ids, 0, rec.to(ids.device), prefix=None)
+            got.append({i: pool_gqa(q, KVH) for i, q in res.items()})
         layers = []
         for i in range(L):
-            q = torch.cat([pool_gqa(g[i], KVH) for g in got], 1)
+            q = torch.cat([g[i].to(got[0][i].dtype) for g in got], 1)
             if n_gauss:
                 q = torch.cat([q, gaussian_like(q, n_gauss, gen)], 1)
             layers.append(q)
         out.append(layers)
     n = min(x[0].shape[1] for x in out)
     return [torch.stack([out[b][i][:, :n] for b in range(B)]) for i in range(L)]
+
+
+def _subsample(q: Tensor, m: int, gen: torch.Generator) -> Tensor:
+    """At most ``m`` of the ``q [KVH, n, D]`` rows, drawn without replacement."""
+    n = q.shape[1]
+    if m >= n:
+        return q
+    idx = torch.randperm(n, generator=gen)[:m].sort().values.to(q.device)
+    return q.index_select(1, idx)
 
 
 # ---------------------------------------------------------------------- driver
@@ -231,6 +250,7 @@ def compact(
     seed: int = 0,
     workspace_bytes: int = 512 << 20,
     config=None,
+    context_queries: Optional[list] = None,
     timings: Optional[dict] = None,
 ):
     """Compact every layer's archive to a budget by attention matching (arXiv 2602.16284).
@@ -258,6 +278,9 @@ def compact(
         workspace_bytes: bound on the key-scoring workspace per layer group.
         config: ``LeanKConfig`` (window sizes) of the ``LeanKCache`` made from a
             ``DynamicCache``; ignored for a ``LeanKCache``.
+        context_queries: the context prefill's own queries recorded with
+            ``record_queries`` (per layer ``[batch, num_kv_heads, m, head_dim]``); they
+            replace the ``"self"`` pass of ``"repeat"``/``"self"``, saving a prefill.
         timings: optional dict receiving seconds per phase (``queries``, ``targets``,
             ``selection``, ``solves``, ``write``, ``total``).
 
@@ -293,6 +316,11 @@ def compact(
         if len(q_layers) != L or any(q.dim() != 4 or q.shape[:2] != (B, KVH) or q.shape[3] != D for q in q_layers):
             raise ValueError(f"queries: expected {L} tensors [{B}, {KVH}, n, {D}], got {[tuple(q.shape) for q in q_layers]}")
     else:
+        if context_queries is not None and (
+            len(context_queries) != L or any(q.dim() != 4 or q.shape[:2] != (B, KVH) or q.shape[3] != D for q in context_queries)
+        ):
+            raise ValueError(f"context_queries: expected {L} tensors [{B}, {KVH}, m, {D}] (record_queries), got "
+                             f"{[tuple(q.shape) for q in context_queries]}")
         if input_ids is None:
             raise ValueError(f"input_ids: the {'+'.join(parsed)!r} queries re-read the context; pass the tokens the cache holds")
         prompt_ids = None
@@ -300,7 +328,7 @@ def compact(
             prompt_ids = torch.tensor(tokenizer(repeat_prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
         q_layers = collect_queries(
             model, cache, input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev), parsed,
-            max_queries_per_head, prompt_ids, seed,
+            max_queries_per_head, prompt_ids, seed, context_queries,
         )
     phases = {"convert": phases_convert, "queries": clock()}
 

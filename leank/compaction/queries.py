@@ -201,3 +201,84 @@ def gaussian_like(ref: Tensor, n: int, generator: torch.Generator) -> Tensor:
     mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True).nan_to_num(0.0)
     z = torch.randn(r.shape[0], n, r.shape[2], generator=generator).to(r.device)
     return (mean + std * z).to(ref.dtype)
+
+
+RECORD_NAME = "leank_compaction_record"
+
+
+class QueryRecorder:
+    """Post-RoPE queries recorded while a model prefills (see ``record_queries``).
+
+    Attributes:
+        every: every ``every``-th query position of each prefill chunk is kept.
+        store: ``{layer_idx: [tensors [batch, num_heads, m_i, head_dim]]}``, one per chunk.
+    """
+
+    def __init__(self, every: int, num_kv_heads: int):
+        self.every, self.num_kv_heads = every, num_kv_heads
+        self.store: dict = {}
+
+    def add(self, layer_idx: int, query: Tensor) -> None:
+        if query.shape[2] > 1:  # prefill chunks only, not decode steps
+            self.store.setdefault(layer_idx, []).append(query[:, :, :: self.every].detach().clone())
+
+    def queries(self) -> list[Tensor]:
+        """Per layer ``[batch, num_kv_heads, n, head_dim]`` (query heads of a GQA group pooled)."""
+        if not self.store:
+            raise ValueError("record_queries: nothing was recorded (run a prefill inside the context manager)")
+        out = []
+        for i in sorted(self.store):
+            q = torch.cat(self.store[i], 2)  # [B, H, m, D]
+            b, h, m, d = q.shape
+            out.append(q.reshape(b, self.num_kv_heads, (h // self.num_kv_heads) * m, d))
+        return out
+
+
+@contextlib.contextmanager
+def record_queries(model, every: int = 8):
+    """Record the context prefill's own post-RoPE queries at no extra model cost.
+
+    Wraps the model's current attention function (plain or ``leank``-patched) so that
+    every ``every``-th query position of each prefill chunk is kept; attention itself is
+    unchanged. Undone in ``finally``.
+
+        with leank.compaction.record_queries(model) as rec:
+            model(ids, past_key_values=cache, use_cache=True)
+        leank.compact(model, cache, input_ids=ids, context_queries=rec.queries())
+    """
+    import sys
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every: expected an int >= 1, got {every!r}")
+    cfg = model.config
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    impl = cfg._attn_implementation or "eager"
+    attn_cls = next((m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")), None)
+    eager = getattr(sys.modules[type(attn_cls).__module__], "eager_attention_forward", None) if attn_cls is not None else None
+    original = AttentionInterface().get_interface(impl, eager) if impl != "eager" else eager
+    if original is None:
+        raise ValueError(f"model: cannot find the attention function for implementation {impl!r}")
+    rec = QueryRecorder(every, cfg.num_key_value_heads)
+
+    def recording(module, query, *args, **kwargs):
+        rec.add(module.layer_idx, query)
+        return original(module, query, *args, **kwargs)
+
+    name = f"{RECORD_NAME}_{id(rec)}"
+    AttentionInterface.register(name, recording)
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl)
+    if mask_fn is not None:
+        AttentionMaskInterface.register(name, mask_fn)
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield rec
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
