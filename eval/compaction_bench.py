@@ -59,12 +59,17 @@ def build_model(layers: int, max_pos: int, device: str, tiny: bool = False):
 
 
 @torch.no_grad()
-def prefill(model, ids):
+def prefill(model, ids, max_queries: int):
+    """DynamicCache of the context, and the prefill's own queries recorded on the way (record_queries)."""
     from transformers import DynamicCache
 
+    from leank.compaction import record_queries
+
     cache = DynamicCache(config=model.config)
-    model.model(input_ids=ids, past_key_values=cache, use_cache=True)
-    return cache
+    rep = model.config.num_attention_heads // model.config.num_key_value_heads
+    with record_queries(model, every=max(1, rep * ids.shape[1] // max_queries)) as rec:
+        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return cache, rec.queries()
 
 
 def layer_window_archive(cache, i, sink, recent):
@@ -118,8 +123,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2, help="timed runs per point (median reported)")
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--recent", type=int, default=128)
-    ap.add_argument("--extra", default="32768:0.02:hak:repeat_only,32768:0.02:omp:repeat",
-                    help="extra single runs context:ratio:method:queries, comma-separated")
+    ap.add_argument("--extra", default="32768:0.02:hak:repeat_rec,32768:0.02:hak:repeat_only,32768:0.02:omp:repeat",
+                    help="extra single runs context:ratio:method:queries, comma-separated (queries 'repeat_rec': "
+                         "repeat pass + the prefill's own queries recorded with record_queries)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny fp32 model")
     ap.add_argument("--deadline", type=float, default=None, help="skip points that start after this many seconds")
@@ -140,7 +146,7 @@ def main() -> int:
     meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu", torch=torch.__version__, python=platform.python_version(),
                 model="Llama-3.1-8B-shaped LlamaForCausalLM, random weights (normal 0.02), bf16, rope_theta 5e5, "
                       f"{args.layers} layers, 32 q / 8 KV heads, head_dim 128",
-                context="random token ids; prefill with sdpa into a DynamicCache (not timed)",
+                context="random token ids; prefill with sdpa into a DynamicCache (not timed), recording its own queries",
                 window=f"LeanK window sink={args.sink} recent={args.recent}; ratio applies to the archive",
                 heldout="repeat-pass queries at positions drawn with another seed (train positions are "
                         f"{args.max_queries // 8} of T per pass, so overlap is ~that fraction)",
@@ -152,7 +158,7 @@ def main() -> int:
         g = torch.Generator().manual_seed(T)
         ids = torch.randint(0, model.config.vocab_size - 256, (1, T), generator=g).to(dev)
         t0 = time.perf_counter()
-        cache = prefill(model, ids)
+        cache, recorded = prefill(model, ids, args.max_queries)
         sync()
         t_prefill = time.perf_counter() - t0
         # the training queries (same seed as compact) for the baseline, and held-out queries
@@ -177,8 +183,10 @@ def main() -> int:
                     torch.cuda.reset_peak_memory_stats()
                 base_mem = torch.cuda.memory_allocated() if dev == "cuda" else 0
                 tm: dict = {}
-                lk = leank.compact(model, cache, ratio=ratio, queries=queries, method=method, input_ids=ids,
-                                   max_queries_per_head=args.max_queries, config=conf, progress=False, timings=tm)
+                # "repeat_rec": repeat pass + the prefill's own queries recorded during the prefill
+                lk = leank.compact(model, cache, ratio=ratio, queries=queries.replace("repeat_rec", "repeat"), method=method,
+                                   input_ids=ids, max_queries_per_head=args.max_queries, config=conf, progress=False,
+                                   timings=tm, context_queries=recorded if "repeat_rec" in queries else None)
                 sync()
                 if first and rep == 0:
                     continue
@@ -202,7 +210,7 @@ def main() -> int:
                 with open(args.out, "w") as f:
                     json.dump(dict(meta=meta, rows=rows), f, indent=1)
             del lk
-        del cache, train, held
+        del cache, train, held, recorded
 
     result = dict(meta=meta, rows=rows)
     if args.out:
