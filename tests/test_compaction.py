@@ -431,3 +431,28 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path, capsys):
                "--sink", "4", "--recent", "16", "--max-new-tokens", "3", "--device", "cpu", "--max-queries", "128"])
     out = capsys.readouterr().out
     assert rc == 0 and "compact:" in out and "MiB" in out, out
+
+
+def test_ragged_batch_with_left_padding():
+    import leank
+
+    model = _tiny("qwen2")
+    new_cache = _patch(model)
+    try:
+        ids = torch.randint(3, 97, (2, 160), generator=_gen(30))
+        mask = torch.ones(2, 160, dtype=torch.long)
+        mask[1, :40] = 0
+        cache = new_cache(model)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        arch = cache.layers[0].arch_len.tolist()
+        assert arch == [140, 100]
+        cache = leank.compact(model, cache, ratio=0.1, input_ids=ids, attention_mask=mask, progress=False)
+        after = cache.layers[0].arch_len.tolist()
+        assert 1 <= after[0] <= 14 and 1 <= after[1] <= 10
+        nxt = torch.tensor([[7], [7]])
+        out = model.generate(torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                             past_key_values=cache, max_new_tokens=3, do_sample=False)
+        assert out.shape == (2, 164)
+    finally:
+        leank.unpatch(model)
