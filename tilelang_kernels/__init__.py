@@ -1,9 +1,19 @@
 """LeanK decode kernels.
 
 ``reference`` (pure PyTorch) is always importable. TileLang kernels live in their own
-modules and are imported only when the ``tilelang`` backend is used on CUDA.
+modules and are imported only when the ``tilelang`` backend is used on CUDA:
+``decode_attention`` (``tilelang_kernels.decode``) is resolved lazily and imports
+TileLang on its first call, never at import time.
 """
 
 from .reference import decode_attention_reference, merge_states, validate_decode_inputs
 
-__all__ = ["decode_attention_reference", "merge_states", "validate_decode_inputs"]
+__all__ = ["decode_attention", "decode_attention_reference", "merge_states", "validate_decode_inputs"]
+
+
+def __getattr__(name):
+    if name == "decode_attention":
+        from .decode import decode_attention
+
+        return decode_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

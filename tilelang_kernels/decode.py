@@ -133,23 +133,27 @@ def num_sms(device: torch.device) -> int:
 
 
 def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], sms: int,
-                  block_n: int = 64, max_split: int = 64) -> tuple:
+                  block_n: int = 64, max_split: int = 96) -> tuple:
     """Splits per segment: ``(window_splits, [archive splits per KV head])``.
 
-    ``kept[h]`` is the kept count of KV head ``h`` (0 = no archive). Aim at about two
-    blocks per SM in total, giving each archive row a share proportional to its bytes per
-    token; the window (short, full width) gets enough splits to stay off the critical path.
+    ``kept[h]`` is the kept count of KV head ``h`` (0 = no archive). Two blocks fit on an
+    SM: at batch <= 2 all blocks of a step fit in one wave (latency), above that about two
+    waves (the blocks that finish first take the next ones: load balance). The window
+    (short, full width) gets up to one split per 4 tiles of its capacity, the archive rows
+    share the rest in proportion to their bytes per token (``d + head_dim``). At least one
+    split each; at most ``max_split`` (parts per head stay <= 128 for the combine kernel).
     """
-    target = 2 * sms
+    blocks_per_sm = 2 if batch <= 2 else 4
+    budget = max(1, (blocks_per_sm * sms) // max(1, batch))
+    kvh = len(kept)
     weights = [(d + head_dim) / (2 * head_dim) for d in kept if d > 0]
-    if weights:
-        per = target / (batch * sum(weights))
-        arch = [0 if d == 0 else int(min(max_split, max(1, round(per * (d + head_dim) / (2 * head_dim)))))
-                for d in kept]
-        win = int(max(1, min(math.ceil(win_cap / (4 * block_n)), math.ceil(per))))
-    else:
-        arch = [0] * len(kept)
-        win = int(max(1, min(math.ceil(win_cap / block_n), math.ceil(target / (batch * len(kept))), max_split)))
+    if not weights:
+        win = max(1, min(math.ceil(win_cap / block_n), budget // kvh, max_split))
+        return win, [0] * kvh
+    win = max(1, min(math.ceil(win_cap / (4 * block_n)), budget // (4 * kvh), 16))
+    per = max(0, budget - win * kvh) / sum(weights)
+    arch = [0 if d == 0 else int(min(max_split, max(1, math.floor(per * (d + head_dim) / (2 * head_dim)))))
+            for d in kept]
     return win, arch
 
 
@@ -184,6 +188,8 @@ def build_plan(batch: int, num_kv_heads: int, head_dim: int, win_cap: int, group
             rows.append((nslots, h, h, s, win, p))
             p += 1
         nparts.append(p)
+    if max(nparts) > 128:
+        raise ValueError(f"plan: at most 128 parts per KV head, got {max(nparts)}")
     # heavy archive rows first, window rows (short) last: better tail behaviour
     rows.sort(key=lambda r: r[0] == nslots)
     table = torch.tensor(rows, dtype=torch.int32).to(device)
