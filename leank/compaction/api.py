@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .core import METHODS, CompactedHeads, compact_heads
+from .core import BETA_RIDGE, METHODS, CompactedHeads, compact_heads
 from .queries import REPEAT_PROMPT, gaussian_like, pool_gqa, run_pass, sample_positions
 
 logger = logging.getLogger(__name__)
@@ -251,6 +251,7 @@ def compact(
     workspace_bytes: int = 512 << 20,
     config=None,
     context_queries: Optional[list] = None,
+    beta_ridge: float = BETA_RIDGE,
     timings: Optional[dict] = None,
 ):
     """Compact every layer's archive to a budget by attention matching (arXiv 2602.16284).
@@ -281,6 +282,8 @@ def compact(
         context_queries: the context prefill's own queries recorded with
             ``record_queries`` (per layer ``[batch, num_kv_heads, m, head_dim]``); they
             replace the ``"self"`` pass of ``"repeat"``/``"self"``, saving a prefill.
+        beta_ridge: relative ridge of the mass weights toward uniform (0 = plain NNLS);
+            see ``compact_heads``.
         timings: optional dict receiving seconds per phase (``queries``, ``targets``,
             ``selection``, ``solves``, ``write``, ``total``).
 
@@ -295,6 +298,8 @@ def compact(
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if ridge < 0:
         raise ValueError(f"ridge: expected >= 0, got {ridge}")
+    if beta_ridge < 0:
+        raise ValueError(f"beta_ridge: expected >= 0, got {beta_ridge}")
     if not isinstance(max_queries_per_head, int) or max_queries_per_head < 1:
         raise ValueError(f"max_queries_per_head: expected an int >= 1, got {max_queries_per_head!r}")
     parsed = _parse_queries(queries)
@@ -367,7 +372,7 @@ def compact(
         res = compact_heads(
             torch.cat(qs), torch.cat(ks), torch.cat(vs), budgets[list(grp)].reshape(-1).to(dev),
             bias=torch.cat(bs) if has_bias else None, method=method, ridge=ridge,
-            workspace_bytes=workspace_bytes, timings=sub,
+            workspace_bytes=workspace_bytes, beta_ridge=beta_ridge, timings=sub,
         )
         del ks, vs, bs, qs
         res = _pack_rows(res)
