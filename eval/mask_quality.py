@@ -149,7 +149,14 @@ def main(argv=None) -> int:
     p.add_argument("--style", default="compact", choices=("compact", "natural"), help="task style the model was trained on")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=str(RESULTS / "mask_quality"))
+    p.add_argument("--from-json", help="only re-render the markdown table of a results JSON")
     args = p.parse_args(argv)
+    if args.from_json:
+        d = json.loads(Path(args.from_json).read_text())
+        md = table(d["rows"], d["meta"])
+        Path(args.from_json).with_suffix(".md").write_text(md)
+        print(md)
+        return 0
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,16 +205,18 @@ def main(argv=None) -> int:
 def table(rows, meta) -> str:
     cells = [f"{t}@{n}" for n in meta["lengths"] for t in TASK_NAMES]
     head = ("| condition | K sparsity | " + " | ".join(c.replace("multikey", "MK").replace("multivalue", "MV") for c in cells)
-            + " | mean | K bytes saved | V bytes saved |")
+            + " | MK mean | MV mean | mean | K bytes saved | V bytes saved |")
     lines = [f"Held-out retrieval accuracy (%), tiny Llama, {meta['n_per_cell']} samples per cell, "
              f"sink={meta['sink']} recent={meta['recent']}, engine={meta['engine']}, device={meta['device']}; "
-             f"bytes saved at {max(meta['lengths'])} tokens.", "", head, "|" + "---|" * (len(cells) + 5)]
+             f"bytes saved at {max(meta['lengths'])} tokens.", "", head, "|" + "---|" * (len(cells) + 7)]
     for r in rows:
         sp = "0" if r["target_sparsity"] is None else f"{r['k_sparsity']:.3f}"
         b = r.get("bytes")
         ks = f"{100 * b['k_saved_frac']:.1f}%" if b else "0"
         vs = f"{100 * b['v_saved_frac']:.1f}%" if b else "0"
+        per_task = [sum(r["accuracy"][c] for c in cells if c.startswith(t)) / len(meta["lengths"]) for t in TASK_NAMES]
         lines.append(f"| {r['condition']} | {sp} | " + " | ".join(f"{100 * r['accuracy'][c]:.1f}" for c in cells)
+                     + "".join(f" | {100 * m:.1f}" for m in per_task)
                      + f" | {100 * r['mean_accuracy']:.1f} | {ks} | {vs} |")
     return "\n".join(lines) + "\n"
 

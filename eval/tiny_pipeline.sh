@@ -9,17 +9,17 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$(pwd) PYTHONUNBUFFERED=1 TQDM_DISA
 OUT=${OUT:-/tmp/leank-tiny-out}; mkdir -p "$OUT"
 M=leank/data/tiny-llama
 if [ -z "${SKIP_MODEL:-}" ]; then
-  timeout 420 python eval/train_tiny_model.py --out $M --steps ${STEPS:-1000} --time-budget ${BUDGET:-260} \
+  timeout 420 python eval/train_tiny_model.py --out $M --steps ${STEPS:-900} --time-budget ${BUDGET:-230} \
     --eval-n ${EVAL_N:-50} 2>&1 | grep -v Warning | tee "$OUT/train_tiny.log"
   tar cf "$OUT/tiny-llama.tar" $M
 fi
 for r in 70 50; do
-  timeout 75 python -m leank.cli train masks/recipes/tiny-llama.yaml --ratio 0.$r \
+  timeout 70 python -m leank.cli train masks/recipes/tiny-llama.yaml --ratio 0.$r \
     --output $M/mask-k$r.safetensors --no-resume 2>&1 | tee "$OUT/mask_k$r.log"
 done
 rm -f $M/*.checkpoint.pt
 tar cf "$OUT/tiny-llama.tar" $M
-timeout ${QUALITY_TIMEOUT:-150} python eval/mask_quality.py --model $M --mask 0.5=$M/mask-k50.safetensors \
-  --mask 0.7=$M/mask-k70.safetensors --n ${QUALITY_N:-100} --batch 50 2>&1 | tee "$OUT/quality.log"
+timeout ${QUALITY_TIMEOUT:-130} python eval/mask_quality.py --model $M --mask 0.5=$M/mask-k50.safetensors \
+  --mask 0.7=$M/mask-k70.safetensors --n ${QUALITY_N:-60} --batch 50 2>&1 | tee "$OUT/quality.log"
 tar cf "$OUT/results.tar" eval/results/mask_quality.json eval/results/mask_quality.md 2>/dev/null
 tail -14 "$OUT/quality.log"

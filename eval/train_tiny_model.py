@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--style", default="compact", choices=("compact", "natural"), help="task text style (leank.train.data)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: small model, short sequences")
+    p.add_argument("--full-size", action="store_true", help="with --smoke: keep the full model size")
     args = p.parse_args(argv)
     if args.smoke:
         args.tokens_per_step, args.workers = 4096, 0
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     tok = build_word_tokenizer()
     cfg = (tiny_llama_config(len(tok), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                             intermediate_size=128) if args.smoke else tiny_llama_config(len(tok)))
+                             intermediate_size=128) if args.smoke and not args.full_size else tiny_llama_config(len(tok)))
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg).to(args.device)
     nparams = sum(p.numel() for p in model.parameters())
