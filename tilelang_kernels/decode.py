@@ -211,13 +211,15 @@ def _host_list(t: Tensor) -> tuple:
     """
     if not t.is_cuda:
         return tuple(t.tolist())
+    # inference tensors (torch.inference_mode) carry no version counter: key on identity only
+    version = -1 if t.is_inference() else t._version
     hit = _host_lists.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
+    if hit is not None and hit[0]() is t and hit[1] == version:
         return hit[2]
     val = tuple(t.tolist())
     if len(_host_lists) > 4096:
         _host_lists.clear()
-    _host_lists[id(t)] = (weakref.ref(t), t._version, val)
+    _host_lists[id(t)] = (weakref.ref(t), version, val)
     return val
 
 
