@@ -1,10 +1,12 @@
 """``leank demo``: LeanK decoding end to end on a small Llama-architecture model.
 
-Builds the model (the project's own tiny retrieval model from ``leank/data/tiny-llama``
-when present, else random weights from a config), patches it with a ~70%-sparse mask,
-generates from a long synthetic prompt and reports the K/V bytes saved, the largest
-deviation of LeanK logits from the dense float64 implementation of the same function
-(``leank.verify``), and tokens/s with and without LeanK.
+By default it loads the project's own tiny retrieval model (``leank/data/tiny-llama``,
+trained by ``eval/train_tiny_model.py``) with the mask learned for it at 70% K sparsity
+(``leank train``), asks it a multi-value retrieval question hidden in a 4K-token prompt,
+and reports the answer, the K/V bytes saved, the largest deviation of LeanK logits from
+the dense float64 implementation of the same function (``leank.verify``), and tokens/s
+with and without LeanK. ``--random-weights`` uses a random Llama-architecture model and a
+mask with the published kept-count mix instead.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ TINY_MODEL_DIR = Path(__file__).parent / "data" / "tiny-llama"
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run LeanK on a small model and report bytes saved, exactness and speed")
-    p.add_argument("--prompt-tokens", type=int, default=2048, help="synthetic prompt length (default 2048)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--sink", type=int, default=32)
-    p.add_argument("--recent", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=4096, help="synthetic prompt length (default 4096)")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens to generate (default 48)")
+    p.add_argument("--sink", type=int, default=16)
+    p.add_argument("--recent", type=int, default=64)
     p.add_argument("--flush-every", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--random-weights", action="store_true", help="ignore the bundled tiny model")
@@ -50,28 +52,36 @@ def _random_model(device: str, seed: int):
         model = LlamaForCausalLM(cfg)
     finally:
         torch.random.set_rng_state(gen_state)
-    return model.to(device).eval(), None
+    from leank.mixes import mix_mask
+
+    c = model.config
+    mask = mix_mask(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, seed=seed)
+    return model.to(device).eval(), None, mask
 
 
 def _load_model(device: str, random_weights: bool, seed: int):
-    if random_weights or not (TINY_MODEL_DIR / "model.safetensors").exists():
+    """``(model, tokenizer or None, ChannelMask)``."""
+    if random_weights:
         return _random_model(device, seed)
+    if not (TINY_MODEL_DIR / "model.safetensors").exists():
+        raise ValueError(f"--random-weights: the bundled model is missing from {TINY_MODEL_DIR}; pass --random-weights")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .masks import ChannelMask
+
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    return model, AutoTokenizer.from_pretrained(TINY_MODEL_DIR), ChannelMask.load(TINY_MODEL_DIR / "mask-k70.safetensors")
 
 
 def _prompt(model, tokenizer, n: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
+    """``(input_ids [1, n], task sample or None)``: a multi-value question for the tiny model."""
     if tokenizer is None:
+        gen = torch.Generator().manual_seed(seed)
         return torch.randint(1, model.config.vocab_size, (1, n), generator=gen), None
-    try:
-        from leank.train.data import retrieval_example
-    except ImportError:
-        return torch.randint(1, model.config.vocab_size, (1, n), generator=gen), None
-    ex = retrieval_example(tokenizer, n, seed)
-    return ex["input_ids"][None], ex.get("answer")
+    from leank.train.data import RetrievalTask
+
+    sample = RetrievalTask(tokenizer, seed=10_000 + seed, use_chat_template=False, style="compact").sample(0, n, "multivalue")
+    return sample.input_ids[: sample.prompt_len][None], sample
 
 
 def _timed_generate(model, ids, n):
@@ -88,18 +98,17 @@ def _timed_generate(model, ids, n):
 
 def run(args) -> int:
     import leank
-    from leank.mixes import mix_mask
     from leank.verify import oracle_logits
 
-    model, tokenizer = _load_model(args.device, args.random_weights, args.seed)
+    model, tokenizer, mask = _load_model(args.device, args.random_weights, args.seed)
     c = model.config
-    mask = mix_mask(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, seed=args.seed)
     cfg = LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every)
-    ids, answer = _prompt(model, tokenizer, args.prompt_tokens, args.seed)
+    ids, sample = _prompt(model, tokenizer, args.prompt_tokens, args.seed)
     ids = ids.to(args.device)
     print(f"model: {c.num_hidden_layers} layers, {c.num_attention_heads} q / {c.num_key_value_heads} kv heads, "
           f"head_dim {c.head_dim}; prompt {ids.shape[1]} tokens, {args.new_tokens} new; device {args.device}")
-    print(f"mask: {100 * mask.sparsity:.1f}% of K channels pruned; kept counts {sorted(set(mask.kept_counts().flatten().tolist()))}")
+    print(f"mask: {100 * mask.sparsity:.1f}% of K channels pruned ({mask.source or 'in memory'}); "
+          f"kept counts {sorted(set(mask.kept_counts().flatten().tolist()))}; window sink={cfg.sink} recent={cfg.recent}")
 
     dense_out, dense_s = _timed_generate(model, ids, args.new_tokens)
     leank.patch(model, masks=mask, config=cfg)
@@ -120,7 +129,11 @@ def run(args) -> int:
     print(f"{'V cache bytes':28}{mem['dense_v_bytes']:>14,}{mem['v_bytes']:>14,}   (-{100 * v_saved:.1f}%)")
     print(f"{'tokens/s (generate)':28}{args.new_tokens / dense_s:>14.1f}{args.new_tokens / leank_s:>14.1f}")
     print(f"max |LeanK logits - dense float64 LeanK function| = {dev:.2e}")
-    if answer is not None and tokenizer is not None:
-        text = tokenizer.decode(cont, skip_special_tokens=True)
-        print(f"retrieval: expected {answer!r}, LeanK answered {text.strip()[:60]!r}")
+    if sample is not None:
+        from leank.train.data import decode_words, score
+
+        for name, seq in (("dense", dense_out.sequences), ("LeanK", out.sequences)):
+            words = decode_words(tokenizer, seq[0, ids.shape[1]:].tolist())[: len(sample.answer)]
+            ok = score(sample.task, sample.answer, words)
+            print(f"retrieval ({name}): expected {sample.answer}, answered {words} -> {'correct' if ok else 'wrong'}")
     return 0

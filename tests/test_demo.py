@@ -15,3 +15,14 @@ def test_demo_small(capsys):
     k = re.search(r"K cache bytes\s+([\d,]+)\s+([\d,]+)", out)
     dense_k, leank_k = (int(x.replace(",", "")) for x in k.groups())
     assert leank_k < 0.6 * dense_k
+
+
+def test_demo_default_model_answers_from_pruned_cache(capsys):
+    """The bundled tiny model answers a multi-value question with its learned 70% mask."""
+    rc = main(["demo", "--prompt-tokens", "1024", "--new-tokens", "8", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "69.8% of K channels pruned" in out
+    assert "retrieval (LeanK)" in out and "-> correct" in out.split("retrieval (LeanK)")[1]
+    dev = float(re.search(r"dense float64 LeanK function\| = ([0-9.e+-]+)", out).group(1))
+    assert dev < 1e-4
