@@ -59,6 +59,7 @@ class ArchiveGroup:
 
     heads: Tensor  # int64 [heads_d]
     chan: Tensor  # int64 [heads_d, d], sorted kept channel indices
+    heads_host: tuple = ()  # the same KV head indices as Python ints
     keys: Optional[Tensor] = None  # [batch, heads_d, capacity, d]
     values: Optional[Tensor] = None  # [batch, heads_d, capacity, head_dim]
     bias: Optional[Tensor] = None  # float32 [batch, heads_d, capacity] (attention matching beta)
@@ -79,7 +80,7 @@ def groups_from_keep(keep: Tensor) -> list[ArchiveGroup]:
     for d in sorted({c for c in counts if c > 0}):
         heads = [h for h, c in enumerate(counts) if c == d]
         chan = torch.stack([keep[h].nonzero().flatten() for h in heads])
-        groups.append(ArchiveGroup(heads=torch.tensor(heads, dtype=torch.long), chan=chan.long()))
+        groups.append(ArchiveGroup(heads=torch.tensor(heads, dtype=torch.long), chan=chan.long(), heads_host=tuple(heads)))
     return groups
 
 
@@ -156,27 +157,34 @@ class LeanKLayer(CacheLayerMixin):
         return min(self.config.sink, self.win_len_host[b] + self.arch_len_host[b])
 
     def _archive_append(self, b: int, k: Tensor, v: Tensor) -> None:
-        """Append full-width rows ``k, v [num_kv_heads, n, head_dim]`` to sequence ``b``'s archive."""
+        """Append full-width rows ``k, v [num_kv_heads, n, head_dim]`` to sequence ``b``'s archive.
+
+        Copies head by head so no group-sized temporary is allocated (long prefills).
+        """
         n = k.shape[1]
         if n == 0:
             return
         start = self.arch_len_host[b]
         self._grow_archive(start + n)
         for g in self.groups:
-            kh = k[g.heads]  # [hg, n, D]
-            g.keys[b, :, start : start + n] = torch.gather(kh, 2, g.chan[:, None, :].expand(-1, n, -1))
-            g.values[b, :, start : start + n] = v[g.heads]
+            for i, (h, chan) in enumerate(zip(g.heads_host, g.chan)):
+                g.keys[b, i, start : start + n] = k[h].index_select(-1, chan)
+                g.values[b, i, start : start + n] = v[h]
             if g.bias is not None:
                 g.bias[b, :, start : start + n] = 0.0
         self.arch_len_host[b] = start + n
         self.arch_len[b] = start + n
 
-    def _set_window(self, b: int, k: Tensor, v: Tensor) -> None:
-        n = k.shape[1]
+    def _set_window(self, b: int, k: Tensor, v: Tensor, sink: int, tail_start: int) -> None:
+        """Window of sequence ``b`` := rows ``[0, sink)`` and ``[tail_start, n)`` of ``k, v [kvh, n, d]``."""
+        n = sink + k.shape[1] - tail_start
         if n > self.config.window_capacity:
             raise RuntimeError(f"window overflow: {n} rows > capacity {self.config.window_capacity}")
-        self.win_k[b, :, :n] = k
-        self.win_v[b, :, :n] = v
+        # k, v are the new chunk or a fresh concatenation: they never alias the window buffer
+        self.win_k[b, :, :sink] = k[:, :sink]
+        self.win_v[b, :, :sink] = v[:, :sink]
+        self.win_k[b, :, sink:n] = k[:, tail_start:]
+        self.win_v[b, :, sink:n] = v[:, tail_start:]
         self.win_len_host[b] = n
         self.win_len[b] = n
 
@@ -196,14 +204,16 @@ class LeanKLayer(CacheLayerMixin):
                 idx = valid_host[b].nonzero().flatten().to(key.device)
                 nk, nv = key[b].index_select(1, idx), value[b].index_select(1, idx)
             w = self.win_len_host[b]
-            stream_k = torch.cat([self.win_k[b, :, :w], nk], dim=1)
-            stream_v = torch.cat([self.win_v[b, :, :w], nv], dim=1)
+            if w == 0:  # prefill: no copy of the prompt's K/V
+                stream_k, stream_v = nk, nv
+            else:
+                stream_k = torch.cat([self.win_k[b, :, :w], nk], dim=1)
+                stream_v = torch.cat([self.win_v[b, :, :w], nv], dim=1)
             n = stream_k.shape[1]
             sink = min(self.config.sink, n)  # a non-empty archive implies a full sink
             move = max(0, n - sink - self.config.recent)
             self._archive_append(b, stream_k[:, sink : sink + move], stream_v[:, sink : sink + move])
-            keep_idx = torch.cat([torch.arange(sink), torch.arange(sink + move, n)]).to(key.device)
-            self._set_window(b, stream_k.index_select(1, keep_idx), stream_v.index_select(1, keep_idx))
+            self._set_window(b, stream_k, stream_v, sink, sink + move)
 
     def append_decode(self, key: Tensor, value: Tensor) -> None:
         """Append one token per sequence (``[batch, num_kv_heads, 1, head_dim]``) to the window."""
