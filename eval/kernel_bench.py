@@ -395,6 +395,12 @@ def table(out) -> str:
     return "\n".join(lines)
 
 
+def replot(json_path: str) -> None:
+    """Redraw the PNG of a result JSON (``python -c 'from eval.kernel_bench import replot; replot(...)'``)."""
+    p = Path(json_path)
+    _plot(json.loads(p.read_text()), p.with_suffix(".png"))
+
+
 def _plot(out, path):
     try:
         import matplotlib
@@ -414,12 +420,19 @@ def _plot(out, path):
             ax.plot(xs, [r["speedup"] for r in rr], "o-", label=f"batch {batch}: vs fastest baseline")
             ax.plot(xs, [r["speedup_vs_leank_dense"] for r in rr], "x--", label=f"batch {batch}: vs all-channels path")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.axhline(1.3, color="red", lw=0.8, ls=":")
+        ax.axhline(1.3, color="red", lw=0.8, ls=":", label="goal 1.3x (>=16K)")
+        ax.axhline(1.6, color="darkred", lw=0.8, ls=":", label="goal 1.6x (>=64K)")
+        info = next((mi for mi in out.get("models", []) if mi["model"] == m), None)
+        if info and info.get("archive_byte_ratio_timed"):
+            ax.axhline(1 / info["archive_byte_ratio_timed"], color="black", lw=0.8, ls="--",
+                       label="dense/LeanK archive bytes")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("kv_len (K tokens)")
         ax.set_ylabel("speedup (time ratio)")
         ax.set_title(f"{m} decode attention, {out['dtype']}\n{out['device']}")
-        ax.legend(fontsize=7)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi + 0.45 * (hi - lo))  # room for the legend above the curves
+        ax.legend(fontsize=6.5, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
