@@ -17,9 +17,11 @@ How a call runs:
   with the host.
 
 Kernels are compiled once per (num_heads, num_kv_heads, head_dim, dtype, slot set, bias
-flag) and kept in TileLang's disk cache. The slot set is by default every multiple of 16
-up to ``head_dim`` (one compile serves every layer whatever its kept counts); kept counts
-that are not multiples of 16 are zero-padded per call (correct, slower, logged once).
+flag) and kept in TileLang's disk cache (about 25 s cold on the GPU machine, 20-40 s on a
+2-core CPU). The slot set is by default every multiple of 32 up to ``head_dim`` when the
+layer's kept counts are multiples of 32 (the published masks: one compile serves every
+layer), else every multiple of 16; ``slot_dims=`` overrides it. Kept counts that are not
+multiples of 16 are zero-padded per call (correct, slower, logged once).
 
 Requirements beyond the reference: CUDA tensors; ``q``, window and archive tensors
 contiguous; rows at and past the lengths must hold finite values (as for the reference,
@@ -265,7 +267,7 @@ def decode_attention(
             the reference (``arch_bias`` float32 ``[batch, heads_d, capacity]`` or None).
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         return_lse: also return the float32 natural-log LSE ``[batch, num_heads]``.
-        slot_dims: kept counts to compile the kernel for (default 16, 32, ..., head_dim).
+        slot_dims: kept counts to compile the kernel for (default ``default_slot_dims``).
 
     Returns:
         ``out [batch, num_heads, head_dim]`` in q's dtype (and ``lse``). Rows with nothing
