@@ -72,7 +72,7 @@ def tensor_bytes(obj, device=None, depth: int = 4, _seen: set | None = None, _pa
             out[k] += sub[k]
 
     if isinstance(obj, torch.Tensor):
-        if device is not None and obj.device != device:
+        if device is not None and not _same_device(obj.device, device):
             return out
         st = obj.untyped_storage()
         key = (st.data_ptr(), obj.device)
@@ -97,6 +97,11 @@ def tensor_bytes(obj, device=None, depth: int = 4, _seen: set | None = None, _pa
                 continue
             add(tensor_bytes(x, device, depth - 1, seen, f"{_path}.{k}" if _path else k))
     return out
+
+
+def _same_device(a, b) -> bool:
+    """``cuda:0`` matches ``cuda`` (no index = any index of that type)."""
+    return a.type == b.type and (b.index is None or a.index is None or a.index == b.index)
 
 
 def measure(cache, device) -> dict:
