@@ -234,10 +234,16 @@ def leank_attention_forward(
 
 
 def leank_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs):
-    """transformers mask function: the 2-D padding mask ``[batch, kv_length]`` (bool), or None."""
+    """transformers mask function: the 2-D padding mask ``[batch, kv_length]`` (bool), or None.
+
+    Decode steps get the mask as is (they never read it), so no step waits on the device;
+    chunk steps get None when nothing is padded, which lets prefill use ``is_causal``.
+    """
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].bool()
+    if q_length == 1:
+        return attention_mask
     if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask

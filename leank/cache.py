@@ -102,6 +102,7 @@ class LeanKLayer(CacheLayerMixin):
         self.seen_tokens = 0  # columns processed, left padding included (what generate() counts)
         self.batch_size = 0
         self.reserve = 0  # archive rows to add at the next growth (expected new tokens)
+        self._rows: Optional[Tensor] = None  # arange(batch) on the device, for decode appends
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -217,10 +218,11 @@ class LeanKLayer(CacheLayerMixin):
 
     def append_decode(self, key: Tensor, value: Tensor) -> None:
         """Append one token per sequence (``[batch, num_kv_heads, 1, head_dim]``) to the window."""
-        rows = torch.arange(self.batch_size, device=self.device)
+        if self._rows is None or self._rows.numel() != self.batch_size:
+            self._rows = torch.arange(self.batch_size, device=self.device)
         pos = self.win_len.long()
-        self.win_k[rows, :, pos] = key[:, :, 0]
-        self.win_v[rows, :, pos] = value[:, :, 0]
+        self.win_k[self._rows, :, pos] = key[:, :, 0]
+        self.win_v[self._rows, :, pos] = value[:, :, 0]
         self.win_len += 1
         self.win_len_host = [w + 1 for w in self.win_len_host]
 
