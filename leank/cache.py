@@ -232,7 +232,7 @@ class LeanKLayer(CacheLayerMixin):
         for b in range(self.batch_size):
             sink = self._sink_rows(b)
             w = self.win_len_host[b]
-            if w - sink < limit or w - sink <= self.config.recent:
+            if w - sink < limit:
                 continue
             move = w - sink - self.config.recent
             self._archive_append(b, self.win_k[b, :, sink : sink + move], self.win_v[b, :, sink : sink + move])

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .base import ModelFamily, context_set_from_rope
+from .base import ModelFamily
 
-LLAMA = ModelFamily(model_type="llama", qkv_bias=False, check=lambda config: None, context_set=context_set_from_rope)
+LLAMA = ModelFamily(model_type="llama", check=lambda config: None)

@@ -1,8 +1,11 @@
-"""Qwen2 / Qwen2.5: GQA with q/k/v bias; YaRN rope scaling selects the ``yarn`` mask set."""
+"""Qwen2 / Qwen2.5: GQA with q/k/v bias (applied before RoPE: nothing to do); sliding window refused.
+
+YaRN rope scaling selects the ``yarn`` mask set (in ``leank.masks.resolve_mask``).
+"""
 
 from __future__ import annotations
 
-from .base import ModelFamily, context_set_from_rope
+from .base import ModelFamily
 
 
 def _check(config) -> None:
@@ -12,4 +15,4 @@ def _check(config) -> None:
         )
 
 
-QWEN2 = ModelFamily(model_type="qwen2", qkv_bias=True, check=_check, context_set=context_set_from_rope)
+QWEN2 = ModelFamily(model_type="qwen2", check=_check)

@@ -37,11 +37,15 @@ def test_tilelang_backend_matches_reference_in_generate(dtype):
     ids, am = ids.cuda(), am.cuda()
     seq_ref, logits_ref = _run(model, ids, am, "reference")
     seq, logits = _run(model, ids, am, "tilelang")
-    # teacher-forced comparison is not needed while the greedy tokens agree
+    # Logits of every step up to and including a row's first differing token come from
+    # identical prefixes, so they are compared for every row; divergence itself must be rare.
     agree = (seq == seq_ref).all(dim=1)
     assert agree.float().mean() >= 2 / 3
+    gen, gen_ref = seq[:, width:], seq_ref[:, width:]
     for i in range(3):
-        if agree[i]:
-            err = (logits[i] - logits_ref[i]).abs().max().item()
-            scale = logits_ref[i].abs().max().item()
-            assert err <= 0.02 * scale, (i, err, scale)
+        differ = (gen[i] != gen_ref[i]).nonzero()
+        upto = int(differ[0]) + 1 if len(differ) else gen.shape[1]
+        assert upto >= 8, f"row {i} diverged at step {upto - 1}"
+        err = (logits[i, :upto] - logits_ref[i, :upto]).abs().max().item()
+        scale = logits_ref[i, :upto].abs().max().item()
+        assert err <= 0.02 * scale, (i, err, scale)

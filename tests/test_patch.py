@@ -208,6 +208,10 @@ def test_unsupported_architecture_and_bad_config():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
         leank.patch(gpt2, masks=ChannelMask(keep=torch.ones(1, 2, 16, dtype=torch.bool), align=16))
+    qwen = tiny_model("qwen2")
+    qwen.config.use_sliding_window = True
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        leank.patch(qwen, masks=_mask(qwen, torch.ones(2, 4, 32, dtype=torch.bool)))
     model = tiny_model("llama")
     with pytest.raises(ValueError):
         leank.patch(model, masks=ChannelMask(keep=torch.ones(3, 4, 32, dtype=torch.bool), align=8))

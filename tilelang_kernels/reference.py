@@ -71,6 +71,8 @@ def validate_decode_inputs(
         _check(f"arch_chan[{g}]", chan, (hg, dg), f"[{hg}, {dg}]")
         if arch_bias is not None and arch_bias[g] is not None:
             _check(f"arch_bias[{g}]", arch_bias[g], (b, hg, cap), f"[{b}, {hg}, {cap}]")
+        if heads.is_cuda:
+            continue  # reading the indices would sync the device on every layer and step
         for x in heads.tolist():
             if not 0 <= x < kvh or x in seen:
                 raise ValueError(f"arch_heads[{g}]: KV head {x} out of range or in two groups")
