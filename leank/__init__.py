@@ -23,6 +23,7 @@ _LAZY = {
     "patch": ("leank.patching", "patch"),
     "unpatch": ("leank.patching", "unpatch"),
     "is_patched": ("leank.patching", "is_patched"),
+    "new_cache": ("leank.patching", "new_cache"),
     "LeanKCache": ("leank.cache", "LeanKCache"),
     "ChannelMask": ("leank.masks", "ChannelMask"),
     "load_mask": ("leank.masks", "load_mask"),
