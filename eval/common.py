@@ -93,6 +93,14 @@ def int_list(text: str) -> list[int]:
     return out
 
 
+def int_k(text: str) -> int:
+    """Parse one length, ``"16K"`` -> 16384 (K = 1024)."""
+    values = int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one integer (K suffix allowed), got {text!r}")
+    return values[0]
+
+
 def str_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 

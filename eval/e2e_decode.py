@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what must fit the budget: the decode phase (weights + caches + decode step: the serving "
                         "regime where prompts are prefilled in micro-batches; the one-shot prefill may exceed the "
                         "budget as long as the GPU holds it) or the whole generate() (default: %(default)s)")
-    p.add_argument("--budget-length", type=int, default=16384, help="prompt length of the max-batch search (default: %(default)s)")
+    p.add_argument("--budget-length", type=common.int_k, default=16384, help="prompt length of the max-batch search (default: %(default)s)")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=str(common.RESULTS_DIR / "e2e_decode.json"))
@@ -272,7 +272,9 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
     Peak memory (of the decode phase, or of the whole call with ``--budget-phase all``) is
     linear in the batch (weights + batch x per-sequence bytes), so two small runs (batch 1
     and 4) predict the largest batch; it is then run for real and stepped down while it
-    exceeds the budget or runs out of memory.
+    exceeds the budget or runs out of memory. Prefill as in the sweep (LeanK in one shot, so
+    at large batches the one-shot prefill's activations, not the budget, can stop it: the
+    result then says ``limited_by: "prefill OOM"``).
     """
     import torch
 
@@ -292,16 +294,18 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
     per_seq = (probes[4][key] - probes[1][key]) / 3
     fixed = probes[1][key] - per_seq
     predicted = int((budget_gib - fixed) / per_seq) if per_seq > 0 else 1
-    tried, b = [], max(1, predicted)
+    tried, b, oom = [], max(1, predicted), False
     for _ in range(6):
         r = attempt(b)
         tried.append({"batch": b, key: None if r is None else r[key]})
+        oom = oom or r is None
         if r is not None and r[key] <= budget_gib:
             stats = step_stats(r["intervals_ms"], args.warmup, b)
             return {"method": method, "status": "ok", "budget_gib": budget_gib, "budget_phase": args.budget_phase,
                     "length": L, "predicted_batch": predicted, "max_batch": b, "decode_peak_gib": r["decode_peak_gib"],
                     "prefill_peak_gib": r["prefill_peak_gib"], "kv_held_gib": r["kv_held_bytes"] / 2**30,
-                    "per_sequence_gib": per_seq, "fixed_gib": fixed, "tried": tried, **stats}
+                    "per_sequence_gib": per_seq, "fixed_gib": fixed, "tried": tried,
+                    "limited_by": "prefill OOM" if oom else "budget", **stats}
         b = max(1, b - max(1, b // 16))
     return {"method": method, "status": "no batch fit", "predicted_batch": predicted, "tried": tried}
 
