@@ -5,16 +5,23 @@ a model we train ourselves: RoPE, GQA (8 query / 4 KV heads, head_dim 64), 6 lay
 hidden 256, a word-level tokenizer built from the task vocabulary (~890 tokens). It learns
 multi-key and multi-value retrieval (see ``leank/train/data.py``, compact style) with a
 length curriculum up to 8K tokens. Loss: cross-entropy on answer tokens only (multi-key
-samples carry up to 8 question/answer turns to give more signal per sequence); a third of
-each batch is the classic induction exercise (a random word sequence followed by its
-repeat, loss on the repeat), which gives the copy circuit dense supervision. Reproducible from ``--seed``
-(data is a pure function of seed and step; model init from ``torch.manual_seed``).
+samples carry up to 8 question/answer turns to give more signal per sequence).
+
+Multi-key retrieval needs an induction circuit (find the earlier occurrence of the key,
+copy what followed it). It does not form when training starts on long sequences (the
+first committed model never learned multi-key), so training begins with
+``--induction-steps`` of the induction exercise alone (a random word sequence of 8-32
+words followed by its repeat, loss on the repeat; the repeat offset varies, so only a real
+induction circuit solves it), and the exercise stays in the mix afterwards
+(``--task-mix``). Reproducible from ``--seed`` (data is a pure function of seed and step;
+model init from ``torch.manual_seed``).
 
     python eval/train_tiny_model.py --out leank/data/tiny-llama            # GPU, ~5 min
     python eval/train_tiny_model.py --device cpu --smoke --out /tmp/tiny    # CPU smoke test
 
 Writes ``config.json``, ``model.safetensors`` (bf16), tokenizer files and
-``train_log.json`` (settings, loss curve, held-out full-cache accuracy, timings).
+``train_log.json`` (settings, loss curve with per-task losses, held-out full-cache
+accuracy, timings).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -35,33 +43,55 @@ from leank.train.data import RetrievalTask, decode_words, score  # noqa: E402
 from leank.train.tiny import SPECIAL, build_word_tokenizer, tiny_llama_config  # noqa: E402
 
 
-def curriculum(step: int, steps: int, max_len: int, min_len: int = 128) -> tuple[int, int]:
-    """Length range at ``step``: lengths up to 512 for the first 40% of training (the
-    retrieval circuit forms on short sequences), then the maximum grows geometrically to
-    ``max_len`` by 75%; lengths are drawn from ``[max/4, max]``."""
-    frac = min(1.0, max(0.0, step / max(1, steps) - 0.4) / 0.35)
-    hi = int(512 * (max_len / 512) ** frac) if max_len > 512 else max_len
+def curriculum(step: int, steps: int, max_len: int, short_frac: float = 0.4, start_len: int = 64,
+               min_len: int = 64) -> tuple[int, int]:
+    """Length range ``(lo, hi)`` at ``step``; lengths are drawn from it.
+
+    ``hi`` grows geometrically from ``start_len`` to 512 over the first ``short_frac`` of the
+    steps, then from 512 to ``max_len`` over the next 35%; ``lo = max(min_len, hi / 4)``.
+    Retrieval is learned on short sequences first, then carried to long ones.
+    """
+    p = step / max(1, steps)
+    short_cap = min(512, max_len)
+    if p < short_frac:
+        hi = start_len * (short_cap / start_len) ** (p / short_frac)
+    else:
+        frac = min(1.0, (p - short_frac) / 0.35)
+        hi = short_cap * (max_len / short_cap) ** frac
+    hi = max(min_len, int(hi))
     return max(min_len, hi // 4), hi
 
 
+KINDS = ("induction", "multikey", "multivalue")
+
+
 class Batches(torch.utils.data.IterableDataset):
-    """Step ``s`` → (input_ids [B, T], loss_mask [B, T]) with ``B * T ≈ tokens_per_step``."""
+    """Step ``s`` → (input_ids [B, T], loss_mask [B, T], kind [B]) with ``B * T ≈ tokens_per_step``;
+    ``kind`` indexes :data:`KINDS`."""
 
     def __init__(self, tok, seed: int, steps: int, tokens_per_step: int, max_len: int, start: int = 0,
-                 style: str = "compact"):
-        self.style = style
+                 style: str = "compact", short_frac: float = 0.4, task_mix: Sequence[float] = (1, 1, 1),
+                 induction_steps: int = 0):
+        self.style, self.short_frac, self.task_mix = style, short_frac, list(task_mix)
+        self.induction_steps = induction_steps
         self.tok, self.seed, self.steps, self.tps, self.max_len, self.start = tok, seed, steps, tokens_per_step, max_len, start
 
     def batch(self, step: int):
         task = RetrievalTask(self.tok, seed=self.seed, n_pairs=(2, 16), use_chat_template=False, style=self.style)
         rng = random.Random(f"tiny:{self.seed}:{step}")
-        lo, hi = curriculum(step, self.steps, self.max_len)
+        n0 = self.induction_steps
+        if step < n0:  # stage 0: induction alone on 16-64 tokens (copy offsets 8-32)
+            lo, hi, weights = 16, 64, (1, 0, 0)
+        else:
+            lo, hi = curriculum(step - n0, self.steps - n0, self.max_len, short_frac=self.short_frac)
+            weights = self.task_mix
         length = rng.randint(lo, hi)
         b = max(1, self.tps // length)
-        ids, mask = [], []
+        ids, mask, kinds = [], [], []
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         for j in range(b):
-            if j % 3 == 2:  # induction warm-up: a random word sequence and its repeat, loss on the repeat
+            kind = rng.choices(KINDS, weights=weights)[0]
+            if kind == "induction":  # induction warm-up: a random word sequence and its repeat, loss on the repeat
                 half = length // 2
                 first = torch.randint(len(SPECIAL), len(self.tok), (half,), generator=gen)
                 seq = torch.cat([first, first, first[: length - 2 * half]])
@@ -69,8 +99,9 @@ class Batches(torch.utils.data.IterableDataset):
                 m[half - 1:length - 1] = True
                 ids.append(seq)
                 mask.append(m)
+                kinds.append(0)
                 continue
-            kind = "multikey" if j % 3 == 0 else "multivalue"
+            kinds.append(KINDS.index(kind))
             pairs = max(2, min(16, length // 32))
             nq = rng.randint(1, max(1, min(8, length // 48))) if kind == "multikey" else 1
             s = task.sample(step * 1024 + j, length, kind, n_questions=nq, n_pairs=(2, pairs))
@@ -79,13 +110,23 @@ class Batches(torch.utils.data.IterableDataset):
                 m[a - 1:e - 1] = True
             ids.append(s.input_ids)
             mask.append(m)
-        return torch.stack(ids), torch.stack(mask)
+        return torch.stack(ids), torch.stack(mask), torch.tensor(kinds)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         for step in range(self.start + wid, self.steps, nw):
             yield self.batch(step)
+
+
+def _weights(text: str) -> tuple[float, float, float]:
+    try:
+        w = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 3 or min(w) < 0 or sum(w) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three non-negative weights like 1,1,1, got {text!r}")
+    return w
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -121,12 +162,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="leank/data/tiny-llama")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1100)
-    p.add_argument("--tokens-per-step", type=int, default=131072)
+    p.add_argument("--steps", type=int, default=2200)
+    p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--max-len", type=int, default=8192)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--induction-steps", type=int, default=400,
+                   help="first steps on the induction exercise alone, 16-64 tokens, before the retrieval tasks "
+                        "(default: %(default)s)")
+    p.add_argument("--short-frac", type=float, default=0.4,
+                   help="fraction of the steps trained at lengths <= 512 before the length curriculum (default: %(default)s)")
+    p.add_argument("--task-mix", type=_weights, default=(1.0, 1.0, 1.0),
+                   help="relative weights of the row kinds induction,multikey,multivalue (default: 1,1,1)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="training precision on CUDA: bf16 autocast or plain fp32 (default: %(default)s)")
+    p.add_argument("--log-every", type=int, default=50, help="log every N steps (default: %(default)s)")
     p.add_argument("--time-budget", type=float, default=0, help="stop training after this many seconds (0 = none)")
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--style", default="compact", choices=("compact", "natural"), help="task text style (leank.train.data)")
@@ -151,14 +202,15 @@ def main(argv=None) -> int:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))
-    data = Batches(tok, args.seed, args.steps, args.tokens_per_step, args.max_len, style=args.style)
+    data = Batches(tok, args.seed, args.steps, args.tokens_per_step, args.max_len, style=args.style,
+                   short_frac=args.short_frac, task_mix=args.task_mix, induction_steps=args.induction_steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.workers,
                                          prefetch_factor=4 if args.workers else None,
                                          persistent_workers=False)
-    amp = args.device.startswith("cuda")
+    amp = args.device.startswith("cuda") and args.precision == "bf16"
     log, t0, tokens, step = [], time.time(), 0, 0
     model.train()
-    for step, (ids, mask) in enumerate(loader):
+    for step, (ids, mask, kinds) in enumerate(loader):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         ids, mask = ids.to(args.device, non_blocking=True), mask.to(args.device, non_blocking=True)
@@ -167,17 +219,24 @@ def main(argv=None) -> int:
             sel = hidden[:, :-1][mask[:, :-1]]
             logits = model.lm_head(sel).float()
         labels = ids[:, 1:][mask[:, :-1]]
-        loss = torch.nn.functional.cross_entropy(logits, labels)
+        token_loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        loss = token_loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += ids.numel()
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % args.log_every == 0 or step == args.steps - 1:
             acc = float((logits.argmax(-1) == labels).float().mean())
             el = time.time() - t0
-            rec = {"step": step, "len": ids.shape[1], "batch": ids.shape[0], "loss": float(loss.detach()), "tok_acc": acc,
-                   "elapsed_s": round(el, 1), "tokens_per_s": round(tokens / max(el, 1e-9))}
+            rec = {"step": step, "len": ids.shape[1], "batch": ids.shape[0], "lr": opt.param_groups[0]["lr"],
+                   "loss": float(loss.detach()), "tok_acc": acc}
+            row_kind = kinds.to(args.device)[:, None].expand_as(mask)[:, :-1][mask[:, :-1]]
+            for i, name in enumerate(KINDS):  # the loss of each task on its own (induction has the most tokens)
+                sel = row_kind == i
+                if sel.any():
+                    rec[f"loss_{name}"] = round(float(token_loss.detach()[sel].mean()), 4)
+            rec.update(elapsed_s=round(el, 1), tokens_per_s=round(tokens / max(el, 1e-9)))
             log.append(rec)
             print(json.dumps(rec), flush=True)
         if args.time_budget and time.time() - t0 > args.time_budget:
@@ -194,7 +253,8 @@ def main(argv=None) -> int:
     acc = evaluate(model, tok, args.device, lengths, args.eval_n, seed=args.seed + 10_000, style=args.style)
     print("held-out full-cache accuracy:", json.dumps(acc), flush=True)
     meta = {"seed": args.seed, "steps_planned": args.steps, "steps_run": step + 1, "tokens_per_step": args.tokens_per_step,
-            "max_len": args.max_len, "lr": args.lr, "warmup": args.warmup, "parameters": nparams,
+            "max_len": args.max_len, "lr": args.lr, "warmup": args.warmup, "short_frac": args.short_frac, "induction_steps": args.induction_steps,
+            "task_mix": args.task_mix, "precision": args.precision, "parameters": nparams,
             "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - t1, 1),
             "device": torch.cuda.get_device_name() if amp else "cpu", "torch": torch.__version__,
             "heldout_full_cache_accuracy": acc, "eval_n_per_cell": args.eval_n, "log": log}
