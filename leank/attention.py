@@ -113,28 +113,35 @@ def chunk_self_attention_lse(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Te
     """Causal attention of a chunk on itself with its float32 LSE, in query blocks.
 
     Shapes as ``prefill_attention``; returns ``(out float32 [b, h, L, d], lse float32 [b, h, L])``.
+    Query heads are grouped under their KV head (no repeated K/V copies), and each block's
+    logits stay within ``CHUNK_SCORE_ELEMENTS`` (at most ``QUERY_BLOCK`` query rows), so
+    the memory used does not grow with batch x heads x chunk length squared.
     """
     b, h, L, d = q.shape
     kvh = k.shape[1]
     rep = h // kvh
-    kf = k.float().repeat_interleave(rep, dim=1)
-    vf = v.float().repeat_interleave(rep, dim=1)
+    kf, vf = k.float(), v.float()  # [b, kvh, L, d]
+    qg = q.view(b, kvh, rep, L, d)
+    block = max(1, min(QUERY_BLOCK, CHUNK_SCORE_ELEMENTS // max(1, b * h * L)))
     outs, lses = [], []
     cols = torch.arange(L, device=q.device)
-    for s in range(0, L, QUERY_BLOCK):
-        qb = q[:, :, s : s + QUERY_BLOCK].float()
-        logits = torch.einsum("bhld,bhkd->bhlk", qb, kf) * scale
-        rows = torch.arange(s, s + qb.shape[2], device=q.device)
-        allowed = (cols[None, :] <= rows[:, None])[None]
+    for s in range(0, L, block):
+        qb = qg[:, :, :, s : s + block].float()  # [b, kvh, rep, n, d]
+        logits = torch.einsum("bgrnd,bgkd->bgrnk", qb, kf) * scale
+        rows = torch.arange(s, s + qb.shape[3], device=q.device)
+        allowed = cols[None, :] <= rows[:, None]  # [n, L]
         if valid is not None:
-            allowed = allowed & valid[:, None, :]
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+            allowed = allowed[None] & valid[:, None, :]  # [b, n, L]
+            allowed = allowed[:, None, None]
+        logits = logits.masked_fill(~allowed, float("-inf"))
         m = logits.amax(-1)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(logits - m_safe[..., None])
         den = p.sum(-1)
-        outs.append(torch.einsum("bhlk,bhkd->bhld", p, vf) / torch.where(den > 0, den, torch.ones_like(den))[..., None])
-        lses.append(torch.where(den > 0, torch.log(den) + m_safe, torch.full_like(den, float("-inf"))))
+        o = torch.einsum("bgrnk,bgkd->bgrnd", p, vf) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+        lse = torch.where(den > 0, torch.log(den) + m_safe, torch.full_like(den, float("-inf")))
+        outs.append(o.reshape(b, h, -1, d))
+        lses.append(lse.reshape(b, h, -1))
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 

@@ -246,3 +246,22 @@ def test_import_has_no_side_effects():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(__import__('pathlib').Path(__file__).parents[1]))
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_chunked_prefill_in_small_blocks_matches_oracle(monkeypatch):
+    """generate(prefill_chunk_size=...): later chunks attend to the LeanK cache and to
+    themselves; with the score budget forced tiny both run in many small query blocks."""
+    import leank.attention
+
+    monkeypatch.setattr(leank.attention, "CHUNK_SCORE_ELEMENTS", 300)
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32, seed=5)
+    prompt = _prompt(40, seed=11)
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    try:
+        seq, logits, _ = _generate(model, prompt[None], 6, prefill_chunk_size=16)
+    finally:
+        leank.unpatch(model)
+    cont = torch.cat([prompt[16:], seq[0, 40:]])
+    ref = oracle_logits(model, keep, CFG.sink, CFG.recent, CFG.flush_every, prompt[:16], cont, chunks=[(0, 16), (16, 24)])
+    assert (logits[0] - ref[24:]).abs().max() <= 2e-5
