@@ -61,9 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=64, help="measured decode steps (default: %(default)s)")
     p.add_argument("--dense-prefill-chunk", type=int, default=8192,
                    help="generate(prefill_chunk_size=...) for the dense methods, so a static cache's prefill mask "
-                        "and the activations stay small at long contexts; 0 = one-shot. LeanK always prefills in one "
-                        "shot (its later chunks attend to the archive through the reference path). Decode numbers "
-                        "do not depend on it; prefill times then differ in kind (default: %(default)s)")
+                        "and the activations stay small at long contexts; 0 = one-shot. LeanK has its own option, "
+                        "--leank-prefill-chunk. Decode numbers do not depend on it; prefill times then differ in kind "
+                        "(default: %(default)s)")
+    p.add_argument("--leank-prefill-chunk", type=common.int_k, default=0,
+                   help="generate(prefill_chunk_size=...) for LeanK; 0 = one shot. Later chunks attend to the "
+                        "LeanK cache through the exact reference path in bounded blocks: less activation memory, "
+                        "slower prefill (default: %(default)s)")
     p.add_argument("--attn", default="auto", help="dense attention: auto, sdpa, flash_attention_2, eager (default: auto)")
     p.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="search the largest batch within --budget-gib for each method (default: on)")
@@ -241,7 +245,7 @@ def oom_safe(fn, *args):
 
 
 def prefill_chunk_for(method: str, args) -> int:
-    return 0 if method == "leank" else args.dense_prefill_chunk
+    return args.leank_prefill_chunk if method == "leank" else args.dense_prefill_chunk
 
 
 def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, mask, weight_bytes, total_gib) -> dict:
@@ -272,9 +276,9 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
     Peak memory (of the decode phase, or of the whole call with ``--budget-phase all``) is
     linear in the batch (weights + batch x per-sequence bytes), so two small runs (batch 1
     and 4) predict the largest batch; it is then run for real and stepped down while it
-    exceeds the budget or runs out of memory. Prefill as in the sweep (LeanK in one shot, so
-    at large batches the one-shot prefill's activations, not the budget, can stop it: the
-    result then says ``limited_by: "prefill OOM"``).
+    exceeds the budget or runs out of memory. Prefill as in the sweep (by default LeanK in
+    one shot, so at large batches the prefill's activations, not the budget, can stop it:
+    the result then says ``limited_by: "prefill OOM"``; ``--leank-prefill-chunk`` avoids that).
     """
     import torch
 
