@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "eval" / "results"
+RESULTS_DIR = REPO_ROOT / "eval" / "results"  # committed results: written only with an explicit --out
+SCRATCH_DIR = REPO_ROOT / "runs"  # git-ignored: where the scripts write by default
 
 # Families of the published LeanK kept-count mixes (leank.mixes: LLAMA_MIX, QWEN_MIX).
 MIX_FAMILIES = ("llama", "qwen")
@@ -105,8 +106,26 @@ def str_list(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
 
 
+def scratch_out(name: str) -> str:
+    """Default output path of a script: ``runs/<name>`` (git-ignored), never a committed result."""
+    return str(SCRATCH_DIR / name)
+
+
+def apply_smoke_sizes(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: dict[str, Any]) -> list[str]:
+    """Shrink a run for a smoke mode (``--tiny``): every option named in ``sizes`` that is
+    still at the parser's default takes the smoke value; options the user set are kept.
+    Returns the names that changed."""
+    changed = []
+    for name, value in sizes.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+            changed.append(name)
+    return changed
+
+
 def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
-    """--out, --seed, --device, --dtype, --no-progress."""
+    """--out, --seed, --device, --dtype, --no-progress. ``default_out`` should be a
+    :func:`scratch_out` path: defaults never point at committed results."""
     parser.add_argument("--out", default=default_out,
                         help="result JSON path; the resolved config is written next to it as *.config.json "
                              "(default: %(default)s)")

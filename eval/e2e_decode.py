@@ -40,6 +40,9 @@ if __package__ in (None, ""):  # `python eval/e2e_decode.py` from a checkout
 from eval import common  # noqa: E402
 
 METHODS = ("dense-static", "dense-dynamic", "leank")
+# --tiny: every code path in about a minute on a 2-core CPU (the window is small so the archive fills)
+TINY_SIZES = dict(lengths=[96], batches=[1, 2], warmup=1, steps=6, dense_prefill_chunk=32, sink=8, recent=16,
+                  flush_every=4)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=common.str_list, default=list(METHODS),
                    help=f"subset of {list(METHODS)} (default: all)")
     p.add_argument("--layers", type=int, default=None, help="use only this many decoder layers (default: all)")
-    p.add_argument("--tiny", action="store_true", help="tiny widths (2 layers, head_dim 128): a CPU smoke test")
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke test: tiny widths (2 layers, head_dim 128) and, for options left at their "
+                        f"defaults, {TINY_SIZES}")
     p.add_argument("--quick", action="store_true",
                    help="8 layers, lengths 8K,32K, batches 1,8, no max-batch search (overrides those options)")
     p.add_argument("--warmup", type=int, default=8, help="decode steps excluded from the statistics (default: %(default)s)")
@@ -80,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-length", type=common.int_k, default=16384, help="prompt length of the max-batch search (default: %(default)s)")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
-    common.add_common_args(p, default_out=str(common.RESULTS_DIR / "e2e_decode.json"))
+    common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
     common.add_leank_args(p)
     p.set_defaults(backend=None)
     for a in p._actions:  # default backend: tilelang on CUDA (a benchmark must not fall back silently)
@@ -90,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(args) -> None:
+    if args.tiny:
+        common.apply_smoke_sizes(args, build_parser(), TINY_SIZES)
     if args.quick:
         args.layers, args.lengths, args.batches, args.max_batch = args.layers or 8, [8192, 32768], [1, 8], False
     bad = [m for m in args.methods if m not in METHODS]
