@@ -11,7 +11,6 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -315,7 +314,7 @@ def build_mask(spec: str, model, seed: int, family: str | None = None):
 
     ``mix`` / ``mix:llama`` / ``mix:qwen`` -> ``leank.mixes.mix_mask`` (the published kept-count
     mix at random heads, lowest-frequency RoPE pairs kept) for the model's shape;
-    ``rope:S`` -> ``ChannelMask.from_rope_frequency(config, S, align=32)``; anything else is
+    ``rope:S`` -> ``leank.masks.from_rope_frequency(config, S, align=32)``; anything else is
     passed through (a mask file or a model id the registry resolves).
     """
     cfg = model.config
@@ -331,9 +330,13 @@ def build_mask(spec: str, model, seed: int, family: str | None = None):
                         model_id=getattr(cfg, "name_or_path", "") or "")
         return dataclasses.replace(mask, context_set=context_set_from_config(cfg))
     if spec.startswith("rope:"):
-        from leank.masks import ChannelMask
+        from leank.masks import from_rope_frequency
 
-        return ChannelMask.from_rope_frequency(cfg, float(spec.split(":", 1)[1]), align=32)
+        try:
+            sparsity = float(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"--mask: expected rope:SPARSITY with a number in [0, 1), got {spec!r}") from None
+        return from_rope_frequency(cfg, sparsity, align=32)
     return spec
 
 
@@ -348,13 +351,3 @@ def leank_available() -> str | None:
             return f"{mod} is not importable ({e})"
     return None
 
-
-def ensure_repo_on_path() -> None:
-    """Let ``python eval/x.py`` import ``leank`` and ``eval`` from a checkout."""
-    root = str(REPO_ROOT)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

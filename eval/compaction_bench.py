@@ -29,6 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from eval import common  # noqa: E402
+
+# --tiny: every code path (both methods, recorded queries, held-out errors) in seconds on a CPU
+TINY_SIZES = dict(contexts=[512], ratios=[0.1], layers=2, max_queries=128, heldout=32, reps=1, sink=8, recent=32,
+                  extra="512:0.1:hak:repeat_rec,512:0.1:omp:repeat")
+
 
 def llama8b_config(layers: int, max_pos: int, tiny: bool = False):
     from transformers import LlamaConfig
@@ -112,7 +118,7 @@ def evaluate(held, cache, compacted, train, budget, sink, recent):
     return {k: dict(out_rel=math.sqrt(r[0] / r[1]), lse_mae=r[2] / r[4], lse_max=r[3]) for k, r in acc.items()}
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.02, 0.05, 0.1])
@@ -126,10 +132,18 @@ def main() -> int:
     ap.add_argument("--extra", default="32768:0.02:hak:repeat_rec,32768:0.02:hak:repeat_only,32768:0.02:omp:repeat",
                     help="extra single runs context:ratio:method:queries, comma-separated (queries 'repeat_rec': "
                          "repeat pass + the prefill's own queries recorded with record_queries)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny fp32 model")
+    ap.add_argument("--out", default=None, help="result JSON (default: none written; results are printed)")
+    ap.add_argument("--tiny", action="store_true",
+                    help=f"CPU smoke test with a tiny fp32 model; options left at their defaults become {TINY_SIZES}")
     ap.add_argument("--deadline", type=float, default=None, help="skip points that start after this many seconds")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.tiny:
+        common.apply_smoke_sizes(args, ap, TINY_SIZES)
 
     import leank
     from leank.compaction import collect_queries

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-limit-gb", type=float, default=0.0, help="skip points above this (0: 85%% of the GPU)")
     p.add_argument("--no-graph", action="store_true", help="time eager calls, not CUDA-graph replays")
     p.add_argument("--cold-compile", action="store_true", help="also time a cold compile of each model's kernels")
-    p.add_argument("--out", default="eval/results/kernel_bench_h100", help="output stem (.json, .png)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "runs" / "kernel_bench"),
+                   help="output stem (.json, .png); default: %(default)s (git-ignored; the committed H100 run is "
+                        "eval/results/kernel_bench_h100)")
     return p
 
 

@@ -34,7 +34,7 @@ from leank.config import LeanKConfig  # noqa: E402
 from leank.masks import ChannelMask  # noqa: E402
 from leank.train.data import RetrievalTask, decode_words, score  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(__file__).resolve().parents[1] / "runs"  # git-ignored; committed results live in eval/results/
 TASK_NAMES = ("multikey", "multivalue")
 
 
@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--style", default="compact", choices=("compact", "natural"), help="task style the model was trained on")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--out", default=str(RESULTS / "mask_quality"))
+    p.add_argument("--out", default=str(SCRATCH / "mask_quality"),
+                   help="output stem (.json, .md); default: %(default)s (the committed run is eval/results/mask_quality)")
     p.add_argument("--from-json", help="only re-render the markdown table of a results JSON")
     args = p.parse_args(argv)
     if args.from_json:

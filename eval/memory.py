@@ -37,6 +37,8 @@ from eval import common  # noqa: E402
 
 K_NAMES = ("keys", "win_k", "key_cache")
 V_NAMES = ("values", "win_v", "value_cache")
+# --tiny: both shapes, prefill + decode past several flushes, in seconds on a CPU
+TINY_SIZES = dict(lengths=[128], steps=12, sink=8, recent=16, flush_every=4)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences (default: %(default)s)")
     p.add_argument("--steps", type=int, default=128, help="decode steps after the prefill (default: %(default)s)")
     p.add_argument("--layers", type=int, default=None, help="use only this many decoder layers (default: all)")
-    p.add_argument("--tiny", action="store_true", help="tiny widths (2 layers, head_dim 128): a CPU smoke test")
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke test: tiny widths (2 layers, head_dim 128) and, for options left at their "
+                        f"defaults, {TINY_SIZES}")
     p.add_argument("--attn", default="auto", help="dense attention (default: auto)")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="relative tolerance of the byte checks, plus 64 KiB per layer of allocator rounding "
                         "(default: %(default)s)")
-    common.add_common_args(p, default_out=str(common.RESULTS_DIR / "e2e_memory.json"))
+    common.add_common_args(p, default_out=common.scratch_out("e2e_memory.json"))
     common.add_leank_args(p)
     return p
 
@@ -271,7 +275,10 @@ def summary(shape: str, length: int, runs: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tiny:
+        common.apply_smoke_sizes(args, parser, TINY_SIZES)
     if (why := common.leank_available()):
         raise SystemExit(f"eval/memory.py needs leank: {why}")
     import torch

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--longbench-max-length", type=int, default=31744,
                    help="LongBench prompts longer than this are cut in the middle (default: %(default)s)")
     p.add_argument("--longbench-num-samples", type=int, default=50, help="(default: %(default)s)")
-    common.add_common_args(p, default_out=str(common.RESULTS_DIR / "ruler.json"))
+    common.add_common_args(p, default_out=common.scratch_out("ruler.json"))
     common.add_leank_args(p)
     return p
 

@@ -16,8 +16,11 @@ induction circuit solves it), and the exercise stays in the mix afterwards
 (``--task-mix``). Reproducible from ``--seed`` (data is a pure function of seed and step;
 model init from ``torch.manual_seed``).
 
-    python eval/train_tiny_model.py --out leank/data/tiny-llama            # GPU, ~5 min
-    python eval/train_tiny_model.py --device cpu --smoke --out /tmp/tiny    # CPU smoke test
+    python eval/train_tiny_model.py --out leank/data/tiny-llama   # GPU, ~5 min; replaces the shipped model
+    python eval/train_tiny_model.py --device cpu --smoke          # CPU smoke test (~20 s), into runs/
+
+Without ``--out`` the model goes to ``runs/tiny-llama`` (git-ignored); the shipped model in
+``leank/data/tiny-llama`` is only written when named explicitly.
 
 Writes ``config.json``, ``model.safetensors`` (bf16), tokenizer files and
 ``train_log.json`` (settings, loss curve with per-task losses, held-out full-cache
@@ -39,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval import common  # noqa: E402
 from leank.train.data import RetrievalTask, decode_words, score  # noqa: E402
 from leank.train.tiny import SPECIAL, build_word_tokenizer, tiny_llama_config  # noqa: E402
 
@@ -157,9 +161,13 @@ def evaluate(model, tok, device, lengths, n: int, seed: int, batch: int = 16, st
     return out
 
 
+SMOKE_SIZES = dict(steps=40, induction_steps=10, log_every=10)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="leank/data/tiny-llama")
+    p.add_argument("--out", default=common.scratch_out("tiny-llama"),
+                   help="model folder (default: %(default)s; the shipped model is leank/data/tiny-llama)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2200)
@@ -181,10 +189,12 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=0, help="stop training after this many seconds (0 = none)")
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--style", default="compact", choices=("compact", "natural"), help="task text style (leank.train.data)")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run: small model, short sequences")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny CPU run: small model, short sequences; options left at their defaults become {SMOKE_SIZES}")
     p.add_argument("--full-size", action="store_true", help="with --smoke: keep the full model size")
     args = p.parse_args(argv)
     if args.smoke:
+        common.apply_smoke_sizes(args, p, SMOKE_SIZES)
         args.tokens_per_step, args.workers = 4096, 0
         args.max_len, args.eval_n = min(args.max_len, 512), min(args.eval_n, 16)
 

@@ -97,3 +97,67 @@ def test_max_batch_search_logic(monkeypatch):
     assert res["status"] == "ok" and res["max_batch"] == 13 and res["decode_peak_gib"] == 36.0
     assert [t["decode_peak_gib"] for t in res["tried"]] == [None, 41.0, 36.0]
     assert res["tokens_per_s"] == pytest.approx(13 / 0.010)
+
+
+# ----------------------------------------------------------------------------- defaults and smoke sizes
+class _Parsed(Exception):
+    pass
+
+
+def _parser_of(module, monkeypatch):
+    """The argparse parser a script's ``main`` builds (stopped before it runs anything)."""
+    import argparse
+
+    def grab(self, args=None, namespace=None):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    with pytest.raises(_Parsed) as e:
+        module.main([])
+    monkeypatch.undo()
+    return e.value.args[0]
+
+
+@pytest.mark.parametrize("name", ["e2e_decode", "memory", "ruler", "kernel_bench", "compaction_bench",
+                                  "mask_quality", "train_tiny_model"])
+def test_default_outputs_never_touch_committed_files(name, monkeypatch):
+    """Issue 11 items 8 and 11: a run without --out writes under runs/ (git-ignored), never over
+    eval/results/ or the shipped model in leank/data/."""
+    import importlib
+    from pathlib import Path
+
+    module = importlib.import_module(f"eval.{name}")
+    out = _parser_of(module, monkeypatch).get_default("out")
+    if out is None:  # prints only
+        return
+    out = Path(out).resolve()
+    assert out.is_relative_to(common.SCRATCH_DIR), f"{name}: default --out {out} is not under {common.SCRATCH_DIR}"
+    gitignore = (common.REPO_ROOT / ".gitignore").read_text().split()
+    assert "/runs/" in gitignore
+
+
+def test_smoke_sizes_apply_only_to_options_left_at_default():
+    args = e2e_decode.build_parser().parse_args(["--tiny", "--steps", "3"])
+    e2e_decode.resolve_args(args)
+    assert args.steps == 3  # set by the user: kept
+    assert args.lengths == e2e_decode.TINY_SIZES["lengths"] and args.batches == e2e_decode.TINY_SIZES["batches"]
+    assert args.out == str(common.SCRATCH_DIR / "e2e_decode.json")
+    full = e2e_decode.build_parser().parse_args([])
+    e2e_decode.resolve_args(full)
+    assert full.lengths == [8192, 32768, 65536, 131072]  # no --tiny: untouched
+    # a smoke run stays small: one or two lengths, batches <= 2, a few steps
+    for mod in (e2e_decode, memory):
+        sizes = mod.TINY_SIZES
+        assert max(sizes["lengths"]) <= 256 and sizes["steps"] <= 16
+    assert max(e2e_decode.TINY_SIZES["batches"]) <= 2
+
+
+def test_build_mask_rope_spec():
+    """--mask rope:S builds the data-free RoPE-frequency mask (it raised AttributeError before)."""
+    from leank.masks import ChannelMask
+
+    model = common.build_model(common.model_config("llama3.1-8b", tiny=True), torch.device("cpu"), torch.float32, "sdpa")
+    mask = common.build_mask("rope:0.75", model, seed=0)
+    assert isinstance(mask, ChannelMask) and mask.sparsity == pytest.approx(0.75) and mask.align == 32
+    with pytest.raises(ValueError, match="--mask"):
+        common.build_mask("rope:lots", model, seed=0)
