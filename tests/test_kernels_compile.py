@@ -1,16 +1,23 @@
-"""CI (CPU): every decode-kernel variant the Llama-3.1-8B and Qwen2.5-7B shapes need compiles.
+"""CI (CPU): the decode-kernel variants of the supported model shapes compile for sm_90a.
 
-TileLang lowers the kernels and nvcc builds them for ``sm_90a``; no GPU is used. The
-variants: (32 q / 8 kv heads) and (28 / 4), head_dim 128, bf16 and fp16, the default slot
-set of the published masks (kept counts 32, 64, 96 -> slots 32, 64, 96, 128), with and
-without the attention-matching bias. Skipped with a reason when tilelang or nvcc is
-missing.
+TileLang lowers the kernels and nvcc builds them for ``sm_90a``; no GPU is used. A
+representative set, about 15-40 s per variant on a 2-core CPU:
+
+* head_dim 128: Llama-3.1-8B (32 q / 8 kv heads) and Qwen2.5-7B (28 / 4), bf16 and fp16,
+  the default slot set of the published masks (kept counts 32, 64, 96 -> slots 32, 64, 96,
+  128), with and without the attention-matching bias;
+* head_dim 64: Llama-3.2-1B/3B-class (32 / 8) and Qwen2.5-0.5B-class (14 / 2), fp16 and
+  bf16, kept counts in steps of 16 (slots 16, 32, 48, 64);
+* ``slow``: every kept count of head_dim 128 in steps of 16 (all 8 slots).
+
+Skipped with a reason when tilelang or nvcc is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+import time
 
 import pytest
 import torch
@@ -20,8 +27,18 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH"),
 ]
 
-SHAPES = {"llama-3.1-8b": (32, 8), "qwen2.5-7b": (28, 4)}
-VARIANTS = [(m, dt, bias) for m in SHAPES for dt in (torch.bfloat16, torch.float16) for bias in (False, True)]
+SHAPES = {"llama-3.1-8b": (32, 8), "qwen2.5-7b": (28, 4), "llama-3.2-1b": (32, 8), "qwen2.5-0.5b": (14, 2)}
+HEAD_DIM = {"llama-3.1-8b": 128, "qwen2.5-7b": 128, "llama-3.2-1b": 64, "qwen2.5-0.5b": 64}
+PUBLISHED = [32, 64, 96]  # kept counts of the published head_dim-128 masks
+BF16, FP16 = torch.bfloat16, torch.float16
+# (model, dtype, bias, kept counts of the layer, marks)
+VARIANTS = [
+    ("llama-3.1-8b", BF16, False, PUBLISHED, ()),
+    ("qwen2.5-7b", FP16, True, PUBLISHED, ()),
+    ("llama-3.2-1b", BF16, False, [16, 48], ()),
+    ("qwen2.5-0.5b", FP16, True, [32, 64], ()),
+    ("llama-3.1-8b", FP16, True, list(range(16, 129, 16)), (pytest.mark.slow,)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +51,52 @@ def cache_dir(tmp_path_factory):
     mp.undo()
 
 
-def test_default_slots_of_published_masks():
+def test_default_slots():
     from tilelang_kernels.decode import default_slot_dims
 
     assert default_slot_dims(128, [32, 64, 96]) == (32, 64, 96, 128)
     assert default_slot_dims(128, [16, 32]) == tuple(range(16, 129, 16))
+    assert default_slot_dims(64, [32, 64]) == (32, 64)
+    assert default_slot_dims(64, [16, 48]) == (16, 32, 48, 64)
 
 
-@pytest.mark.parametrize("model,dtype,bias", VARIANTS, ids=[f"{m}-{str(d)[6:]}-{'bias' if b else 'nobias'}" for m, d, b in VARIANTS])
-def test_compile_sm90a(cache_dir, model, dtype, bias):
+def test_builders_refuse_what_supports_refuses():
+    from tilelang_kernels import decode_kernels as dk
+
+    with pytest.raises(ValueError, match="head_dim"):
+        dk.default_config(96)
+    with pytest.raises(ValueError, match="head_dim"):
+        dk.split_kernel(8, 2, 96, (32,), "float16", False)
+    with pytest.raises(ValueError, match="head_dim"):
+        dk.combine_kernel(8, 2, 256, "float16")
+    with pytest.raises(ValueError, match="slot_dims"):
+        dk.split_kernel(8, 2, 64, (24,), "float16", False)
+    with pytest.raises(ValueError, match="slot_dims"):
+        dk.split_kernel(8, 2, 64, (80,), "float16", False)
+    with pytest.raises(ValueError, match="num_heads"):
+        dk.split_kernel(128, 1, 64, (32,), "float16", False)
+    assert dk.default_config(64)["block_H"] == dk.BLOCK_H == 64
+
+
+def _id(v):
+    m, dt, bias, kept, _ = v
+    return f"{m}-hd{HEAD_DIM[m]}-{str(dt)[6:]}-{'bias' if bias else 'nobias'}-{len(kept)}counts"
+
+
+@pytest.mark.parametrize("model,dtype,bias,kept", [pytest.param(*v[:4], marks=v[4], id=_id(v)) for v in VARIANTS])
+def test_compile_sm90a(cache_dir, model, dtype, bias, kept):
     from tilelang_kernels import decode as dec
 
     heads, kv = SHAPES[model]
+    head_dim = HEAD_DIM[model]
+    slots = dec.default_slot_dims(head_dim, kept)
     dec._kernels.clear()
-    split, combine = dec.get_kernels(heads, kv, 128, dtype, dec.default_slot_dims(128, [32, 64, 96]), bias)
+    t = time.time()
+    split, combine = dec.get_kernels(heads, kv, head_dim, dtype, slots, bias)
+    print(f"compiled {model} head_dim {head_dim} {dtype} slots {slots} bias {bias}: {time.time() - t:.1f} s")
     src = split.get_kernel_source()
     assert "wgmma" in src and "tma_load" in src, "expected the SM90 path (wgmma + TMA)"
-    assert "combine" in combine.get_kernel_source()
+    csrc = combine.get_kernel_source()
+    assert "combine" in csrc
+    if head_dim < 128:  # 128 threads, the upper half only takes part in the reductions
+        assert f"((int)threadIdx.x) < {head_dim}" in csrc

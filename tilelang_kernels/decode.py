@@ -23,6 +23,12 @@ layer's kept counts are multiples of 32 (the published masks: one compile serves
 layer), else every multiple of 16; ``slot_dims=`` overrides it. Kept counts that are not
 multiples of 16 are zero-padded per call (correct, slower, logged once).
 
+What the kernel supports (CUDA on sm_90a, fp16/bf16, head_dim 64 or 128, kept counts in
+steps of 16, at most 64 query heads per KV head) is answered by
+:func:`tilelang_kernels.capability.supports` without importing TileLang; this function
+raises ``ValueError`` with that reason for anything else (except kept counts that are not
+multiples of 16, which it pads as said above).
+
 Requirements beyond the reference: CUDA tensors; ``q``, window and archive tensors
 contiguous; rows at and past the lengths must hold finite values (as for the reference,
 whose ``0 * NaN`` would also poison the result). ``arch_heads`` are read on the host: keep
@@ -41,6 +47,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .capability import supports
 from .reference import validate_decode_inputs
 
 log = logging.getLogger(__name__)
@@ -94,8 +101,10 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
 
     from . import decode_kernels as dk
 
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected float16 or bfloat16, got {dtype}")
     tgt = dict(target or _TARGET)
-    cfg = {**dk.default_config(), **(config or {})}
+    cfg = {**dk.default_config(head_dim), **(config or {})}
     name = _DTYPES[dtype]
     split = tilelang.compile(
         dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
@@ -273,10 +282,8 @@ def decode_attention(
         ``out [batch, num_heads, head_dim]`` in q's dtype (and ``lse``). Rows with nothing
         to attend to give zeros and ``lse = -inf``.
     """
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"q: expected float16 or bfloat16, got {q.dtype}")
-    if not q.is_cuda:
-        raise ValueError(f"q: expected a CUDA tensor, got device {q.device}")
+    # dtype, device, head_dim, GQA group and kept counts are checked by ``supports`` when a
+    # layout is first seen (they are all part of the plan key), not on every call
     if q.dim() != 3 or win_k.dim() != 4:
         validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
     b, h, d = q.shape
@@ -320,6 +327,10 @@ def decode_attention(
     plan = _plans.get(key)
     if plan is None:
         validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
+        reason = supports(device=dev, dtype=q.dtype, head_dim=d, num_heads=h, num_kv_heads=kvh, kept_counts=dims)
+        if reason is not None:
+            raise ValueError(f"decode_attention: the TileLang kernel does not support this call: {reason} "
+                             "(the reference backend does)")
         plan = build_plan(b, kvh, d, wcap, [(dims[g], list(heads_key[g]), ks[g].shape[2]) for g in range(n)],
                           slot_dims, dev, num_sms(dev))
         _plans[key] = plan

@@ -20,9 +20,12 @@ slot, table size and part count are ``T.dynamic``: a model compiles this pair on
 
 import tilelang.language as T
 
+from .capability import BLOCK_H, HEAD_DIMS, MAX_SLOTS
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MAX_SLOTS = 8
+# the combine kernel: one thread per part (parts per KV head <= COMBINE_THREADS)
+COMBINE_THREADS = 128
 
 # Work-table columns (int32 [num_items, TABLE_COLS]).
 COL_SLOT, COL_ROW, COL_KVH, COL_SPLIT, COL_NSPLIT, COL_PART = range(6)
@@ -31,17 +34,35 @@ TABLE_COLS = 6
 PASS_CONFIGS = {}
 
 
-def default_config() -> dict:
-    """Tile config for SM90: a 64-row wgmma tile of query heads, 64-token K/V tiles."""
-    return {"block_N": 64, "block_H": 64, "num_stages": 2, "threads": 128}
+# Tile config per head_dim on SM90: a 64-row wgmma tile of query heads (block_H), 64-token
+# K/V tiles, two TMA stages, one warpgroup. head_dim 64 uses the same tiles (half the bytes
+# per stage); it has not been tuned on the GPU yet.
+CONFIGS = {
+    128: {"block_N": 64, "block_H": BLOCK_H, "num_stages": 2, "threads": 128},
+    64: {"block_N": 64, "block_H": BLOCK_H, "num_stages": 2, "threads": 128},
+}
+
+
+def default_config(head_dim: int = 128) -> dict:
+    """Tile config of the split kernel for ``head_dim`` on SM90 (a copy of ``CONFIGS``)."""
+    if head_dim not in CONFIGS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
+    return dict(CONFIGS[head_dim])
 
 
 def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
-                 block_N=64, block_H=64, num_stages=2, threads=128):
+                 block_N=64, block_H=BLOCK_H, num_stages=2, threads=128):
     """Build the split pass. Table slot ``len(slot_dims)`` means the window."""
     if len(slot_dims) > MAX_SLOTS:
         raise ValueError(f"slot_dims: at most {MAX_SLOTS} archive slots, got {len(slot_dims)}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
+    bad = [d for d in slot_dims if d % 16 or not 0 < d <= head_dim]
+    if bad:
+        raise ValueError(f"slot_dims: expected multiples of 16 in 16..{head_dim}, got {tuple(slot_dims)}")
     rep = num_heads // num_kv_heads
+    if rep > block_H:
+        raise ValueError(f"num_heads: at most block_H={block_H} query heads per KV head, got {rep}")
     D = head_dim
     nslots = len(slot_dims)
     accum = T.float32
@@ -210,18 +231,21 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
 def combine_kernel(num_heads, num_kv_heads, head_dim, dtype):
     """Build the combine pass: LSE-merge of ``nparts[kv_head]`` (at most 128) float32 parts.
 
-    One block per (query head, sequence): thread ``t`` loads part ``t``'s LSE, the block
-    reduces max and sum with warp shuffles, then thread ``j`` sums channel ``j`` over parts
-    (independent loads, unrolled).
+    One block of 128 threads per (query head, sequence): thread ``t`` loads part ``t``'s
+    LSE, the block reduces max and sum with warp shuffles, then thread ``j < head_dim``
+    sums channel ``j`` over parts (independent loads, unrolled). For head_dim 64 the upper
+    half of the block only takes part in the reductions.
     """
     rep = num_heads // num_kv_heads
     D = head_dim
-    if D != 128:
-        raise ValueError(f"head_dim: the combine kernel is written for 128, got {D}")
+    NT = COMBINE_THREADS
+    if D not in HEAD_DIMS or D > NT:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {D}")
     accum = T.float32
     neg_inf = -T.infinity(accum)
     B = T.dynamic("batch")
     NP = T.dynamic("num_parts")
+    NW = NT // 32  # warps
 
     @T.prim_func
     def combine(
@@ -231,10 +255,10 @@ def combine_kernel(num_heads, num_kv_heads, head_dim, dtype):
         O: T.Tensor([B, num_heads, D], dtype),
         LSE: T.Tensor([B, num_heads], accum),
     ):
-        with T.Kernel(num_heads, B, threads=D) as (h, b):
+        with T.Kernel(num_heads, B, threads=NT) as (h, b):
             tx = T.get_thread_binding()
-            red = T.alloc_shared([8], accum)
-            wts = T.alloc_shared([D], accum)
+            red = T.alloc_shared([2 * NW], accum)
+            wts = T.alloc_shared([NT], accum)
             n = T.alloc_var(T.int32, init=NPARTS[h // rep])
             lp = T.alloc_var(accum, init=neg_inf)
             if tx < n:
@@ -252,13 +276,14 @@ def combine_kernel(num_heads, num_kv_heads, head_dim, dtype):
             for off in [16, 8, 4, 2, 1]:
                 tot = tot + T.shfl_xor(tot, off)
             if tx % 32 == 0:
-                red[4 + tx // 32] = tot
+                red[NW + tx // 32] = tot
             T.sync_threads()
-            tot = red[4] + red[5] + red[6] + red[7]
+            tot = red[NW] + red[NW + 1] + red[NW + 2] + red[NW + 3]
             acc = T.alloc_var(accum, init=0.0)
-            for p in T.unroll(n, unroll_factor=8):
-                acc = acc + wts[p] * OPART[b, h, p, tx]
-            O[b, h, tx] = T.if_then_else(tot > 0, acc / tot, 0.0)
+            if tx < D:
+                for p in T.unroll(n, unroll_factor=8):
+                    acc = acc + wts[p] * OPART[b, h, p, tx]
+                O[b, h, tx] = T.if_then_else(tot > 0, acc / tot, 0.0)
             if tx == 0:
                 LSE[b, h] = T.if_then_else(tot > 0, (T.log2(tot) + m) * LN2, neg_inf)
 

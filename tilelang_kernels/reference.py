@@ -2,7 +2,8 @@
 
 This file imports no TileLang. Every kernel in this package has this exact signature.
 
-Layout (per layer; see DESIGN.md):
+Layout (per layer; filled by ``leank.cache``; the README's "What the function is" section
+gives the whole picture):
 
 * window: the first ``sink`` tokens, the most recent ``recent`` tokens and up to
   ``flush_every`` pending tokens, at full ``head_dim``;

@@ -1,0 +1,217 @@
+"""CPU tests of ``tilelang_kernels.supports``: what the TileLang decode kernel can run.
+
+No GPU is needed: a stand-in object with ``type == "cuda"`` plays the device, and the SM
+version is faked where the test needs one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tilelang_kernels import capability, supports
+
+HAS_TILELANG = importlib.util.find_spec("tilelang") is not None
+CUDA = SimpleNamespace(type="cuda", index=None)  # a CUDA device as far as the check can tell
+GOOD = dict(device=CUDA, dtype=torch.bfloat16, head_dim=128, num_heads=32, num_kv_heads=8,
+            kept_counts=[0, 32, 32, 64, 96, 128, 16, 48])
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """CUDA unavailable, whatever the machine: the SM version is never queried."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda *a: pytest.fail("queried the SM version without CUDA"))
+
+
+@pytest.fixture
+def fake_sm(monkeypatch):
+    """CUDA available with a chosen compute capability (set ``fake_sm.cap``)."""
+    state = SimpleNamespace(cap=(9, 0), asked=[])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def cap(index=None):
+        state.asked.append(index)
+        return state.cap
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", cap)
+    capability._capability.cache_clear()
+    yield state
+    capability._capability.cache_clear()
+
+
+def call(**over):
+    return supports(**{**GOOD, **over})
+
+
+def test_signature_is_keyword_only_and_exported():
+    import tilelang_kernels
+
+    assert tilelang_kernels.supports is capability.supports
+    params = inspect.signature(supports).parameters
+    assert list(params) == ["device", "dtype", "head_dim", "num_heads", "num_kv_heads", "kept_counts"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    with pytest.raises(TypeError):
+        supports(CUDA, torch.bfloat16, 128, 32, 8, [32])  # noqa
+
+
+def test_import_needs_no_tilelang():
+    code = ("import sys; sys.modules['tilelang'] = None\n"
+            "import torch, tilelang_kernels\n"
+            "from tilelang_kernels import supports\n"
+            "r = supports(device=torch.device('cuda'), dtype=torch.float16, head_dim=64, num_heads=8,"
+            " num_kv_heads=2, kept_counts=[16, 64])\n"
+            "assert r is not None and r.startswith('tilelang not importable'), r\n"
+            "print('OK', r)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OK tilelang not importable" in r.stdout
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), torch.device("meta")])
+def test_non_cuda_device(no_cuda, device):
+    reason = call(device=device)
+    assert reason is not None and reason.startswith("CUDA device required")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int8])
+def test_dtype(no_cuda, dtype):
+    reason = call(dtype=dtype)
+    name = str(dtype).replace("torch.", "")
+    assert reason == f"dtype {name} not supported (needs float16 or bfloat16)"
+
+
+@pytest.mark.parametrize("head_dim", [32, 80, 96, 256])
+def test_head_dim(no_cuda, head_dim):
+    reason = call(head_dim=head_dim, kept_counts=[16])
+    assert reason == f"head_dim {head_dim} not supported (64 or 128)"
+
+
+@pytest.mark.parametrize("counts,expect", [
+    ([40], "kept count 40 not a multiple of 16"),
+    ([16, 24, 8], "kept count 8 not a multiple of 16"),
+    ([144], "kept count 144 outside 0..head_dim 128"),
+    ([-16], "kept count -16 outside 0..head_dim 128"),
+])
+def test_kept_counts(no_cuda, counts, expect):
+    assert call(kept_counts=counts) == expect
+
+
+def test_kept_counts_beyond_head_dim_64(no_cuda):
+    assert call(head_dim=64, kept_counts=[64, 80]) == "kept count 80 outside 0..head_dim 64"
+
+
+def test_too_many_distinct_kept_counts(no_cuda, monkeypatch):
+    # multiples of 16 up to 128 are exactly MAX_SLOTS values; a smaller limit must bite
+    if HAS_TILELANG:
+        assert call(kept_counts=list(range(16, 129, 16))) is None
+    monkeypatch.setattr(capability, "MAX_SLOTS", 4)
+    reason = call(kept_counts=[16, 32, 48, 64, 80])
+    assert reason == "5 distinct kept counts, more than MAX_SLOTS 4"
+
+
+@pytest.mark.parametrize("heads,kv,expect", [
+    (30, 4, "num_heads 30 not a multiple of num_kv_heads 4"),
+    (8, 0, "num_heads 8 not a multiple of num_kv_heads 0"),
+    (128, 1, "GQA group of 128 query heads per KV head exceeds the kernel's block_H 64"),
+])
+def test_heads(no_cuda, heads, kv, expect):
+    assert call(num_heads=heads, num_kv_heads=kv, kept_counts=[32] * max(kv, 1)) == expect
+
+
+def test_several_reasons_are_joined(no_cuda):
+    reason = call(device="cpu", dtype=torch.float32, head_dim=96, kept_counts=[40])
+    parts = reason.split("; ")
+    assert parts[0].startswith("CUDA device required")
+    assert parts[1].startswith("dtype float32")
+    assert parts[2].startswith("head_dim 96")
+    assert parts[3] == "kept count 40 not a multiple of 16"
+
+
+def test_nested_and_tensor_kept_counts(no_cuda):
+    per_layer = torch.tensor([[0, 32, 64, 128], [16, 16, 48, 40]])
+    assert call(num_heads=16, num_kv_heads=4, kept_counts=per_layer) == "kept count 40 not a multiple of 16"
+    assert call(num_heads=16, num_kv_heads=4, kept_counts=[[0, 32], [16, 40]]) == "kept count 40 not a multiple of 16"
+
+
+def test_bad_device_argument():
+    with pytest.raises(ValueError, match="device"):
+        call(device=3)
+
+
+@pytest.mark.skipif(not HAS_TILELANG, reason="tilelang is not installed")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv", [(32, 8), (14, 2), (28, 4), (8, 8), (64, 1)])
+def test_supported(no_cuda, head_dim, dtype, heads, kv):
+    counts = [(16 * (h + 1)) % (head_dim + 16) for h in range(kv)]  # 16, 32, ... and 0
+    assert call(dtype=dtype, head_dim=head_dim, num_heads=heads, num_kv_heads=kv, kept_counts=counts) is None
+    assert call(device="cuda:0", dtype=dtype, head_dim=head_dim, num_heads=heads, num_kv_heads=kv,
+                kept_counts=[]) is None
+
+
+@pytest.mark.skipif(not HAS_TILELANG, reason="tilelang is not installed")
+def test_sm_version(fake_sm):
+    assert call() is None
+    assert fake_sm.asked == [0]
+    fake_sm.cap = (8, 0)
+    capability._capability.cache_clear()
+    assert call(device=torch.device("cuda", 1)) == "sm_80 not supported (kernels are built for sm_90a: H100/H200)"
+    assert fake_sm.asked[-1] == 1
+    fake_sm.cap = (10, 0)
+    capability._capability.cache_clear()
+    assert call().startswith("sm_100 not supported")
+
+
+def test_sm_not_queried_when_other_reasons(fake_sm):
+    assert call(dtype=torch.float32).startswith("dtype float32")
+    assert fake_sm.asked == []
+
+
+def test_tilelang_not_importable(no_cuda, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tilelang", None)
+    capability._tilelang_import_error.cache_clear()
+    try:
+        reason = call()
+    finally:
+        capability._tilelang_import_error.cache_clear()  # sys.modules is restored by monkeypatch
+    assert reason is not None and reason.startswith("tilelang not importable (ModuleNotFoundError")
+
+
+# -- decode_attention refuses unsupported calls with the same reasons (no GPU needed: the
+# -- check runs before anything is compiled or launched)
+
+def _inputs(dtype=torch.float16, head_dim=64, heads=8, kv=2, kept=(16, 40), device="cpu"):
+    q = torch.randn(1, heads, head_dim).to(dtype)
+    wk = torch.randn(1, kv, 8, head_dim).to(dtype)
+    ak, av, ah, ac = [], [], [], []
+    for h, d in enumerate(kept):
+        ak.append(torch.randn(1, 1, 4, d).to(dtype))
+        av.append(torch.randn(1, 1, 4, head_dim).to(dtype))
+        ah.append(torch.tensor([h]))
+        ac.append(torch.arange(d).unsqueeze(0))
+    ln = torch.tensor([3], dtype=torch.int32)
+    return (q, wk, wk.clone(), ln, ak, av, ah, ac, ln.clone())
+
+
+@pytest.mark.parametrize("over,expect", [
+    (dict(), "CUDA device required"),
+    (dict(dtype=torch.float32), "dtype float32 not supported (needs float16 or bfloat16)"),
+    (dict(head_dim=96, kept=(16, 32)), "head_dim 96 not supported (64 or 128)"),
+    (dict(heads=128, kv=1, kept=(16,)), "GQA group of 128 query heads"),
+])
+def test_decode_attention_raises_the_reason(no_cuda, over, expect):
+    from tilelang_kernels.decode import decode_attention
+
+    with pytest.raises(ValueError, match="does not support this call") as e:
+        decode_attention(*_inputs(**over))
+    assert expect in str(e.value)
