@@ -61,12 +61,11 @@ def _log_once(msg: str) -> None:
 
 def decode_attention(q: Tensor, layer: LeanKLayer, scale: float, backend: str) -> Tensor:
     """One decode step over a layer's window + archive. ``q [batch, num_heads, head_dim]``."""
-    args = layer.kernel_args()
     if resolve_backend(backend, q.device) == "tilelang":
         from tilelang_kernels.decode import decode_attention as tilelang_decode
 
-        return tilelang_decode(q, **args, scale=scale)
-    return decode_attention_reference(q, **args, scale=scale, compute_dtype=_reference_dtype(q))
+        return tilelang_decode(q, **layer.kernel_args(host_heads=True), scale=scale)
+    return decode_attention_reference(q, **layer.kernel_args(), scale=scale, compute_dtype=_reference_dtype(q))
 
 
 def _reference_dtype(q: Tensor) -> torch.dtype:
@@ -231,6 +230,8 @@ def leank_attention_forward(
     if L == 1 and layer.seen_tokens > 0:
         layer.append_decode(key, value)
         out = decode_attention(query[:, :, 0], layer, scale, backend)[:, :, None]
+        if layer.capturing:  # recorded in a CUDA graph: the runner does the host part per replay
+            return out.transpose(1, 2), None
         layer.flush_if_due()
     else:
         valid = None if mask2d is None else mask2d[:, -L:].bool()

@@ -60,6 +60,7 @@ class ArchiveGroup:
     heads: Tensor  # int64 [heads_d]
     chan: Tensor  # int64 [heads_d, d], sorted kept channel indices
     heads_host: tuple = ()  # the same KV head indices as Python ints
+    heads_cpu: Optional[Tensor] = None  # the same, int64 on the CPU (kernels read it on the host: no sync)
     keys: Optional[Tensor] = None  # [batch, heads_d, capacity, d]
     values: Optional[Tensor] = None  # [batch, heads_d, capacity, head_dim]
     bias: Optional[Tensor] = None  # float32 [batch, heads_d, capacity] (attention matching beta)
@@ -80,7 +81,8 @@ def groups_from_keep(keep: Tensor) -> list[ArchiveGroup]:
     for d in sorted({c for c in counts if c > 0}):
         heads = [h for h, c in enumerate(counts) if c == d]
         chan = torch.stack([keep[h].nonzero().flatten() for h in heads])
-        groups.append(ArchiveGroup(heads=torch.tensor(heads, dtype=torch.long), chan=chan.long(), heads_host=tuple(heads)))
+        groups.append(ArchiveGroup(heads=torch.tensor(heads, dtype=torch.long), chan=chan.long(), heads_host=tuple(heads),
+                                   heads_cpu=torch.tensor(heads, dtype=torch.long)))
     return groups
 
 
@@ -101,8 +103,11 @@ class LeanKLayer(CacheLayerMixin):
         self.groups = groups_from_keep(keep)
         self.seen_tokens = 0  # columns processed, left padding included (what generate() counts)
         self.batch_size = 0
-        self.reserve = 0  # archive rows to add at the next growth (expected new tokens)
+        self.reserve = 0  # rows to add at the next growth (expected new tokens per sequence)
+        self.version = 0  # bumped whenever a storage tensor is replaced (captured graphs must be rebuilt)
+        self.capturing = False  # a CUDA graph is being recorded: device work only, no host bookkeeping
         self._rows: Optional[Tensor] = None  # arange(batch) on the device, for decode appends
+        self._flush_index_cache: dict = {}  # device index tensors of batched flushes, by host state
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -114,9 +119,11 @@ class LeanKLayer(CacheLayerMixin):
             )
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_kv_heads, self.head_dim = b, kvh, d
-        wcap = self.config.window_capacity
+        # the window holds at most sink + recent + flush_every rows, and never more than the call's tokens
+        wcap = min(self.config.window_capacity, key_states.shape[2] + max(self.reserve, 1))
         self.win_k = key_states.new_zeros(b, kvh, wcap, d)
         self.win_v = value_states.new_zeros(b, kvh, wcap, d)
+        self.version += 1
         self.win_len = torch.zeros(b, dtype=torch.int32, device=self.device)
         self.arch_len = torch.zeros(b, dtype=torch.int32, device=self.device)
         self.win_len_host = [0] * b
@@ -140,6 +147,7 @@ class LeanKLayer(CacheLayerMixin):
         step = max(self.capacity // 8, self.config.initial_archive_capacity)
         new_cap = max(needed + self.reserve, self.capacity + step)
         self.reserve = 0
+        self.version += 1
         for g in self.groups:
             hg = len(g.heads)
             k = self.win_k.new_zeros(self.batch_size, hg, new_cap, g.d)
@@ -153,6 +161,27 @@ class LeanKLayer(CacheLayerMixin):
                 bias[:, :, : self.capacity] = g.bias
                 g.bias = bias
         self.capacity = new_cap
+
+    @property
+    def window_rows(self) -> int:
+        """Rows allocated for the window (at most ``config.window_capacity``)."""
+        return self.win_k.shape[2]
+
+    def _ensure_window(self, rows: int) -> None:
+        """Grow the window buffer to hold ``rows`` rows (doubling, capped at ``window_capacity``)."""
+        if rows <= self.window_rows:
+            return
+        cap = self.config.window_capacity
+        if rows > cap:
+            raise RuntimeError(f"window overflow: {rows} rows > capacity {cap}")
+        new = min(cap, max(rows, 2 * self.window_rows))
+        old = self.window_rows
+        k = self.win_k.new_zeros(self.batch_size, self.num_kv_heads, new, self.head_dim)
+        v = self.win_v.new_zeros(self.batch_size, self.num_kv_heads, new, self.head_dim)
+        k[:, :, :old] = self.win_k
+        v[:, :, :old] = self.win_v
+        self.win_k, self.win_v = k, v
+        self.version += 1
 
     def _sink_rows(self, b: int) -> int:
         return min(self.config.sink, self.win_len_host[b] + self.arch_len_host[b])
@@ -179,8 +208,7 @@ class LeanKLayer(CacheLayerMixin):
     def _set_window(self, b: int, k: Tensor, v: Tensor, sink: int, tail_start: int) -> None:
         """Window of sequence ``b`` := rows ``[0, sink)`` and ``[tail_start, n)`` of ``k, v [kvh, n, d]``."""
         n = sink + k.shape[1] - tail_start
-        if n > self.config.window_capacity:
-            raise RuntimeError(f"window overflow: {n} rows > capacity {self.config.window_capacity}")
+        self._ensure_window(n)
         # k, v are the new chunk or a fresh concatenation: they never alias the window buffer
         self.win_k[b, :, :sink] = k[:, :sink]
         self.win_v[b, :, :sink] = v[:, :sink]
@@ -217,24 +245,53 @@ class LeanKLayer(CacheLayerMixin):
             self._set_window(b, stream_k, stream_v, sink, sink + move)
 
     def append_decode(self, key: Tensor, value: Tensor) -> None:
-        """Append one token per sequence (``[batch, num_kv_heads, 1, head_dim]``) to the window."""
+        """Append one token per sequence (``[batch, num_kv_heads, 1, head_dim]``) to the window.
+
+        The device part (write at each sequence's ``win_len``, ``win_len += 1``) reads no
+        host value, so it can be recorded in a CUDA graph; while ``capturing`` the host
+        lengths are left to the caller (``advance_host``, once per replay).
+        """
+        if not self.capturing:
+            self._ensure_window(max(self.win_len_host) + 1)
         if self._rows is None or self._rows.numel() != self.batch_size:
             self._rows = torch.arange(self.batch_size, device=self.device)
         pos = self.win_len.long()
         self.win_k[self._rows, :, pos] = key[:, :, 0]
         self.win_v[self._rows, :, pos] = value[:, :, 0]
         self.win_len += 1
+        if not self.capturing:
+            self.advance_host()
+
+    def advance_host(self) -> None:
+        """Host bookkeeping of one decode token per sequence (the device part ran already)."""
         self.win_len_host = [w + 1 for w in self.win_len_host]
 
+    def decode_ready(self) -> bool:
+        """Whether the next decode token fits the allocated window (a captured step cannot grow it)."""
+        return self.is_initialized and max(self.win_len_host, default=0) < self.window_rows
+
     def flush_if_due(self) -> None:
-        """Move the oldest non-sink rows to the archive where ``recent + flush_every`` are held."""
+        """Move the oldest non-sink rows to the archive where ``recent + flush_every`` are held.
+
+        Sequences due in the same step move the same number of rows (``flush_every``, as
+        decode adds one row per step), so they are flushed together with a few batched
+        gathers and scatters driven by device index tensors; other cases (after ``crop``)
+        go sequence by sequence.
+        """
         limit = self.config.recent + self.config.flush_every
+        due = []
         for b in range(self.batch_size):
             sink = self._sink_rows(b)
             w = self.win_len_host[b]
-            if w - sink < limit:
-                continue
-            move = w - sink - self.config.recent
+            if w - sink >= limit:
+                due.append((b, sink, w - sink - self.config.recent))
+        if not due:
+            return
+        if len({m for _, _, m in due}) == 1:
+            self._flush_batched(due)
+            return
+        for b, sink, move in due:
+            w = self.win_len_host[b]
             self._archive_append(b, self.win_k[b, :, sink : sink + move], self.win_v[b, :, sink : sink + move])
             tail_k = self.win_k[b, :, sink + move : w].clone()
             tail_v = self.win_v[b, :, sink + move : w].clone()
@@ -243,9 +300,55 @@ class LeanKLayer(CacheLayerMixin):
             self.win_len_host[b] = sink + tail_k.shape[1]
             self.win_len[b] = self.win_len_host[b]
 
+    def _flush_index(self, due: list) -> tuple:
+        """Device ``(seq [n], sink [n], arch_start [n])`` int64 for ``due``; one async copy, shared by layers."""
+        key = tuple((b, s, self.arch_len_host[b]) for b, s, _ in due)
+        hit = self._flush_index_cache.get(key)
+        if hit is None:
+            host = torch.tensor(list(zip(*key)), dtype=torch.long)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            hit = host.to(self.device, non_blocking=True)
+            self._flush_index_cache.clear()  # shared by the layers of a cache: they flush the same state
+            self._flush_index_cache[key] = hit
+        return hit[0], hit[1], hit[2]
+
+    def _flush_batched(self, due: list) -> None:
+        """Flush ``due = [(seq, sink_rows, move)]`` (one ``move`` for all) with batched indexing."""
+        move = due[0][2]
+        rest = self.config.recent
+        self._grow_archive(max(self.arch_len_host[b] for b, _, _ in due) + move)
+        seq, sink, start = self._flush_index(due)
+        n = seq.shape[0]
+        rows = seq[:, None]  # [n, 1]
+        j = torch.arange(move, device=self.device)
+        src = sink[:, None] + j  # window rows that leave, [n, move]
+        dst = start[:, None] + j  # their archive rows
+        wk = self.win_k[rows, :, src]  # [n, move, kvh, head_dim]
+        wv = self.win_v[rows, :, src]
+        for g in self.groups:
+            kk = wk[:, :, g.heads]
+            kk = torch.gather(kk, 3, g.chan[None, None].expand(n, move, -1, -1))
+            g.keys[rows, :, dst] = kk
+            g.values[rows, :, dst] = wv[:, :, g.heads]
+            if g.bias is not None:
+                g.bias[rows, :, dst] = 0.0
+        r = sink[:, None] + torch.arange(rest, device=self.device)  # the `recent` rows that stay
+        self.win_k[rows, :, r] = self.win_k[rows, :, r + move]
+        self.win_v[rows, :, r] = self.win_v[rows, :, r + move]
+        self.win_len[seq] -= move
+        self.arch_len[seq] += move
+        for b, _, _ in due:
+            self.win_len_host[b] -= move
+            self.arch_len_host[b] += move
+
     # ------------------------------------------------------------------ kernel view
-    def kernel_args(self) -> dict:
-        """Arguments of ``decode_attention_reference`` (and the kernels) for this layer."""
+    def kernel_args(self, host_heads: bool = False) -> dict:
+        """Arguments of ``decode_attention_reference`` (and the kernels) for this layer.
+
+        ``host_heads=True`` passes ``arch_heads`` as CPU tensors (the TileLang backend reads
+        them on the host: no device sync, which also keeps a step capturable).
+        """
         has_bias = any(g.bias is not None for g in self.groups)
         return dict(
             win_k=self.win_k,
@@ -253,7 +356,7 @@ class LeanKLayer(CacheLayerMixin):
             win_len=self.win_len,
             arch_k=[g.keys for g in self.groups],
             arch_v=[g.values for g in self.groups],
-            arch_heads=[g.heads for g in self.groups],
+            arch_heads=[g.heads_cpu if host_heads else g.heads for g in self.groups],
             arch_chan=[g.chan for g in self.groups],
             arch_len=self.arch_len,
             arch_bias=[g.bias for g in self.groups] if has_bias else None,
@@ -318,7 +421,8 @@ class LeanKLayer(CacheLayerMixin):
                 g.bias = None if g.bias is None else g.bias.new_zeros(b, len(g.heads), cap)
         self.capacity = cap if n == 0 else n
         self.arch_len_host = lens
-        self.arch_len = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        self.arch_len.copy_(torch.tensor(lens, dtype=torch.int32))
+        self.version += 1
 
     # ------------------------------------------------------------------ transformers API
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
@@ -342,22 +446,34 @@ class LeanKLayer(CacheLayerMixin):
             self.arch_len_host = [0] * self.batch_size
             for g in self.groups:
                 g.bias = None
+            self.version += 1
         self.seen_tokens = 0
 
     def _select_batch(self, index: Tensor) -> None:
+        """Keep the sequences ``index`` (int64 ``[new_batch]``, repeats allowed).
+
+        Same batch size (beam search reorders every step): rows are rewritten in place, so
+        captured graphs stay valid. Another size replaces the tensors (``version`` bumped).
+        """
         index = index.to(self.device)
-        self.win_k = self.win_k.index_select(0, index)
-        self.win_v = self.win_v.index_select(0, index)
-        self.win_len = self.win_len.index_select(0, index)
-        self.arch_len = self.arch_len.index_select(0, index)
         host = index.tolist()
+        tensors = [self.win_k, self.win_v, self.win_len, self.arch_len]
+        for g in self.groups:
+            tensors += [g.keys, g.values] + ([g.bias] if g.bias is not None else [])
+        if len(host) == self.batch_size:
+            for t in tensors:
+                t.copy_(t.index_select(0, index))
+        else:
+            self.win_k, self.win_v = self.win_k.index_select(0, index), self.win_v.index_select(0, index)
+            self.win_len, self.arch_len = self.win_len.index_select(0, index), self.arch_len.index_select(0, index)
+            for g in self.groups:
+                g.keys, g.values = g.keys.index_select(0, index), g.values.index_select(0, index)
+                if g.bias is not None:
+                    g.bias = g.bias.index_select(0, index)
+            self._rows = None
+            self.version += 1
         self.win_len_host = [self.win_len_host[i] for i in host]
         self.arch_len_host = [self.arch_len_host[i] for i in host]
-        for g in self.groups:
-            g.keys = g.keys.index_select(0, index)
-            g.values = g.values.index_select(0, index)
-            if g.bias is not None:
-                g.bias = g.bias.index_select(0, index)
         self.batch_size = len(host)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -394,8 +510,8 @@ class LeanKLayer(CacheLayerMixin):
             self.arch_len_host[b] -= take
             r -= take
             self.win_len_host[b] = max(0, self.win_len_host[b] - r)
-        self.win_len = torch.tensor(self.win_len_host, dtype=torch.int32, device=self.device)
-        self.arch_len = torch.tensor(self.arch_len_host, dtype=torch.int32, device=self.device)
+        self.win_len.copy_(torch.tensor(self.win_len_host, dtype=torch.int32))
+        self.arch_len.copy_(torch.tensor(self.arch_len_host, dtype=torch.int32))
 
     # ------------------------------------------------------------------ accounting
     def memory_report(self) -> dict:
@@ -442,6 +558,19 @@ class LeanKCache(Cache):
         self.mask = mask
         self.config = config or LeanKConfig()
         super().__init__(layers=[LeanKLayer(keep[i].bool(), self.config) for i in range(keep.shape[0])])
+        shared: dict = {}
+        for layer in self.layers:
+            layer._flush_index_cache = shared
+        self._model_config = None
+
+    def bind(self, model_config) -> None:
+        """Remember the model this cache serves, so ``update`` can refuse an unpatched one."""
+        self._model_config = model_config
+
+    @property
+    def storage_version(self) -> tuple:
+        """Changes whenever a layer replaces a storage tensor (a captured decode graph is then stale)."""
+        return tuple(layer.version for layer in self.layers)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         """Hand the new keys/values to the attention function, which stores them after attending.
@@ -451,6 +580,15 @@ class LeanKCache(Cache):
         """
         if layer_idx >= len(self.layers):
             raise ValueError(f"layer_idx: expected < {len(self.layers)} (mask layers), got {layer_idx}")
+        impl = getattr(self._model_config, "_attn_implementation", "leank")
+        if impl != "leank" or _PENDING.get() is not None:
+            # the previous update was never consumed: the model's attention is not LeanK's
+            _PENDING.set(None)
+            raise ValueError(
+                "past_key_values: a LeanKCache needs a model patched with leank.patch(model, masks=...); this model's "
+                f"attention ({impl if impl != 'leank' else 'not leank'}) would ignore the cache and attend to the new "
+                "tokens only"
+            )
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "reference", "tilelang")
+MAX_ROWS = 2**30  # window sizes and lengths are int32 on the device
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,12 @@ class LeanKConfig:
             or ``"auto"`` (TileLang on CUDA when importable, else reference).
         initial_archive_capacity: archive rows preallocated per sequence, and the
             smallest growth step (growth is geometric by 1/8, never a per-step concat).
+        capture: on CUDA, run every decode step of a patched ``generate()`` after the
+            first as one CUDA graph (``leank.capture``); False runs each step eagerly.
+            Steps that cannot be captured run eagerly and say why once.
+
+    Buffers are sized by what a call needs (prompt + ``max_new_tokens``), never by these
+    maxima alone, so a large ``recent`` costs nothing for short prompts.
     """
 
     sink: int = 128
@@ -27,14 +34,17 @@ class LeanKConfig:
     flush_every: int = 32
     backend: str = "auto"
     initial_archive_capacity: int = 512
+    capture: bool = True
 
     def __post_init__(self) -> None:
         for name in ("sink", "recent"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
-        if not isinstance(self.flush_every, int) or self.flush_every < 1:
-            raise ValueError(f"flush_every: expected an int >= 1, got {self.flush_every!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_ROWS:
+                raise ValueError(f"{name}: expected an int in [0, {MAX_ROWS}] (lengths are int32), got {v!r}")
+        if not isinstance(self.flush_every, int) or isinstance(self.flush_every, bool) or not 1 <= self.flush_every <= MAX_ROWS:
+            raise ValueError(f"flush_every: expected an int in [1, {MAX_ROWS}], got {self.flush_every!r}")
+        if not isinstance(self.capture, bool):
+            raise ValueError(f"capture: expected True or False, got {self.capture!r}")
         if self.sink + self.recent < 1:
             raise ValueError(f"sink + recent: expected >= 1, got sink={self.sink}, recent={self.recent}")
         if self.backend not in BACKENDS:

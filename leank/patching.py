@@ -4,17 +4,21 @@
 
 1. ``config._attn_implementation`` becomes ``"leank"`` (registered with transformers'
    ``AttentionInterface`` and ``AttentionMaskInterface`` on first use, never at import);
-2. ``model.generate`` (an instance attribute shadowing the class method) supplies a
-   fresh ``LeanKCache`` when the caller passes no ``past_key_values``;
+2. ``model.generate`` (an instance attribute shadowing the class method, for models
+   that have one) supplies a fresh ``LeanKCache`` sized for the call when the caller
+   passes no cache, and for the duration of the call lets ``leank.capture`` serve the
+   decode steps as CUDA graphs (``LeanKConfig.capture``);
 3. ``model._leank`` records the mask, the config and what to restore.
 
-Weights are never touched.
+Weights are never touched. A patch that fails part-way leaves the model as it was.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,7 +34,8 @@ class PatchState:
     mask: object  # ChannelMask
     config: LeanKConfig
     original_attn_implementation: Optional[str]
-    family: str
+    runner: object = None  # leank.capture.DecodeGraphRunner, created on first generate
+    emulate_capture: bool = False  # tests: exercise the capture bookkeeping on the CPU
 
 
 def _register() -> None:
@@ -52,7 +57,9 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
     """Make ``model`` decode with LeanK.
 
     Args:
-        model: a transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (or base model).
+        model: a transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``, or a base
+            ``LlamaModel`` / ``Qwen2Model`` (no ``generate``: pass ``leank.new_cache(model)``
+            to its forward).
         masks: a ``ChannelMask``, a mask file (``.safetensors`` or published ``.pth``), or a
             model id / alias from the registry (``leank masks list``).
         config: window sizes and backend (``LeanKConfig()`` by default).
@@ -79,14 +86,21 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
     if not isinstance(config, LeanKConfig):
         raise ValueError(f"config: expected a LeanKConfig, got {type(config).__name__}")
     _register()
-    state = PatchState(mask, config, cfg._attn_implementation, family.model_type)
+    state = PatchState(mask, config, cfg._attn_implementation)
     model.set_attn_implementation("leank")
-    setattr(model, _STATE_ATTR, state)
-    model.generate = functools.partial(_generate, model, type(model).generate)
+    try:
+        setattr(model, _STATE_ATTR, state)
+        if callable(getattr(type(model), "generate", None)):
+            model.generate = functools.partial(_generate, model, type(model).generate)
+    except BaseException:
+        model.__dict__.pop("generate", None)
+        model.__dict__.pop(_STATE_ATTR, None)
+        model.set_attn_implementation(state.original_attn_implementation)
+        raise
     logger.info(
-        "leank: patched %s (%s, mask sparsity %.1f%%, sink=%d recent=%d flush_every=%d backend=%s)",
+        "leank: patched %s (%s, mask sparsity %.1f%%, sink=%d recent=%d flush_every=%d backend=%s capture=%s)",
         type(model).__name__, family.model_type, 100 * float(_sparsity(mask)), config.sink, config.recent,
-        config.flush_every, config.backend,
+        config.flush_every, config.backend, config.capture,
     )
     return model
 
@@ -110,28 +124,71 @@ def unpatch(model):
 
 
 def new_cache(model):
-    """A fresh ``LeanKCache`` for a patched model (to pass as ``past_key_values``)."""
+    """A fresh ``LeanKCache`` for a patched model (to pass as the model's cache)."""
     from .cache import LeanKCache
 
     state: Optional[PatchState] = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("model: not patched by leank; call leank.patch(model, masks=...) first")
-    return LeanKCache(state.mask, state.config)
+    cache = LeanKCache(state.mask, state.config)
+    cache.bind(model.config)
+    return cache
+
+
+def cache_kwarg(model) -> str:
+    """The name ``generate``/``forward`` take the cache under: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _generate(model, original_generate, *args, **kwargs):
     """``generate`` with a fresh ``LeanKCache`` unless the caller passes a cache.
 
-    The cache reserves archive rows for ``max_new_tokens`` so that decoding never grows it.
+    The cache reserves rows for ``max_new_tokens`` so that decoding never grows it, and
+    (``LeanKConfig.capture``) decode steps after the first replay a CUDA graph.
     """
     from .cache import LeanKCache
 
-    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
-        kwargs["past_key_values"] = new_cache(model)
-    cache = kwargs.get("past_key_values")
+    state: PatchState = getattr(model, _STATE_ATTR)
+    name = cache_kwarg(model)
+    other = "past_key_values" if name == "cache" else "cache"
+    if kwargs.get(other) is not None:  # accept either spelling, pass the current one
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}: pass the cache once, got both '{name}' and '{other}'")
+        kwargs[name] = kwargs.pop(other)
+    if kwargs.get("cache_implementation") is not None and kwargs.get(name) is None:
+        raise ValueError(
+            f"cache_implementation: a LeanK-patched model decodes with its own LeanKCache, got "
+            f"cache_implementation={kwargs['cache_implementation']!r}; drop the argument (LeanK's decode is already "
+            "static and CUDA-graph captured) or call leank.unpatch(model) first"
+        )
+    if kwargs.get("use_cache", True) is False:
+        _warn_once("leank: generate(use_cache=False) runs exact dense attention without a cache: no LeanK saving")
+    elif kwargs.get(name) is None:
+        kwargs[name] = new_cache(model)
+    cache = kwargs.get(name)
+    if cache is not None and not isinstance(cache, LeanKCache):
+        _warn_once(f"leank: generate() got a {type(cache).__name__}, not a LeanKCache: it runs exact dense attention "
+                   "with no LeanK saving (pass leank.new_cache(model) or no cache)")
     if isinstance(cache, LeanKCache):
         gen_cfg = kwargs.get("generation_config") or model.generation_config
         new_tokens = kwargs.get("max_new_tokens", getattr(gen_cfg, "max_new_tokens", None))
         if isinstance(new_tokens, int) and new_tokens > 0:
             cache.reserve(new_tokens + 1)
-    return original_generate(model, *args, **kwargs)
+    if not (state.config.capture and isinstance(cache, LeanKCache)):
+        return original_generate(model, *args, **kwargs)
+    from .capture import DecodeGraphRunner
+
+    if state.runner is None:
+        state.runner = DecodeGraphRunner(model, emulate=state.emulate_capture)
+    model.__dict__["__call__"] = state.runner  # generate's decode loop looks up `self.__call__` once
+    try:
+        return original_generate(model, *args, **kwargs)
+    finally:
+        model.__dict__.pop("__call__", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    logger.warning(msg)
+    warnings.warn(msg, UserWarning, stacklevel=4)

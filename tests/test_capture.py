@@ -1,0 +1,155 @@
+"""The captured decode path's host/device split, exercised on the CPU.
+
+``DecodeGraphRunner(emulate=True)`` records nothing: each "replay" re-runs the forward
+with the layers in capture mode (device work only: window append at the device-side
+length, attention over device lengths) and then does the runner's host part (lengths,
+seen tokens, batched flush). On CUDA the same code is recorded once and replayed; the
+GPU test (tests/test_gpu_patch.py) compares that against the eager path.
+"""
+
+import pytest
+import torch
+
+import leank
+from leank import LeanKConfig
+from leank.masks import ChannelMask
+from tests.oracle import oracle_logits, sparse_keep, tiny_model
+
+CFG = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference")
+
+
+def _ragged(lens, seed=0, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lens)
+    ids = torch.zeros(len(lens), width, dtype=torch.long)
+    am = torch.zeros(len(lens), width, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, width - n:] = torch.randint(1, vocab, (n,), generator=g)
+        am[i, width - n:] = 1
+    return ids, am
+
+
+def _run(model, keep, ids, am, n, capture, cfg=CFG, **kw):
+    leank.patch(model, masks=ChannelMask(keep=keep, align=8), config=LeanKConfig(**{**cfg.__dict__, "capture": capture}))
+    model._leank.emulate_capture = True
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 pad_token_id=0, **kw)
+        runner = model._leank.runner
+    finally:
+        leank.unpatch(model)
+    return out, runner
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_emulated_capture_equals_eager_on_ragged_batch(kind):
+    model = tiny_model(kind)
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([3, 30, 17])  # shorter than the window, longer, in between
+    n = 21  # several flushes of flush_every=4 at different steps per sequence
+    eager, _ = _run(model, keep, ids, am, n, capture=False)
+    cap, runner = _run(model, keep, ids, am, n, capture=True)
+    assert runner.replays >= n - 3, "the decode steps must be served by the runner"
+    assert torch.equal(cap.sequences, eager.sequences)
+    le, lc = torch.stack(eager.logits, 1), torch.stack(cap.logits, 1)
+    assert le.abs().max() > 1.0
+    assert (le - lc).abs().max() <= 1e-6
+    for a, b in zip(eager.past_key_values.layers, cap.past_key_values.layers):
+        assert a.win_len_host == b.win_len_host and a.arch_len_host == b.arch_len_host
+        assert a.win_len.tolist() == b.win_len_host and a.arch_len.tolist() == b.arch_len_host
+        assert b.arch_len_host[1] > 0, "the archive must be in use"
+
+
+def test_emulated_capture_matches_float64_oracle():
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([30])
+    out, runner = _run(model, keep, ids, am, 14, capture=True)
+    assert runner.replays > 0
+    cont = out.sequences[0, ids.shape[1]:]
+    ref = oracle_logits(model, keep, CFG.sink, CFG.recent, CFG.flush_every, ids[0], cont)  # [14, vocab]
+    got = torch.stack(out.logits, 1)[0]
+    assert (got - ref.to(got.dtype)).abs().max() <= 1e-4
+
+
+def test_beam_search_with_capture_on_equals_eager():
+    """transformers' beam search calls the model directly (never captured); reorders stay in place."""
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([20, 26])
+    eager, _ = _run(model, keep, ids, am, 9, capture=False, num_beams=2)
+    cap, _ = _run(model, keep, ids, am, 9, capture=True, num_beams=2)
+    assert torch.equal(cap.sequences, eager.sequences)
+
+
+def test_second_generate_continues_captured_cache():
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([18, 25])
+    outs = {}
+    for capture in (False, True):
+        first, runner = _run(model, keep, ids, am, 7, capture=capture)
+        ids2 = torch.cat([first.sequences, torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(1))], 1)
+        am2 = torch.cat([am, torch.ones(2, ids2.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+        second, runner2 = _run(model, keep, ids2, am2, 8, capture=capture, past_key_values=first.past_key_values)
+        outs[capture] = (second, runner2)
+    assert outs[True][1].replays >= 5
+    assert torch.equal(outs[True][0].sequences, outs[False][0].sequences)
+    lf, lt = torch.stack(outs[False][0].logits, 1), torch.stack(outs[True][0].logits, 1)
+    assert (lf - lt).abs().max() <= 1e-6
+
+
+def test_flush_batched_equals_per_sequence():
+    """Sequences due together are flushed by one batched scatter; the result equals one by one."""
+    model = tiny_model("llama", layers=1)
+    keep = sparse_keep(1, 4, 32)
+    cache_a = leank.LeanKCache(ChannelMask(keep=keep, align=8), CFG)
+    cache_b = leank.LeanKCache(ChannelMask(keep=keep, align=8), CFG)
+    torch.manual_seed(0)
+    k = torch.randn(3, 4, 20, 32)
+    v = torch.randn(3, 4, 20, 32)
+    for c in (cache_a, cache_b):
+        layer = c.layers[0]
+        layer.reserve = 16
+        layer.lazy_initialization(k, v)
+        layer.store_chunk(k, v, None)
+    la, lb = cache_a.layers[0], cache_b.layers[0]
+    for step in range(6):
+        kk, vv = torch.randn(3, 4, 1, 32), torch.randn(3, 4, 1, 32)
+        for layer in (la, lb):
+            layer.append_decode(kk, vv)
+        la.flush_if_due()  # batched (all three due at the same step)
+        for b in range(3):  # one sequence at a time through the same method
+            lb._flush_batched([d for d in _due(lb) if d[0] == b]) if any(d[0] == b for d in _due(lb)) else None
+    assert la.win_len_host == lb.win_len_host and la.arch_len_host == lb.arch_len_host
+    assert la.arch_len_host[0] > 20 - CFG.sink - CFG.recent, "a decode flush must have happened"
+    for ga, gb in zip(la.groups, lb.groups):
+        n = la.arch_len_host[0]
+        assert torch.equal(ga.keys[:, :, :n], gb.keys[:, :, :n]) and torch.equal(ga.values[:, :, :n], gb.values[:, :, :n])
+    w = la.win_len_host[0]
+    assert torch.equal(la.win_k[:, :, :w], lb.win_k[:, :, :w])
+
+
+def _due(layer):
+    out = []
+    for b in range(layer.batch_size):
+        s = layer._sink_rows(b)
+        w = layer.win_len_host[b]
+        if w - s >= layer.config.recent + layer.config.flush_every:
+            out.append((b, s, w - s - layer.config.recent))
+    return out
+
+
+def test_window_sized_by_the_call_not_the_config():
+    """A huge window config costs nothing for a short call (issue 11 item 7)."""
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([10])
+    cfg = LeanKConfig(sink=10**6, recent=10**8, flush_every=10**6, backend="reference")
+    out, _ = _run(model, keep, ids, am, 5, capture=True, cfg=cfg)
+    layer = out.past_key_values.layers[0]
+    assert layer.window_rows <= 10 + 6 + 1
+    with pytest.raises(ValueError, match="sink"):
+        LeanKConfig(sink=2**40)
