@@ -1,4 +1,4 @@
-"""The ``leank`` command line: ``masks``, ``demo``, ``bench``, ``train``, ``compact``.
+"""The ``leank`` command line: ``masks``, ``demo``, ``train``, ``compact``.
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)``; the
 module is imported only when the CLI is built, never at ``import leank``.
@@ -17,23 +17,30 @@ SUBCOMMANDS = {
     "demo": "leank.demo",
     "train": "leank.train.cli",
     "compact": "leank.compaction_cli",
-    "bench": "leank.bench_cli",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leank", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="leank", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name is None or not module.startswith(e.name):
-                raise  # a real missing dependency, not an absent subcommand module
-            continue  # subcommand not shipped in this build
-        mod.add_parser(sub)
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
     return parser
+
+
+def _version_line() -> str:
+    from leank import __version__
+
+    try:
+        import torch
+        import transformers
+
+        deps = f" (torch {torch.__version__}, transformers {transformers.__version__})"
+    except ImportError:  # pragma: no cover - the package depends on both
+        deps = ""
+    return f"leank {__version__}{deps}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -96,30 +97,55 @@ def _timed_generate(model, ids, n):
     return out, time.perf_counter() - t0
 
 
+class _Progress:
+    """Numbered steps with their wall time on stderr, so the ~30 s run is never silent."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0 = total, 0, None
+
+    def step(self, what: str) -> None:
+        self.done()
+        self.n += 1
+        print(f"[{self.n}/{self.total}] {what} ...", file=sys.stderr, flush=True)
+        self.t0 = time.perf_counter()
+
+    def done(self) -> None:
+        if self.t0 is not None:
+            print(f"[{self.n}/{self.total}] done in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
+            self.t0 = None
+
+
 def run(args) -> int:
     import leank
     from leank.verify import oracle_logits
 
+    progress = _Progress(4)
+    progress.step("loading the model and its mask")
     model, tokenizer, mask = _load_model(args.device, args.random_weights, args.seed)
     c = model.config
     cfg = LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every)
     ids, sample = _prompt(model, tokenizer, args.prompt_tokens, args.seed)
     ids = ids.to(args.device)
+    progress.done()
     print(f"model: {c.num_hidden_layers} layers, {c.num_attention_heads} q / {c.num_key_value_heads} kv heads, "
           f"head_dim {c.head_dim}; prompt {ids.shape[1]} tokens, {args.new_tokens} new; device {args.device}")
     print(f"mask: {100 * mask.sparsity:.1f}% of K channels pruned ({mask.source or 'in memory'}); "
           f"kept counts {sorted(set(mask.kept_counts().flatten().tolist()))}; window sink={cfg.sink} recent={cfg.recent}")
 
+    progress.step(f"dense generate ({args.new_tokens} tokens)")
     dense_out, dense_s = _timed_generate(model, ids, args.new_tokens)
+    progress.step(f"LeanK generate ({args.new_tokens} tokens)")
     leank.patch(model, masks=mask, config=cfg)
     try:
         out, leank_s = _timed_generate(model, ids, args.new_tokens)
     finally:
         leank.unpatch(model)
+    progress.step("checking LeanK logits against the dense float64 implementation")
     logits = torch.stack(out.logits, 1)[0].float().cpu()
     cont = out.sequences[0, ids.shape[1]:]
     ref = oracle_logits(model, mask.keep, cfg.sink, cfg.recent, cfg.flush_every, ids[0], cont).float().cpu()
     dev = (logits - ref).abs().max().item()
+    progress.done()
     mem = out.past_key_values.memory_report()
     k_saved = 1 - mem["k_bytes"] / mem["dense_k_bytes"]
     v_saved = 1 - mem["v_bytes"] / mem["dense_v_bytes"]

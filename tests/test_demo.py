@@ -8,8 +8,11 @@ from leank.cli import main
 def test_demo_small(capsys):
     rc = main(["demo", "--prompt-tokens", "300", "--new-tokens", "40", "--sink", "8", "--recent", "32",
                "--flush-every", "8", "--random-weights", "--device", "cpu"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0
+    # progress on stderr while it works (issue 11: the demo was silent for ~30 s)
+    assert re.findall(r"\[(\d)/4\] done in", captured.err) == ["1", "2", "3", "4"]
     dev = float(re.search(r"dense float64 LeanK function\| = ([0-9.e+-]+)", out).group(1))
     assert dev < 1e-4
     k = re.search(r"K cache bytes\s+([\d,]+)\s+([\d,]+)", out)

@@ -148,10 +148,6 @@ class TrainRecipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def window(self) -> LeanKConfig:
-        """The deployment window this recipe trains for."""
-        return LeanKConfig(sink=self.sink, recent=self.recent)
-
 
 def _check_float(obj: Any, name: str, lo: float, hi: float, hi_open: bool = False) -> None:
     v = getattr(obj, name)
