@@ -12,7 +12,15 @@ not depend on the values). For each model, prompt length and batch size it runs
   (flash_attention_2 when flash_attn is importable, else sdpa) and a static or dynamic cache;
 - ``leank``: the same model after ``leank.patch(model, masks=<mix>, config=LeanKConfig(backend=...))``
   with the published kept-count mix (Llama: of 256 KV heads 47/120/67/22 keep 0/32/64/96
-  channels; Qwen: 35/34/33/10 of 112) placed at random with ``--seed``.
+  channels; Qwen: 35/34/33/10 of 112) placed at random with ``--seed``; decode steps are
+  replayed from a CUDA graph (``leank.capture``);
+- ``leank-dense``: the same captured LeanK path with every channel kept (nothing pruned);
+- ``leank-eager``: ``leank`` with ``capture=False``.
+
+Every row also reports the byte floor of a decode step: (weight bytes + the K/V bytes the
+step reads) / the device-to-device copy bandwidth measured in the same run, and
+``pct_of_floor`` = floor / measured time. ``speedup_vs_strongest_dense`` compares tokens/s
+with the fastest dense method of the same model, length and batch.
 
 Per-token latency comes from CUDA events recorded by a logits processor inside the real
 generate loop (median and mean over the measured steps; the mean includes LeanK's flush
@@ -27,6 +35,7 @@ throughput. Writes JSON, ``*.config.json``, a markdown table and a PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import sys
@@ -39,7 +48,16 @@ if __package__ in (None, ""):  # `python eval/e2e_decode.py` from a checkout
 
 from eval import common  # noqa: E402
 
-METHODS = ("dense-static", "dense-dynamic", "leank")
+METHODS = ("dense-static", "dense-dynamic", "leank", "leank-dense", "leank-eager")
+# what each method is, for the JSON and the README
+METHOD_DOC = {
+    "dense-static": "unpatched model, transformers' static cache; transformers compiles the decode step "
+                    "(torch.compile, CUDA graphs) automatically on CUDA",
+    "dense-dynamic": "unpatched model, transformers' dynamic cache, eager",
+    "leank": "leank.patch with the kept-count mix; decode steps replayed as one CUDA graph (LeanKConfig.capture)",
+    "leank-dense": "the same LeanK machinery (captured) with every channel kept: what LeanK costs without pruning",
+    "leank-eager": "leank with capture=False (every decode step eager)",
+}
 # --tiny: every code path in about a minute on a 2-core CPU (the window is small so the archive fills)
 TINY_SIZES = dict(lengths=[96], batches=[1, 2], warmup=1, steps=6, dense_prefill_chunk=32, sink=8, recent=16,
                   flush_every=4)
@@ -185,7 +203,7 @@ def leank_fraction(mask) -> float:
 def estimate_gib(cfg, method: str, length: int, batch: int, new_tokens: int, mask, weight_bytes: int) -> float:
     """Rough lower bound of generate()'s memory, used only to skip what cannot fit."""
     kv = batch * (length + new_tokens) * kv_bytes_per_token(cfg)
-    if method == "leank":
+    if method in ("leank", "leank-eager"):
         kv *= leank_fraction(mask)
     return (weight_bytes + kv) / 2**30
 
@@ -260,7 +278,7 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
 
     row = {"method": method, "length": length, "batch": batch}
     new_tokens = args.warmup + args.steps + 1  # the first token comes from the prefill
-    est = estimate_gib(cfg, method if method == "leank" else "dense", length, batch, new_tokens, mask, weight_bytes)
+    est = estimate_gib(cfg, method, length, batch, new_tokens, mask, weight_bytes)
     row["estimated_min_gib"] = est
     if total_gib is not None and est > total_gib and not args.no_skip:
         row["status"] = f"skipped: needs at least {est:.1f} GiB of {total_gib:.1f}"
@@ -273,6 +291,18 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
         return row
     row.update(status="ok", **step_stats(res["intervals_ms"], args.warmup, batch),
                **{k: v for k, v in res.items() if k != "intervals_ms"})
+    # K/V bytes one decode step reads, at the middle of the measured steps
+    mid = length + args.warmup + args.steps // 2
+    if "report" in res:  # LeanK: the rows the cache holds (window at full width, archive compacted)
+        held = batch * (length + new_tokens - 1)  # the last token is never fed back
+        row["kv_bytes"] = int(res["report"]["leank_bytes"] * batch * mid / held)
+    else:
+        row["kv_bytes"] = batch * mid * kv_bytes_per_token(cfg)
+    row["weight_bytes"] = weight_bytes
+    if args.copy_gbps:
+        row["floor_ms"] = (weight_bytes + row["kv_bytes"]) / (args.copy_gbps * 1e9) * 1e3
+        row["pct_of_floor"] = 100 * row["floor_ms"] / row["latency_ms_median"]
+    row["ms_per_token"] = row["latency_ms_median"]
     return row
 
 
@@ -321,6 +351,24 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
     return {"method": method, "status": "no batch fit", "predicted_batch": predicted, "tried": tried}
 
 
+def copy_bandwidth_gbps(device, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second / 1e9), median of ``reps``."""
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times[3:]) / 1e9
+
+
 # ----------------------------------------------------------------------------- output
 def summary_rows(rows: list[dict]) -> list[dict]:
     out = []
@@ -331,7 +379,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
             continue
         out.append({"model": r["model"], "method": r["method"], "length": r["length"], "batch": r["batch"],
                     "ms/token": r["latency_ms_median"], "mean ms": r["latency_ms_mean"], "tok/s": r["tokens_per_s"],
-                    "speedup": r.get("speedup"), "prefill s": r["prefill_s"], "peak GiB": r.get("peak_gib"),
+                    "floor ms": r.get("floor_ms"), "% of floor": r.get("pct_of_floor"),
+                    "vs best dense": r.get("speedup"), "baseline": r.get("baseline"), "prefill s": r["prefill_s"], "peak GiB": r.get("peak_gib"),
                     "KV GiB": (r["kv_held_bytes"] / 2**30) if "kv_held_bytes" in r else None,
                     "KV vs dense": r.get("kv_ratio"), "status": "ok"})
     return out
@@ -350,6 +399,7 @@ def add_comparisons(rows: list[dict]) -> None:
         for r in group:
             if r.get("status") == "ok":
                 r["speedup"] = r["tokens_per_s"] / best["tokens_per_s"]
+                r["speedup_vs_strongest_dense"] = r["speedup"]
                 r["baseline"] = best["method"]
                 if "kv_held_bytes" in r and best.get("kv_held_bytes"):
                     r["kv_ratio"] = r["kv_held_bytes"] / best["kv_held_bytes"]
@@ -409,17 +459,25 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
     model = common.build_model(cfg, device, dtype, attn)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    mask = common.build_mask(f"mix:{family}", model, args.seed) if "leank" in args.methods else None
+    leank_methods = [m for m in args.methods if m.startswith("leank")]
+    mask = common.build_mask(f"mix:{family}", model, args.seed) if leank_methods else None
+    dense_mask = None if mask is None else type(mask)(keep=torch.ones_like(mask.keep), align=mask.align,
+                                                         source="every channel kept")
     lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
+    setups = {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
+              "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
+
+    def context(method):
+        return _Patched(model, *setups[method]) if method in setups else _Null()
+
     info = {"model": shape, "layers": cfg.num_hidden_layers, "weights_gib": weight_bytes / 2**30,
             "mask_k_sparsity": None if mask is None else 1 - mask.keep.float().mean().item(),
             "mask_v_sparsity": None if mask is None else mask.v_sparsity, "warmup_s": {},
-            "leank_backend": _resolved_backend(args.backend, device)}
+            "leank_backend": _resolved_backend(args.backend, device), "methods": {m: METHOD_DOC[m] for m in args.methods}}
     rows, maxb = [], []
     try:
-        for method in args.methods:  # warm-up (TileLang compiles here), with a flush
-            ctx = _Patched(model, mask, lcfg) if method == "leank" else _Null()
-            with ctx:
+        for method in args.methods:  # warm-up (TileLang and torch.compile compile here), with a flush
+            with context(method):
                 ids = torch.randint(100, cfg.vocab_size, (1, min(2048, min(args.lengths))), device=device)
                 t0 = time.perf_counter()
                 run_generate(model, method, ids, args.flush_every + 2, device)
@@ -428,15 +486,14 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
             for batch in args.batches:
                 for method in args.methods:
                     bar.set_postfix_str(f"{shape} {method} L={length} b={batch}")
-                    ctx = _Patched(model, mask, lcfg) if method == "leank" else _Null()
-                    with ctx:
+                    with context(method):
                         row = sweep_one(model, cfg, method, length, batch, args, device, mask, weight_bytes, total_gib)
                     rows.append({"model": shape, **row})
                     bar.update(1)
         if args.max_batch and budget_gib:
             for method in args.methods:
                 bar.set_postfix_str(f"{shape} {method} max batch")
-                with (_Patched(model, mask, lcfg) if method == "leank" else _Null()):
+                with context(method):
                     maxb.append({"model": shape, **max_batch_search(model, cfg, method, args, device, budget_gib,
                                                                     args.no_progress)})
     finally:
@@ -498,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("max-batch search needs CUDA memory counters: skipped on CPU", file=sys.stderr)
         args.max_batch = False
     torch.manual_seed(args.seed)
+    args.copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     total = len(args.models) * len(args.lengths) * len(args.batches) * len(args.methods)
     bar = common.progress(total=total, desc="e2e decode", disable=args.no_progress, unit="run")
     rows, maxb, infos = [], [], []
@@ -515,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             m["throughput_vs_best_dense"] = m["tokens_per_s"] / best["tokens_per_s"]
     table = summary_rows(rows)
     result = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+              "copy_gbps": args.copy_gbps,
               "attn_implementation": attn, "dtype": str(dtype), "models": infos, "runs": rows, "max_batch": maxb,
               "table": table}
     resolved = {**vars(args), "device": str(device), "dtype": str(dtype), "attn": attn, "budget_gib": budget}
