@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,22 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 
 class MaskFetchError(RuntimeError):
     """A registry mask could not be downloaded (network); the message says where to put it."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _warn(message: str) -> None:
+    """A surprise the user must see even with logging unconfigured: a WARNING log record
+    and a ``UserWarning`` (the package logger only has a ``NullHandler``), attributed to
+    the first caller outside the ``leank`` package."""
+    logger.warning(message)
+    import sys
+
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 = the caller of _warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 # ----------------------------------------------------------------------------- ChannelMask
@@ -179,10 +197,8 @@ class ChannelMask:
             _check_model_id(self.model_id, getattr(config, "name_or_path", "") or "")
         wanted = context_set_from_config(config)
         if wanted != self.context_set:
-            logger.warning(
-                "mask%s is for context set %r but the model config implies %r",
-                _for_model(self.model_id), self.context_set, wanted,
-            )
+            _warn(f"mask{_for_model(self.model_id)} is for context set {self.context_set!r} but the model config "
+                  f"implies {wanted!r}")
         return self
 
     # -- constructors
@@ -204,16 +220,21 @@ class ChannelMask:
         seed: int = 0,
         **fields: Any,
     ) -> "ChannelMask":
-        """Baseline: each head keeps ``kept_count_for(head_dim, sparsity, align)`` channels
-        drawn uniformly at random (individual channels, not RoPE pairs), from a private
-        ``torch.Generator`` seeded with ``seed`` (global RNG untouched)."""
-        k = kept_count_for(head_dim, sparsity, align)
+        """Baseline: kept counts per head from :func:`kept_counts_for` (the heads that get one
+        more aligned block are drawn at random), channels drawn uniformly at random
+        (individual channels, not RoPE pairs), all from a private ``torch.Generator`` seeded
+        with ``seed`` (global RNG untouched). The achieved sparsity is within
+        ``align / (2 * num_layers * num_kv_heads * head_dim)`` of ``sparsity`` and stored in
+        ``metadata["achieved_sparsity"]``; requests that would prune every channel raise
+        ``ValueError``."""
         gen = torch.Generator().manual_seed(int(seed))
-        keep = torch.zeros(num_layers, num_kv_heads, head_dim, dtype=torch.bool)
+        counts = kept_counts_for(num_layers, num_kv_heads, head_dim, sparsity, align, generator=gen)
         scores = torch.rand(num_layers, num_kv_heads, head_dim, generator=gen)
-        keep.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        ranks = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+        keep = ranks < counts[..., None]
         fields.setdefault("source", "random")
-        meta = {"method": "random", "requested_sparsity": float(sparsity), "seed": int(seed)}
+        meta = {"method": "random", "requested_sparsity": float(sparsity),
+                "achieved_sparsity": _achieved(counts, head_dim), "seed": int(seed)}
         meta.update(fields.pop("metadata", {}))
         return cls(keep, align=align, metadata=meta, **fields)
 
@@ -449,50 +470,103 @@ def context_set_from_config(config: Any) -> str:
     return "yarn" if _rope_type(rope_scaling_of(config)) == "yarn" else CONTEXT_SETS_DEFAULT
 
 
-def kept_count_for(head_dim: int, sparsity: float, align: int) -> int:
-    """Kept channels per head for a target ``sparsity``: ``(1 - sparsity) * head_dim``
-    rounded to the nearest multiple of ``align`` (ties round up, i.e. keep more), clamped to
-    ``[0, head_dim]``."""
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+def kept_counts_for(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    sparsity: float,
+    align: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Kept channels per head for a target ``sparsity`` over the whole model: int64
+    ``[num_layers, num_kv_heads]``, multiples of ``align``.
+
+    As stage 2 of training does with its global quantile, the budget is model-wide: the
+    total kept is ``(1 - sparsity) * num_layers * num_kv_heads * head_dim`` rounded to the
+    nearest multiple of ``align`` (ties keep more), and the aligned blocks are distributed
+    over the heads, every head getting ``floor`` of the share and the remainder one more
+    block (evenly spread over the heads, or at heads drawn with ``generator``). So the
+    achieved sparsity is within half a block over the whole model of the request even when
+    one head's share is less than one block (head_dim 64, align 32, sparsity 0.8 keeps 32
+    channels in 40% of the heads instead of pruning everything). A request whose budget
+    rounds to 0 channels raises ``ValueError`` (use a smaller ``align`` or a lower sparsity).
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity: expected a float in [0, 1), got {sparsity!r}")
     if isinstance(align, bool) or not isinstance(align, int) or align < 1 or head_dim % align:
         raise ValueError(f"align: expected an int >= 1 dividing head_dim={head_dim}, got {align!r}")
-    units = int((1.0 - float(sparsity)) * head_dim / align + 0.5 + 1e-9)
-    k = min(max(units * align, 0), head_dim)
-    if k == 0:
-        logger.warning("sparsity=%s with align=%d keeps 0 of %d channels: every head loses its archive",
-                       sparsity, align, head_dim)
-    return k
+    for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    heads = num_layers * num_kv_heads
+    total = heads * head_dim
+    exact_units = (1.0 - float(sparsity)) * total / align
+    units = int(math.floor(exact_units + 0.5 + 1e-9))
+    if units == 0:
+        raise ValueError(
+            f"sparsity: expected at most {1 - align / (2 * total):.6f} for {num_layers} layers x {num_kv_heads} KV "
+            f"heads of head_dim {head_dim} with align={align} (a higher sparsity keeps less than half of one "
+            f"{align}-channel block in the whole model, i.e. prunes every channel), got {sparsity!r}; "
+            f"lower the sparsity or the align"
+        )
+    base, extra = divmod(units, heads)
+    counts = torch.full((heads,), base, dtype=torch.int64)
+    if extra:
+        if generator is not None:
+            chosen = torch.randperm(heads, generator=generator)[:extra]
+        else:  # evenly spread over layers and heads
+            chosen = torch.tensor([int((i + 0.5) * heads / extra) for i in range(extra)])
+        counts[chosen] += 1
+    counts = (counts * align).view(num_layers, num_kv_heads)
+    achieved = _achieved(counts, head_dim)
+    logger.info("sparsity %.4f requested, %.4f achieved (align=%d, %d heads of head_dim %d, kept counts %s)",
+                sparsity, achieved, align, heads, head_dim, sorted(set(counts.flatten().tolist())))
+    if abs(achieved - float(sparsity)) > SPARSITY_WARN_TOLERANCE:
+        _warn(f"sparsity {float(sparsity):.4f} was requested but {achieved:.4f} is the nearest this model allows "
+              f"with align={align} ({heads} KV heads x head_dim {head_dim}: steps of "
+              f"{align / total:.4f} over the whole model)")
+    return counts
+
+
+# a baseline whose achieved sparsity differs from the request by more than this warns
+SPARSITY_WARN_TOLERANCE = 0.01
+
+
+def _achieved(counts: torch.Tensor, head_dim: int) -> float:
+    return 1.0 - float(counts.sum()) / (counts.numel() * head_dim)
 
 
 def from_rope_frequency(config: Any, sparsity: float, align: int = 32) -> ChannelMask:
     """Data-free baseline: every KV head keeps its lowest-frequency RoPE channel pairs.
 
     HF ``rotate_half`` layout: channel ``i`` pairs with ``i + head_dim/2`` and both rotate
-    at frequency index ``i mod head_dim/2``; a higher index is a lower frequency. Each head
-    keeps ``k = kept_count_for(head_dim, sparsity, align)`` channels (nearest multiple of
-    ``align``, ties up): the pairs with frequency index ``>= head_dim/2 - k/2``. All heads
-    keep the same channels. ``align`` must be even so that whole pairs are kept.
+    at frequency index ``i mod head_dim/2``; a higher index is a lower frequency. Head
+    ``(l, h)`` keeps ``k = counts[l, h]`` channels, the pairs with frequency index
+    ``>= head_dim/2 - k/2``, where ``counts = kept_counts_for(...)`` spreads the model-wide
+    budget over the heads (see there: the achieved sparsity is within half an aligned block
+    over the whole model of the request; it is logged, stored in
+    ``metadata["achieved_sparsity"]``, and warned about when it differs by more than
+    ``SPARSITY_WARN_TOLERANCE``). ``align`` must be even so that whole pairs are kept.
     """
     layers, kv_heads, head_dim = model_dims(config)
     if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1, 1.0):
         raise ValueError(f"config.partial_rotary_factor: expected 1.0, got {config.partial_rotary_factor}")
     if head_dim % 2:
         raise ValueError(f"head_dim: expected an even RoPE head dim, got {head_dim}")
-    if align % 2:
+    if isinstance(align, int) and not isinstance(align, bool) and align % 2:
         raise ValueError(f"align: expected an even value so whole RoPE pairs are kept, got {align}")
-    k = kept_count_for(head_dim, sparsity, align)
+    counts = kept_counts_for(layers, kv_heads, head_dim, sparsity, align)
     half = head_dim // 2
     freq_index = torch.arange(head_dim) % half
-    row = freq_index >= half - k // 2
-    keep = row.expand(layers, kv_heads, head_dim).clone()
+    keep = freq_index >= half - counts[..., None] // 2
     return ChannelMask(
         keep,
         model_id=getattr(config, "name_or_path", "") or "",
         align=align,
         context_set=context_set_from_config(config),
         source="rope-frequency baseline",
-        metadata={"method": "rope_frequency", "requested_sparsity": float(sparsity)},
+        metadata={"method": "rope_frequency", "requested_sparsity": float(sparsity),
+                  "achieved_sparsity": _achieved(counts, head_dim)},
     )
 
 
@@ -580,8 +654,8 @@ def _check_model_id(mask_id: str, config_id: str) -> None:
     if a and b:
         same = a == b
     elif a or b:
-        logger.warning("cannot tell whether mask model %r matches model %r (one is not in the registry); "
-                       "shape checks passed", mask_id, config_id)
+        _warn(f"cannot tell whether mask model {mask_id!r} matches model {config_id!r} (one is not in the "
+              f"registry); shape checks passed")
         return
     else:
         same = _norm(mask_id).rstrip("/").rsplit("/", 1)[-1] == _norm(config_id).rstrip("/").rsplit("/", 1)[-1]
@@ -628,8 +702,7 @@ def select_set(
         hint = (f"; pass context_set={default!r} or allow_fallback=True to use the {default!r} set"
                 if can_fall_back and not allow_fallback else "")
         raise ValueError(f"model {model_id!r} {problem}{hint}")
-    logger.warning("model %r %s; FALLING BACK to mask set %r (allow_fallback=True)",
-                   model_id, problem, default)
+    _warn(f"model {model_id!r} {problem}; FALLING BACK to mask set {default!r} (allow_fallback=True)")
     return default, sets[default]
 
 
@@ -690,7 +763,7 @@ def fetch_mask(
             raise ValueError(f"sha256 mismatch for {url}: expected {want}, got {got}; "
                              f"download discarded, {target} left unchanged")
         if not want:
-            logger.warning("registry has no sha256 for %s set %s; downloaded file is unchecked", mid, set_name)
+            _warn(f"registry has no sha256 for {mid} set {set_name}; downloaded file is unchecked")
         os.replace(tmp, target)
         tmp = None
     finally:
