@@ -12,7 +12,7 @@ Files:
   * ``.pth`` (published LeanK format, read only): a float 0/1 tensor
     ``[layers, kv_heads, head_dim]``, loaded with ``torch.load(weights_only=True)``.
 
-Registry: ``masks/manifest.json`` lists models (with case-insensitive aliases), their mask
+Registry: ``masks/manifest.json`` (installed as ``leank/registry/manifest.json``) lists models (with case-insensitive aliases), their mask
 sets (``default``; Qwen2.5 also ``yarn``), source URLs and sha256. Files are fetched into
 the user cache dir (``$LEANK_CACHE_DIR`` or ``~/.cache/leank/masks``) by
 ``leank masks fetch NAME`` / :func:`fetch_mask`, and loaded by :func:`resolve_mask`.
@@ -586,21 +586,30 @@ def load_mask(path: str | os.PathLike, **pth_kwargs: Any) -> ChannelMask:
 # ----------------------------------------------------------------------------- registry
 
 
+def registry_dirs() -> list[Path]:
+    """Folders the registry is looked up in, in order: ``leank/registry/`` (an installed
+    wheel; ``masks/`` is packaged there) and ``<checkout>/masks/`` (a checkout, ``PYTHONPATH=.``
+    or ``pip install -e .``)."""
+    here = Path(_PACKAGE_DIR).resolve()
+    return [here / "registry", here.parent / "masks"]
+
+
 def manifest_path() -> Path:
-    """``$LEANK_MASK_MANIFEST`` or ``<repo>/masks/manifest.json``."""
+    """``$LEANK_MASK_MANIFEST``, else the first ``manifest.json`` of :func:`registry_dirs`
+    (the checkout's path when there is none, for the error message)."""
     env = os.environ.get(MANIFEST_ENV)
     if env:
         return Path(env).expanduser()
-    import leank
-
-    return Path(leank.__file__).resolve().parents[1] / "masks" / "manifest.json"
+    candidates = [d / "manifest.json" for d in registry_dirs()]
+    return next((c for c in candidates if c.is_file()), candidates[-1])
 
 
 def load_manifest(path: str | os.PathLike | None = None) -> dict:
     """Read and check the mask registry (see ``masks/manifest.json``)."""
     path = Path(path) if path is not None else manifest_path()
     if not path.is_file():
-        raise ValueError(f"mask registry not found at {path}; set {MANIFEST_ENV} to a manifest.json")
+        looked = "" if os.environ.get(MANIFEST_ENV) else f" (looked in {', '.join(map(str, registry_dirs()))})"
+        raise ValueError(f"mask registry not found at {path}{looked}; set {MANIFEST_ENV} to a manifest.json")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
