@@ -1,10 +1,25 @@
 """GPU tests of the TileLang decode kernels against the float64 reference (``-m gpu``).
 
 Every case draws fresh random data; rows past the lengths hold finite junk so masking
-is exercised; outputs are poisoned before the kernel writes them.
+is exercised; outputs are poisoned before the kernel writes them. Covered: head_dim 64
+and 128, fp16 and bf16, awkward lengths (1, 17, 97, block+1 = 65, 4097, ...), empty
+archives, all-pruned heads, every kept count in steps of 16, ragged batches 1-32, GQA
+groups 1/4/7/8, the attention-matching bias, kept counts that need padding, no
+recompile as the context grows, and the capability errors.
+
+Each distinct kernel variant (head shape, head_dim, dtype, slot set, bias) costs a cold
+compile (~25 s); the module compiles all of them in parallel processes first (TileLang's
+disk cache), so that the file runs in about two minutes on a 16-core GPU machine. The
+bf16 head_dim-64 variants are also those ``eval/kernel_bench.py --head-dim 64`` needs.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +35,88 @@ pytest.importorskip("tilelang", reason="tilelang not importable")
 from tilelang_kernels import decode as dec  # noqa: E402
 
 DEV = torch.device("cuda")
-TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2}  # relative L2 error of the output
-LLAMA_MIX = [0, 32, 32, 32, 64, 64, 96, 0]
+ROOT = Path(__file__).resolve().parents[1]
+FP16, BF16 = torch.float16, torch.bfloat16
+TOL = {FP16: 4e-3, BF16: 2.5e-2}  # relative L2 error of the output
+BLOCK_N = 64  # the split kernel's token tile: block+1 = 65
+
+
+def mix(head_dim: int) -> list:
+    """Kept counts of 8 KV heads with the published proportions (0/32/64/96 of 128), scaled."""
+    return [x * head_dim // 128 for x in (0, 32, 32, 32, 64, 64, 96, 0)]
+
+
+def gqa_kept(head_dim: int, kv: int) -> list:
+    return ([x * head_dim // 128 for x in (0, 32, 64, 96, 32, 128, 64, 96)] * 2)[:kv]
+
+
+ALIGNED_32 = [64, 32]  # a head_dim-64 layer whose kept counts are multiples of 32: slots (32, 64)
+
+
+def every_step(head_dim: int) -> list:
+    steps = list(range(16, head_dim + 1, 16))
+    return (steps * 2)[:8]  # 8 KV heads: every kept count in steps of 16 (all slots)
+
+
+# ----------------------------------------------------------------------------- cases (and their kernel variants)
+
+LENGTHS = [(1, 1), (17, 17), (97, 97), (BLOCK_N + 1, BLOCK_N + 1), (1, 0), (130, 0), (5, 4097), (1184, 20000)]
+HD_DTYPES = [(128, FP16), (128, BF16), (64, FP16), (64, BF16)]
+EVERY = [(128, FP16), (64, BF16)]
+# (heads, kv_heads, head_dim, kept): groups of 1, 4, 7, 7, 7, 8
+GQA = [(8, 8, 64, None), (32, 8, 128, None), (28, 4, 128, None), (14, 2, 64, None), (14, 2, 64, ALIGNED_32),
+       (64, 8, 128, None)]
+RAGGED = [(1, 128, FP16), (5, 64, BF16), (32, 128, FP16), (32, 64, BF16)]
+PRUNED = [(128, FP16), (128, BF16), (64, BF16)]
+BIAS = [(128, FP16), (64, BF16)]
+
+
+def variant(heads, kv, head_dim, dtype, kept, bias=False):
+    """The compiled kernel a case uses (as ``decode_attention`` picks it)."""
+    dims = sorted({(x + 15) // 16 * 16 for x in kept if x > 0})
+    return heads, kv, head_dim, str(dtype).replace("torch.", ""), dec.call_slot_dims(head_dim, dims), bias
+
+
+VARIANTS = sorted(
+    {variant(32, 8, hd, dt, mix(hd)) for hd, dt in HD_DTYPES}
+    | {variant(32, 8, hd, dt, every_step(hd)) for hd, dt in EVERY}
+    | {variant(h, kv, hd, BF16, kept or gqa_kept(hd, kv)) for h, kv, hd, kept in GQA}
+    | {variant(32, 8, hd, dt, mix(hd)) for _, hd, dt in RAGGED}
+    | {variant(32, 8, hd, dt, [0] * 8) for hd, dt in PRUNED}
+    | {variant(32, 8, hd, dt, mix(hd), True) for hd, dt in BIAS}
+    | {variant(32, 8, 128, FP16, [24, 8])},
+    key=repr)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def precompile():
+    """Compile every variant of this file in parallel processes (one per core at most);
+    the tests then load them from TileLang's disk cache. A failure here is not an error:
+    the test that needs the variant compiles it itself and reports what went wrong."""
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]);"
+            "from tilelang_kernels.decode import get_kernels;"
+            "h, kv, hd, dt, slots, bias = eval(sys.argv[2]);"
+            "get_kernels(h, kv, hd, getattr(torch, dt), slots, bias)")
+    t0 = time.time()
+    todo = list(VARIANTS)
+    running, failed = [], []
+    width = max(1, min(len(todo), os.cpu_count() or 1))
+    while todo or running:
+        while todo and len(running) < width:
+            v = todo.pop(0)
+            running.append((v, subprocess.Popen([sys.executable, "-c", code, str(ROOT), repr(v)], cwd=ROOT,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+        v, p = running.pop(0)
+        _, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            failed.append((v, err.strip().splitlines()[-1:] if err else ""))
+    print(f"precompiled {len(VARIANTS)} kernel variants in {time.time() - t0:.0f} s; failed: {failed}")
 
 
 def make_case(batch, num_heads, num_kv_heads, kept, win_lens, arch_lens, dtype, *,
               head_dim=128, win_cap=None, arch_cap=None, bias=False, seed=0):
     """Random decode inputs following the contract; ``kept[h]`` = kept count of KV head h."""
+    assert len(kept) == num_kv_heads and max(kept, default=0) <= head_dim
     g = torch.Generator(device="cpu").manual_seed(seed)
     win_cap = win_cap or max(max(win_lens), 1) + 3
     arch_cap = arch_cap or max(max(arch_lens), 1) + 5
@@ -71,39 +161,43 @@ def check(case, dtype, tol=None):
     return out, lse
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("wl,al", [(1, 1), (17, 17), (97, 97), (65, 65), (1, 0), (130, 0), (5, 4097), (1184, 20000)])
-def test_lengths(dtype, wl, al):
-    case = make_case(2, 32, 8, LLAMA_MIX, [wl, max(1, wl // 2)], [al, al // 3], dtype, seed=wl * 7 + al)
+def _ids(pairs):
+    return [f"hd{hd}-{str(dt)[6:]}" for hd, dt in pairs]
+
+
+@pytest.mark.parametrize("head_dim,dtype", HD_DTYPES, ids=_ids(HD_DTYPES))
+@pytest.mark.parametrize("wl,al", LENGTHS)
+def test_lengths(head_dim, dtype, wl, al):
+    case = make_case(2, 32, 8, mix(head_dim), [wl, max(1, wl // 2)], [al, al // 3], dtype,
+                     head_dim=head_dim, seed=wl * 7 + al + head_dim)
     check(case, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_every_kept_count(dtype):
-    kept = list(range(16, 129, 16))  # 8 KV heads, kept counts 16..128: all 8 slots
-    case = make_case(3, 32, 8, kept, [33, 1, 200], [97, 1000, 0], dtype, seed=3)
+@pytest.mark.parametrize("head_dim,dtype", EVERY, ids=_ids(EVERY))
+def test_every_kept_count(head_dim, dtype):
+    case = make_case(3, 32, 8, every_step(head_dim), [33, 1, 200], [97, 1000, 0], dtype, head_dim=head_dim, seed=3)
     check(case, dtype)
 
 
-@pytest.mark.parametrize("heads,kv", [(8, 8), (32, 8), (28, 4), (64, 8)])
-def test_gqa(heads, kv):
-    kept = ([0, 32, 64, 96, 16, 128, 48, 80] * 2)[:kv]
-    case = make_case(2, heads, kv, kept, [70, 3], [300, 129], torch.bfloat16, seed=heads + kv)
-    check(case, torch.bfloat16)
+@pytest.mark.parametrize("heads,kv,head_dim,kept", GQA,
+                         ids=[f"{h}q-{kv}kv-hd{hd}{'-aligned32' if k else ''}" for h, kv, hd, k in GQA])
+def test_gqa(heads, kv, head_dim, kept):
+    case = make_case(2, heads, kv, kept or gqa_kept(head_dim, kv), [70, 3], [300, BLOCK_N * 2 + 1], BF16,
+                     head_dim=head_dim, seed=heads + kv + head_dim)
+    check(case, BF16)
 
 
-@pytest.mark.parametrize("batch", [1, 5, 32])
-def test_batch_ragged(batch):
-    g = torch.Generator().manual_seed(batch)
+@pytest.mark.parametrize("batch,head_dim,dtype", RAGGED, ids=[f"b{b}-hd{hd}-{str(dt)[6:]}" for b, hd, dt in RAGGED])
+def test_batch_ragged(batch, head_dim, dtype):
+    g = torch.Generator().manual_seed(batch + head_dim)
     wl = torch.randint(0, 200, (batch,), generator=g).tolist()
     al = torch.randint(0, 3000, (batch,), generator=g).tolist()
     wl[0], al[0] = 0, 0  # one sequence with nothing at all
-    case = make_case(batch, 32, 8, LLAMA_MIX, wl, al, torch.float16, seed=batch)
-    out, lse = check(case, torch.float16)
+    case = make_case(batch, 32, 8, mix(head_dim), wl, al, dtype, head_dim=head_dim, seed=batch)
+    out, lse = check(case, dtype)
     # each sequence alone gives the same result (up to split rounding)
     for i in sorted({min(1, batch - 1), batch - 1}):
-        one = tuple(t[i:i + 1] if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch else t
-                    for t in case[:4]) + (
+        one = tuple(t[i:i + 1] for t in case[:4]) + (
             [k[i:i + 1] for k in case[4]], [v[i:i + 1] for v in case[5]], case[6], case[7], case[8][i:i + 1], None)
         o1, l1 = dec.decode_attention(*one, return_lse=True)
         assert (o1.float() - out[i:i + 1].float()).abs().max() < 2e-2
@@ -113,28 +207,33 @@ def test_batch_ragged(batch):
             assert (l1[fin] - lse[i:i + 1][fin]).abs().max() < 1e-3
 
 
-def test_all_heads_pruned_and_empty_archive():
-    case = make_case(2, 32, 8, [0] * 8, [40, 0], [0, 0], torch.float16, seed=11)
-    check(case, torch.float16)
+@pytest.mark.parametrize("head_dim,dtype", PRUNED, ids=_ids(PRUNED))
+def test_all_heads_pruned_and_empty_archive(head_dim, dtype):
+    case = make_case(2, 32, 8, [0] * 8, [40, 0], [0, 0], dtype, head_dim=head_dim, seed=11)
+    out, lse = check(case, dtype)
+    assert torch.isinf(lse[1]).all() and (out[1] == 0).all()
 
 
-def test_arch_bias():
-    case = make_case(2, 32, 8, LLAMA_MIX, [50, 7], [500, 90], torch.float16, bias=True, seed=5)
-    check(case, torch.float16)
+@pytest.mark.parametrize("head_dim,dtype", BIAS, ids=_ids(BIAS))
+def test_arch_bias(head_dim, dtype):
+    case = make_case(2, 32, 8, mix(head_dim), [50, 7], [500, 90], dtype, head_dim=head_dim, bias=True, seed=5)
+    check(case, dtype)
 
 
 def test_custom_scale_and_kept_not_multiple_of_16():
-    case = make_case(1, 32, 8, [24, 0, 0, 0, 0, 0, 0, 8], [20], [77], torch.float16, seed=9)
+    case = make_case(1, 32, 8, [24, 0, 0, 0, 0, 0, 0, 8], [20], [77], FP16, seed=9)
     out = dec.decode_attention(*case, scale=0.05)
     ref = decode_attention_reference(*case, scale=0.05, compute_dtype=torch.float64)
     err = (out.double() - ref).norm() / ref.norm()
-    assert err < TOL[torch.float16]
+    assert err < TOL[FP16]
 
 
-def test_no_recompile_across_lengths(monkeypatch):
+@pytest.mark.parametrize("head_dim,dtype", [(128, BF16), (64, BF16)], ids=["hd128", "hd64"])
+def test_no_recompile_across_lengths(monkeypatch, head_dim, dtype):
     import tilelang
 
-    case = make_case(1, 32, 8, LLAMA_MIX, [100], [100], torch.bfloat16, arch_cap=70000, win_cap=1200, seed=1)
+    case = make_case(1, 32, 8, mix(head_dim), [100], [100], dtype, head_dim=head_dim, arch_cap=70000, win_cap=1200,
+                     seed=1)
     dec.decode_attention(*case)  # compiles (or loads) once
     n_kernels = len(dec._kernels)
 
@@ -146,13 +245,30 @@ def test_no_recompile_across_lengths(monkeypatch):
         c = list(case)
         c[3] = torch.tensor([wl], dtype=torch.int32, device=DEV)
         c[8] = torch.tensor([al], dtype=torch.int32, device=DEV)
-        check(tuple(c), torch.bfloat16)
+        check(tuple(c), dtype)
     assert len(dec._kernels) == n_kernels
 
 
 def test_bad_input_raises():
-    case = list(make_case(1, 32, 8, LLAMA_MIX, [4], [4], torch.float16))
-    with pytest.raises(ValueError, match="q"):
-        dec.decode_attention(case[0].float(), *case[1:])
+    case = list(make_case(1, 32, 8, mix(128), [4], [4], FP16))
     with pytest.raises(ValueError, match="win_k"):
-        dec.decode_attention(case[0], case[1].to(torch.bfloat16), *case[2:])
+        dec.decode_attention(case[0], case[1].to(BF16), *case[2:])
+    as_float = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in case[:4]]
+    as_float += [[t.float() for t in case[4]], [t.float() for t in case[5]]] + case[6:]
+    with pytest.raises(ValueError, match=r"dtype float32 not supported \(needs float16 or bfloat16\)"):
+        dec.decode_attention(*as_float)
+    odd = make_case(1, 8, 2, [32, 0], [4], [4], FP16, head_dim=96)
+    with pytest.raises(ValueError, match="head_dim 96 not supported"):
+        dec.decode_attention(*odd)
+    wide = make_case(1, 128, 1, [32], [4], [4], FP16, head_dim=64)
+    with pytest.raises(ValueError, match="GQA group of 128"):
+        dec.decode_attention(*wide)
+
+
+def test_supports_agrees_on_this_device():
+    from tilelang_kernels import supports
+
+    for hd in (64, 128):
+        for dt in (FP16, BF16):
+            assert supports(device=DEV, dtype=dt, head_dim=hd, num_heads=32, num_kv_heads=8,
+                            kept_counts=mix(hd)) is None

@@ -83,6 +83,16 @@ def default_slot_dims(head_dim: int, dims: Sequence[int] = ()) -> tuple:
     return tuple(range(align, head_dim + 1, align))
 
 
+def call_slot_dims(head_dim: int, dims: Sequence[int]) -> tuple:
+    """Slot set a call compiles for, given its archive groups' kept counts ``dims``
+    (after padding to 16): ``default_slot_dims``, or the groups' own counts when two
+    groups share a count or a count is not in the default set."""
+    slots = default_slot_dims(head_dim, dims)
+    if len(set(dims)) != len(dims) or any(x not in slots for x in dims):
+        slots = tuple(sorted(dims))
+    return slots
+
+
 def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                 slot_dims: tuple, has_bias: bool, target: Optional[dict] = None,
                 config: Optional[dict] = None):
@@ -317,11 +327,7 @@ def decode_attention(
         dims.append(k.shape[-1])
 
     heads_key = tuple(_host_list(x) for x in arch_heads)
-    if slot_dims is None:
-        slot_dims = default_slot_dims(d, dims)
-        if len(set(dims)) != len(dims) or any(x not in slot_dims for x in dims):
-            slot_dims = tuple(sorted(dims))
-    slot_dims = tuple(slot_dims)
+    slot_dims = call_slot_dims(d, dims) if slot_dims is None else tuple(slot_dims)
     key = (b, h, kvh, d, wcap, dev, q.dtype, slot_dims,
            tuple((dims[g], heads_key[g], ks[g].shape[2]) for g in range(n)))
     plan = _plans.get(key)
