@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,12 +105,19 @@ def precompile():
     while todo or running:
         while todo and len(running) < width:
             v = todo.pop(0)
-            running.append((v, subprocess.Popen([sys.executable, "-c", code, str(ROOT), repr(v)], cwd=ROOT,
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
-        v, p = running.pop(0)
-        _, err = p.communicate(timeout=600)
+            log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty compile never blocks on it
+            running.append((v, log, subprocess.Popen([sys.executable, "-c", code, str(ROOT), repr(v)], cwd=ROOT,
+                                                     stdout=log, stderr=subprocess.STDOUT, text=True)))
+        v, log, p = running.pop(0)
+        try:
+            p.wait(timeout=max(1.0, 600 - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
         if p.returncode != 0:
-            failed.append((v, err.strip().splitlines()[-1:] if err else ""))
+            log.seek(0)
+            failed.append((v, (log.read().strip().splitlines() or ["timed out"])[-1]))
+        log.close()
     print(f"precompiled {len(VARIANTS)} kernel variants in {time.time() - t0:.0f} s; failed: {failed}")
 
 
