@@ -40,18 +40,39 @@ def _tilelang_available() -> bool:
     return importlib.util.find_spec("tilelang") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete backend; refuse ``"tilelang"`` where it cannot run."""
+def resolve_backend(backend: str, device: torch.device, call: Optional[dict] = None) -> str:
+    """Map ``"auto"`` to a concrete backend; refuse ``"tilelang"`` where it cannot run.
+
+    ``call`` describes the layer (``dtype, head_dim, num_heads, num_kv_heads,
+    kept_counts``, as ``tilelang_kernels.supports`` takes them); with it, ``"auto"``
+    chooses TileLang only for calls the kernel supports and logs once why it did not.
+    """
+    from tilelang_kernels import supports
+
+    if call is not None:
+        why = supports(device=device, **call)
+    elif device.type != "cuda" or not _tilelang_available():
+        why = f"needs a CUDA device and the tilelang package, got device={device.type}, " \
+              f"tilelang importable={_tilelang_available()}"
+    else:
+        why = None
     if backend == "auto":
-        chosen = "tilelang" if device.type == "cuda" and _tilelang_available() else "reference"
-        _log_once(f"leank: backend 'auto' resolved to '{chosen}' on {device.type}")
+        chosen = "tilelang" if why is None else "reference"
+        _log_once(f"leank: backend 'auto' resolved to '{chosen}' on {device.type}"
+                  + (f" (TileLang kernel: {why})" if why else ""))
         return chosen
-    if backend == "tilelang" and (device.type != "cuda" or not _tilelang_available()):
-        raise ValueError(
-            f"backend: 'tilelang' needs a CUDA device and the tilelang package, got device={device.type}, "
-            f"tilelang importable={_tilelang_available()}"
-        )
+    if backend == "tilelang" and why is not None:
+        raise ValueError(f"backend: 'tilelang' cannot run this model: {why}; use backend='auto' or 'reference'")
     return backend
+
+
+def layer_backend(layer: LeanKLayer, q: Tensor) -> str:
+    """The concrete backend of ``layer`` for queries like ``q [batch, num_heads, head_dim]`` (decided once)."""
+    if layer.resolved_backend is None:
+        call = dict(dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[1], num_kv_heads=layer.num_kv_heads,
+                    kept_counts=[int(c) for c in layer.keep.sum(-1).tolist()])
+        layer.resolved_backend = resolve_backend(layer.config.backend, q.device, call)
+    return layer.resolved_backend
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +82,7 @@ def _log_once(msg: str) -> None:
 
 def decode_attention(q: Tensor, layer: LeanKLayer, scale: float, backend: str) -> Tensor:
     """One decode step over a layer's window + archive. ``q [batch, num_heads, head_dim]``."""
-    if resolve_backend(backend, q.device) == "tilelang":
+    if layer_backend(layer, q) == "tilelang":
         from tilelang_kernels.decode import decode_attention as tilelang_decode
 
         return tilelang_decode(q, **layer.kernel_args(host_heads=True), scale=scale)

@@ -105,6 +105,7 @@ class LeanKLayer(CacheLayerMixin):
         self.batch_size = 0
         self.reserve = 0  # rows to add at the next growth (expected new tokens per sequence)
         self.version = 0  # bumped whenever a storage tensor is replaced (captured graphs must be rebuilt)
+        self.resolved_backend: Optional[str] = None  # set by leank.attention on the first decode step
         self.capturing = False  # a CUDA graph is being recorded: device work only, no host bookkeeping
         self._rows: Optional[Tensor] = None  # arange(batch) on the device, for decode appends
         self._flush_index_cache: dict = {}  # device index tensors of batched flushes, by host state

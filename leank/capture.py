@@ -218,6 +218,4 @@ class DecodeGraphRunner:
 
 
 def _backend(layer) -> str:
-    from .attention import resolve_backend
-
-    return resolve_backend(layer.config.backend, layer.device)
+    return layer.resolved_backend or layer.config.backend
