@@ -158,8 +158,10 @@ def main(argv=None) -> int:
     sync()
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu", torch=torch.__version__, python=platform.python_version(),
-                model="Llama-3.1-8B-shaped LlamaForCausalLM, random weights (normal 0.02), bf16, rope_theta 5e5, "
-                      f"{args.layers} layers, 32 q / 8 KV heads, head_dim 128",
+                model=(f"tiny LlamaForCausalLM (CPU smoke test), random weights, fp32, {args.layers} layers, "
+                       "4 q / 2 KV heads, head_dim 32") if args.tiny else
+                      ("Llama-3.1-8B-shaped LlamaForCausalLM, random weights (normal 0.02), bf16, rope_theta 5e5, "
+                       f"{args.layers} layers, 32 q / 8 KV heads, head_dim 128"),
                 context="random token ids; prefill with sdpa into a DynamicCache (not timed), recording its own queries",
                 window=f"LeanK window sink={args.sink} recent={args.recent}; ratio applies to the archive",
                 heldout="repeat-pass queries at positions drawn with another seed (train positions are "
