@@ -161,3 +161,15 @@ def test_build_mask_rope_spec():
     assert isinstance(mask, ChannelMask) and mask.sparsity == pytest.approx(0.75) and mask.align == 32
     with pytest.raises(ValueError, match="--mask"):
         common.build_mask("rope:lots", model, seed=0)
+
+
+def test_compaction_bench_tiny_smoke(tmp_path, capsys):
+    """`eval/compaction_bench.py --tiny` (documented smoke mode) runs every method in seconds."""
+    from eval import compaction_bench
+
+    out = tmp_path / "cb.json"
+    assert compaction_bench.main(["--tiny", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["queries"]) for r in rows} == {("hak", "repeat"), ("hak", "repeat_rec"), ("omp", "repeat")}
+    for r in rows:  # attention matching reconstructs better than keeping the same number of top keys
+        assert r["context"] == 512 and r["heldout"]["am"]["out_rel"] < r["heldout"]["top_keys"]["out_rel"]
