@@ -53,6 +53,17 @@ def take_pending(layer_idx: int, key: Tensor) -> Optional[PendingStep]:
     return step
 
 
+def _is_leank_attention(impl: Optional[str]) -> bool:
+    """Whether attention implementation ``impl`` is LeanK's (or wraps it, e.g. compaction's query recorder)."""
+    if impl == "leank":
+        return True
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from .attention import leank_mask
+
+    return ALL_MASK_ATTENTION_FUNCTIONS.get(impl) is leank_mask
+
+
 @dataclass
 class ArchiveGroup:
     """KV heads of one layer that keep the same number ``d > 0`` of K channels."""
@@ -582,12 +593,12 @@ class LeanKCache(Cache):
         if layer_idx >= len(self.layers):
             raise ValueError(f"layer_idx: expected < {len(self.layers)} (mask layers), got {layer_idx}")
         impl = getattr(self._model_config, "_attn_implementation", "leank")
-        if impl != "leank" or _PENDING.get() is not None:
+        if not _is_leank_attention(impl) or _PENDING.get() is not None:
             # the previous update was never consumed: the model's attention is not LeanK's
             _PENDING.set(None)
             raise ValueError(
                 "past_key_values: a LeanKCache needs a model patched with leank.patch(model, masks=...); this model's "
-                f"attention ({impl if impl != 'leank' else 'not leank'}) would ignore the cache and attend to the new "
+                f"attention ({impl!r}) would ignore the cache and attend to the new "
                 "tokens only"
             )
         layer = self.layers[layer_idx]
