@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import logging
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -78,6 +79,12 @@ def layer_backend(layer: LeanKLayer, q: Tensor) -> str:
 @functools.lru_cache(maxsize=None)
 def _log_once(msg: str) -> None:
     logger.info(msg)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str) -> None:
+    logger.warning(msg)
+    warnings.warn(msg, UserWarning, stacklevel=2)
 
 
 def decode_attention(q: Tensor, layer: LeanKLayer, scale: float, backend: str) -> Tensor:
@@ -243,7 +250,8 @@ def leank_attention_forward(
         raise ValueError(f"attention_mask: expected a 2-D padding mask for 'leank', got {tuple(attention_mask.shape)}")
     step = take_pending(module.layer_idx, key)
     if step is None:
-        _log_once("leank: no LeanKCache in this forward; computing exact attention")
+        _warn_once("leank: this forward has no LeanKCache (use_cache=False, or another cache type): exact dense "
+                   "attention, no LeanK saving; pass leank.new_cache(model) as the cache")
         return plain_attention(query, key, value, mask2d, scale).transpose(1, 2), None
     layer = step.layer
     L = query.shape[2]

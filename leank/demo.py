@@ -146,7 +146,10 @@ def run(args) -> int:
     ref = oracle_logits(model, mask.keep, cfg.sink, cfg.recent, cfg.flush_every, ids[0], cont).float().cpu()
     dev = (logits - ref).abs().max().item()
     progress.done()
-    mem = out.past_key_values.memory_report()
+    cache = out.past_key_values
+    backend = cache.layers[0].resolved_backend or cfg.backend
+    print(f"LeanK decode backend: {backend} (backend={cfg.backend!r})")
+    mem = cache.memory_report()
     k_saved = 1 - mem["k_bytes"] / mem["dense_k_bytes"]
     v_saved = 1 - mem["v_bytes"] / mem["dense_v_bytes"]
     print()

@@ -265,3 +265,99 @@ def test_chunked_prefill_in_small_blocks_matches_oracle(monkeypatch):
     cont = torch.cat([prompt[16:], seq[0, 40:]])
     ref = oracle_logits(model, keep, CFG.sink, CFG.recent, CFG.flush_every, prompt[:16], cont, chunks=[(0, 16), (16, 24)])
     assert (logits[0] - ref[24:]).abs().max() <= 2e-5
+
+
+# ---------------------------------------------------------------- issue 11: paths that used to fail silently
+def _fresh_warnings():
+    from leank import attention, patching
+
+    attention._warn_once.cache_clear()
+    patching._warn_once.cache_clear()
+
+
+def test_use_cache_false_and_foreign_cache_warn():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids = _prompt(12)[None]
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
+    try:
+        _fresh_warnings()
+        with pytest.warns(UserWarning, match="use_cache=False"):
+            model.generate(input_ids=ids, max_new_tokens=2, use_cache=False, pad_token_id=0)
+        _fresh_warnings()
+        with pytest.warns(UserWarning, match="DynamicCache"):
+            model.generate(input_ids=ids, max_new_tokens=2, past_key_values=DynamicCache(config=model.config),
+                           pad_token_id=0)
+    finally:
+        leank.unpatch(model)
+
+
+def test_leank_cache_on_unpatched_model_raises():
+    model = tiny_model("llama")
+    cache = LeanKCache(_mask(model, sparse_keep(2, 4, 32)), CFG)
+    with pytest.raises(ValueError, match="leank.patch"), torch.no_grad():
+        model(_prompt(12)[None], past_key_values=cache, use_cache=True)
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
+    try:
+        cache = leank.new_cache(model)
+    finally:
+        leank.unpatch(model)
+    with pytest.raises(ValueError, match="leank.patch"), torch.no_grad():  # bound to a model that is now unpatched
+        model(_prompt(12)[None], past_key_values=cache, use_cache=True)
+
+
+def test_base_model_patch_and_forward():
+    from transformers import LlamaModel
+
+    full = tiny_model("llama")
+    base = LlamaModel(full.config).eval()
+    base.load_state_dict(full.model.state_dict())
+    keep = sparse_keep(2, 4, 32)
+    leank.patch(base, masks=_mask(base, keep), config=CFG)
+    try:
+        assert "generate" not in base.__dict__
+        with torch.no_grad():
+            out = base(_prompt(30)[None], past_key_values=leank.new_cache(base), use_cache=True)
+        assert out.last_hidden_state.shape == (1, 30, full.config.hidden_size)
+    finally:
+        leank.unpatch(base)
+    assert not leank.is_patched(base) and base.config._attn_implementation == "sdpa"
+
+
+def test_failed_patch_leaves_nothing_behind():
+    model = tiny_model("llama")
+    bad = ChannelMask(keep=torch.ones(3, 4, 32, dtype=torch.bool), align=8)  # 3 layers for a 2-layer model
+    with pytest.raises(ValueError):
+        leank.patch(model, masks=bad, config=CFG)
+    assert not leank.is_patched(model) and "generate" not in model.__dict__
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_patched_generate_uses_current_cache_keyword_without_deprecation_warning():
+    import warnings
+
+    model = tiny_model("llama")
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = model.generate(input_ids=_prompt(20)[None], max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                 pad_token_id=0, return_dict_in_generate=True)
+        assert not [w for w in seen if issubclass(w.category, FutureWarning | DeprecationWarning)], \
+            [str(w.message) for w in seen]
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        assert isinstance(cache, LeanKCache)
+    finally:
+        leank.unpatch(model)
+
+
+def test_static_cache_implementation_refused_by_name():
+    model = tiny_model("llama")
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
+    try:
+        with pytest.raises(ValueError, match="LeanK"):
+            model.generate(input_ids=_prompt(20)[None], max_new_tokens=2, cache_implementation="static",
+                           pad_token_id=0)
+    finally:
+        leank.unpatch(model)
