@@ -80,10 +80,13 @@ def prefill(model, ids, max_queries: int):
 
 def layer_window_archive(cache, i, sink, recent):
     """Layer ``i`` of the uncompacted DynamicCache split like the LeanK cache: (window K, V), (archive K, V)."""
+    from leank.window import WindowPolicy
+
     k, v = cache.layers[i].keys[0], cache.layers[i].values[0]  # [KVH, T, D]
-    T = k.shape[1]
-    win = torch.cat([torch.arange(sink), torch.arange(T - recent, T)]).to(k.device)
-    return (k[:, win], v[:, win]), (k[:, sink : T - recent], v[:, sink : T - recent])
+    policy = WindowPolicy(sink, recent)
+    lo, hi = policy.archive_range(k.shape[1])
+    win = torch.tensor(policy.window_indices(k.shape[1]), dtype=torch.long, device=k.device)
+    return (k[:, win], v[:, win]), (k[:, lo:hi], v[:, lo:hi])
 
 
 def layer_errors(held, cache, i, kc, vc, bc):

@@ -56,6 +56,7 @@ if __package__ in (None, ""):  # `python eval/kernel_bench.py` from a checkout
 import torch
 
 from leank.mixes import LLAMA_MIX, QWEN_MIX, _counts_for, low_frequency_order  # noqa: E402
+from leank.window import WindowPolicy  # noqa: E402
 
 # mix: the published kept-count mix ({kept count of 128: number of KV heads}) the built-in
 # mask follows; leank.mixes is the one source
@@ -69,7 +70,8 @@ DEFAULT_SHAPES = {128: "llama,qwen", 64: "llama-1b,qwen-0.5b"}
 DEFAULT_KV_LENS = "8192,32768,65536,131072"
 SMALL_KV_LENS = "1,2,4,8,16,32,64,128,256"
 DEFAULT_OUT = str(Path(__file__).resolve().parents[1] / "runs" / "kernel_bench_{device}")
-SINK, RECENT, PENDING = 128, 1024, 32
+WINDOW = WindowPolicy()  # the library's default window (sink, recent, flush_every)
+SINK, RECENT, PENDING = WINDOW.sink, WINDOW.recent, WINDOW.flush_every
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +167,9 @@ def load_mask(path: str) -> torch.Tensor:
 
 def layer_byte_ratios(keeps: torch.Tensor) -> list[float]:
     """Per layer: archive bytes per token over dense (K at kept width + V where kept > 0)."""
-    counts = keeps.sum(-1).float()  # [layers, kv_heads]
-    d = keeps.shape[-1]
-    return (((counts + d) * (counts > 0)).sum(-1) / (2 * d * keeps.shape[1])).tolist()
+    counts = keeps.sum(-1)  # [layers, kv_heads]
+    d, kvh = keeps.shape[-1], keeps.shape[1]
+    return [WINDOW.archive_bytes_per_token(row, d, 1) / (2 * d * kvh) for row in counts]
 
 
 def sample_layers(keeps: torch.Tensor, k: int) -> list[int]:
@@ -185,9 +187,8 @@ def sample_layers(keeps: torch.Tensor, k: int) -> list[int]:
 def leank_inputs(batch, s, kv_len, keep, dtype, gen_dev):
     """Window + compacted archive for one layer. ``keep``: bool [kv_heads, head_dim]."""
     kvh, d = s["kv_heads"], s["head_dim"]
-    win = min(kv_len, SINK + RECENT)
-    wcap = SINK + RECENT + PENDING
-    arch = kv_len - win
+    _, arch, win = WINDOW.split(kv_len)
+    wcap = WINDOW.capacity
     dev = "cuda"
     rnd = lambda *sh: torch.randn(*sh, device=dev, dtype=dtype, generator=gen_dev)  # noqa: E731
     q = rnd(batch, s["heads"], d)
@@ -202,15 +203,14 @@ def leank_inputs(batch, s, kv_len, keep, dtype, gen_dev):
         av.append(rnd(batch, len(heads), max(arch, 1), d))
     wl = torch.full((batch,), win, dtype=torch.int32, device=dev)
     al = torch.full((batch,), arch, dtype=torch.int32, device=dev)
-    nbytes = _leank_bytes(batch, s, win, arch, counts, dtype)
+    nbytes = _leank_bytes(batch, s, kv_len, counts, dtype)
     return (q, win_k, win_v, wl, ak, av, ah, ac, al), nbytes
 
 
-def _leank_bytes(batch, s, win, arch, counts, dtype):
+def _leank_bytes(batch, s, kv_len, counts, dtype):
     e = torch.finfo(dtype).bits // 8
-    d = s["head_dim"]
-    kv = s["kv_heads"] * win * 2 * d + sum(arch * (c + d) for c in counts if c > 0)
-    return batch * (kv + 2 * s["heads"] * d) * e
+    k, v = WINDOW.cache_bytes(kv_len, counts, s["head_dim"], e)
+    return batch * (k + v + 2 * s["heads"] * s["head_dim"] * e)
 
 
 def dense_bytes(batch, s, kv_len, dtype):
@@ -301,14 +301,14 @@ def run_point(shape, s, batch, kv_len, keeps, layers, args, dtype, gen_dev, copy
     rec["baselines_us"] = baselines(q4, k, v, args.rep_ms, graph)
     rec["dense_bytes"] = dense_bytes(batch, s, kv_len, dtype)
     # LeanK code path with every channel kept: the dense K/V serve as the archive
-    win = min(kv_len, SINK + RECENT)
-    wk = torch.randn(batch, s["kv_heads"], SINK + RECENT + PENDING, s["head_dim"], device="cuda", dtype=dtype,
+    _, arch, win = WINDOW.split(kv_len)
+    wk = torch.randn(batch, s["kv_heads"], WINDOW.capacity, s["head_dim"], device="cuda", dtype=dtype,
                      generator=gen_dev)
     wv = torch.randn_like(wk)
     heads = torch.arange(s["kv_heads"])
     chan = torch.arange(s["head_dim"], device="cuda").expand(s["kv_heads"], -1).contiguous()
     wl = torch.full((batch,), win, dtype=torch.int32, device="cuda")
-    al = torch.full((batch,), kv_len - win, dtype=torch.int32, device="cuda")
+    al = torch.full((batch,), arch, dtype=torch.int32, device="cuda")
     qd = q4[:, :, 0].contiguous()
     dense_args = (qd, wk, wv, wl, [k], [v], [heads], [chan], al)
     rec["leank_dense_us"] = bench(partial(decode_attention, *dense_args), args.rep_ms, graph)

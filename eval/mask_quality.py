@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from leank.config import LeanKConfig  # noqa: E402
 from leank.masks import ChannelMask  # noqa: E402
 from leank.train.data import RetrievalTask, decode_words, score  # noqa: E402
+from leank.window import WindowPolicy  # noqa: E402
 
 SCRATCH = Path(__file__).resolve().parents[1] / "runs"  # git-ignored; committed results live in eval/results/
 TASK_NAMES = ("multikey", "multivalue")
@@ -125,11 +126,8 @@ def bytes_saved(mask: ChannelMask, length: int, window: LeanKConfig, elem_bytes:
     """K and V bytes of one sequence's cache at ``length`` tokens, dense vs LeanK (window at
     full width right after prefill; archive K compacted, V dropped for 0-kept heads)."""
     L, H, D = mask.num_layers, mask.num_kv_heads, mask.head_dim
-    arch = max(0, length - window.sink - window.recent)
-    win = length - arch
     k_dense = L * H * length * D * elem_bytes
-    k_leank = L * H * win * D * elem_bytes + int(mask.keep.sum()) * arch * elem_bytes
-    v_leank = L * H * win * D * elem_bytes + int((mask.kept_counts() > 0).sum()) * arch * D * elem_bytes
+    k_leank, v_leank = WindowPolicy.of(window).cache_bytes(length, mask.kept_counts(), D, elem_bytes)
     return {"k_saved_frac": 1 - k_leank / k_dense, "v_saved_frac": 1 - v_leank / k_dense,
             "k_saved_archive_frac": mask.sparsity, "v_saved_archive_frac": mask.v_sparsity}
 

@@ -29,6 +29,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..window import WindowPolicy
+
 ATTENTION_NAME = "leank_train"
 STATE_KWARG = "leank_train_state"
 
@@ -57,9 +59,9 @@ class AnswerAttentionState:
     dropped: torch.Tensor | None = None
 
     def archive_range(self, context_len: int) -> tuple[int, int]:
-        """``(lo, hi)``: archive token indices ``[lo, hi)`` of a context of ``context_len`` tokens."""
-        lo = min(self.sink, context_len)
-        return lo, max(lo, context_len - self.recent)
+        """``(lo, hi)``: archive token indices ``[lo, hi)`` of a context of ``context_len`` tokens
+        (the cache's rule, :meth:`leank.window.WindowPolicy.archive_range`)."""
+        return WindowPolicy(self.sink, self.recent).archive_range(context_len)
 
 
 def answer_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_ctx: torch.Tensor,
