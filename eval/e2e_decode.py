@@ -482,6 +482,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                 t0 = time.perf_counter()
                 run_generate(model, method, ids, args.flush_every + 2, device)
                 info["warmup_s"][method] = time.perf_counter() - t0
+                print(f"{shape} {method}: warm-up (compiles) {info['warmup_s'][method]:.1f} s", flush=True)
         for length in args.lengths:
             for batch in args.batches:
                 for method in args.methods:
@@ -490,6 +491,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                         row = sweep_one(model, cfg, method, length, batch, args, device, mask, weight_bytes, total_gib)
                     rows.append({"model": shape, **row})
                     bar.update(1)
+                    print(_row_line(rows[-1]), flush=True)  # a run killed later still leaves its rows
         if args.max_batch and budget_gib:
             for method in args.methods:
                 bar.set_postfix_str(f"{shape} {method} max batch")
@@ -502,6 +504,15 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, maxb, info
+
+
+def _row_line(r: dict) -> str:
+    head = f"{r['model']} {r['method']} L={r['length']} b={r['batch']}:"
+    if r.get("status") != "ok":
+        return f"{head} {r.get('status')}"
+    floor = f", floor {r['floor_ms']:.2f} ms ({r['pct_of_floor']:.0f}%)" if "floor_ms" in r else ""
+    return (f"{head} {r['latency_ms_median']:.2f} ms/token, {r['tokens_per_s']:.1f} tok/s{floor}, "
+            f"prefill {r['prefill_s']:.1f} s")
 
 
 def _resolved_backend(backend: str, device) -> str:

@@ -194,12 +194,116 @@ def cached_attention_lse(q: Tensor, layer: LeanKLayer, scale: float):
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
+# ---------------------------------------------------------------- fast chunk path (FlashAttention with LSE)
+def _flash_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False):
+    """FlashAttention with its LSE: ``q [H, M, D]``, ``k, v [H, N, D]`` (same dtype, same D).
+
+    Returns ``(out float32 [H, M, D], lse float32 [H, M])`` (natural log). ``N == 0`` gives
+    zeros and ``-inf``. torch's own flash kernels (CUDA: fp16/bf16; CPU: any float).
+    """
+    H, M, D = q.shape
+    if k.shape[1] == 0:
+        return q.new_zeros(H, M, D, dtype=torch.float32), q.new_full((H, M), float("-inf"), dtype=torch.float32)
+    q4, k4, v4 = q[None].contiguous(), k[None].contiguous(), v[None].contiguous()
+    if q.is_cuda:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, v4, 0.0, causal, False, scale=scale)
+    else:
+        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q4, k4, v4, 0.0, causal, scale=scale)
+    return res[0][0].float(), res[1][0].float()
+
+
+def fast_path_reason(q: Tensor, layer: LeanKLayer) -> Optional[str]:
+    """None when a chunk on this cache can take the FlashAttention path, else why not."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (the exact reference path serves float32/float64)"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]}"
+    if any(g.bias is not None for g in layer.groups):
+        return "attention-matching bias on the archive"
+    return None
+
+
+def cached_attention_lse_flash(q: Tensor, layer: LeanKLayer, scale: float):
+    """``cached_attention_lse`` through FlashAttention, one call per sequence and segment.
+
+    The ``rep`` query heads of a KV head are folded into the query axis (no repeated K/V);
+    the window is attended at full width; an archive group's compacted K is scattered back
+    to ``head_dim`` channels (zeros at the pruned ones, so ``q · K`` is ``q[keep] · K_arch``)
+    in a transient of that sequence's archive rows; heads with no kept channel see no
+    archive. Ragged lengths come from the host lengths (exact slices, no masks).
+    Returns ``(out float32 [b, h, L, d], lse float32 [b, h, L])``.
+    """
+    b, h, L, d = q.shape
+    kvh = layer.num_kv_heads
+    rep = h // kvh
+    qf = q.reshape(b, kvh, rep * L, d)
+    out = q.new_zeros(b, kvh, rep * L, d, dtype=torch.float32)
+    lse = q.new_full((b, kvh, rep * L), float("-inf"), dtype=torch.float32)
+    for s in range(b):
+        w, a = layer.win_len_host[s], layer.arch_len_host[s]
+        if w:
+            out[s], lse[s] = _flash_lse(qf[s], layer.win_k[s, :, :w], layer.win_v[s, :, :w], scale)
+        if not a:
+            continue
+        for g in layer.groups:
+            hg = len(g.heads_host)
+            kg = q.new_zeros(hg, a, d)
+            kg.scatter_(2, g.chan[:, None, :].expand(hg, a, g.d), g.keys[s, :, :a])
+            o_a, l_a = _flash_lse(qf[s, g.heads], kg, g.values[s, :, :a], scale)
+            o_m, l_m = merge_states(out[s, g.heads], lse[s, g.heads], o_a, l_a)
+            out[s, g.heads], lse[s, g.heads] = o_m, l_m
+    return out.view(b, kvh, rep, L, d).reshape(b, h, L, d), lse.view(b, kvh, rep, L).reshape(b, h, L)
+
+
+def chunk_self_attention_lse_flash(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], scale: float):
+    """``chunk_self_attention_lse`` through causal FlashAttention, per sequence over its valid suffix.
+
+    Left padding makes the valid tokens of row ``s`` a suffix of the chunk; padding query
+    rows get zeros and ``lse = -inf`` (their output is never used).
+    """
+    b, h, L, d = q.shape
+    rep = h // k.shape[1]
+    out = q.new_zeros(b, h, L, d, dtype=torch.float32)
+    lse = q.new_full((b, h, L), float("-inf"), dtype=torch.float32)
+    counts = [L] * b if valid is None else valid.sum(-1).tolist()
+    for s in range(b):
+        n = int(counts[s])
+        if n == 0:
+            continue
+        ks, vs = k[s, :, L - n:], v[s, :, L - n:]
+        if rep > 1:
+            ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        out[s, :, L - n:], lse[s, :, L - n:] = _flash_lse(q[s, :, L - n:], ks, vs, scale, causal=True)
+    return out, lse
+
+
+def _suffix_padding(valid: Optional[Tensor]) -> bool:
+    """Whether every row's valid tokens are a suffix (left padding), as the fast path assumes."""
+    if valid is None:
+        return True
+    v = valid.int()
+    return bool((v[:, 1:] >= v[:, :-1]).all())
+
+
 def chunk_attention(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], layer: LeanKLayer, scale: float) -> Tensor:
-    """A chunk of new tokens attending to the cache (LeanK function) and causally to itself."""
+    """A chunk of new tokens attending to the cache (LeanK function) and causally to itself.
+
+    Half-precision chunks take FlashAttention (``cached_attention_lse_flash`` and
+    ``chunk_self_attention_lse_flash``); float32/float64 chunks, attention-matching bias and
+    non-left padding take the exact reference in bounded blocks.
+    """
     if sum(layer.win_len_host) + sum(layer.arch_len_host) == 0:
         return prefill_attention(q, k, v, valid, scale)
-    out_c, lse_c = cached_attention_lse(q, layer, scale)
-    out_n, lse_n = chunk_self_attention_lse(q, k, v, valid, scale)
+    why = fast_path_reason(q, layer)
+    if why is None and not _suffix_padding(valid):
+        why = "padding that is not left padding"
+    if why is None:
+        out_c, lse_c = cached_attention_lse_flash(q, layer, scale)
+        out_n, lse_n = chunk_self_attention_lse_flash(q, k, v, valid, scale)
+    else:
+        _log_once(f"leank: multi-token step on the cache through the reference path: {why}")
+        out_c, lse_c = cached_attention_lse(q, layer, scale)
+        out_n, lse_n = chunk_self_attention_lse(q, k, v, valid, scale)
     out, _ = merge_states(out_c, lse_c, out_n, lse_n)
     return out.to(q.dtype)
 
