@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "regime where prompts are prefilled in micro-batches; the one-shot prefill may exceed the "
                         "budget as long as the GPU holds it) or the whole generate() (default: %(default)s)")
     p.add_argument("--budget-length", type=common.int_k, default=16384, help="prompt length of the max-batch search (default: %(default)s)")
+    p.add_argument("--second-turn", type=common.int_k, default=0,
+                   help="also time a follow-up message of this many tokens appended to each --lengths conversation "
+                        "cache (time to the first new token), dense-dynamic vs leank with the same attention backend; "
+                        "0 = off (default: %(default)s)")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
@@ -188,9 +192,9 @@ def step_stats(intervals_ms: Sequence[float], warmup: int, batch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- one run
-def kv_bytes_per_token(cfg) -> int:
-    """Dense K+V bytes of one token over all layers (bf16/fp16)."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+def kv_bytes_per_token(cfg, element_size: int = 2) -> int:
+    """Dense K+V bytes of one token over all layers (``element_size`` 2: bf16/fp16)."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element_size
 
 
 def leank_fraction(mask) -> float:
@@ -297,13 +301,45 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
         held = batch * (length + new_tokens - 1)  # the last token is never fed back
         row["kv_bytes"] = int(res["report"]["leank_bytes"] * batch * mid / held)
     else:
-        row["kv_bytes"] = batch * mid * kv_bytes_per_token(cfg)
+        row["kv_bytes"] = batch * mid * kv_bytes_per_token(cfg, next(model.parameters()).element_size())
     row["weight_bytes"] = weight_bytes
     if args.copy_gbps:
         row["floor_ms"] = (weight_bytes + row["kv_bytes"]) / (args.copy_gbps * 1e9) * 1e3
         row["pct_of_floor"] = 100 * row["floor_ms"] / row["latency_ms_median"]
     row["ms_per_token"] = row["latency_ms_median"]
     return row
+
+
+# ----------------------------------------------------------------------------- second turn
+def second_turn(model, cfg, method: str, length: int, batch: int, followup: int, device, seed: int) -> dict:
+    """Time to the first new token of a ``followup``-token message on a ``length``-token cache.
+
+    Turn 1 prefills the conversation and generates one token (untimed); turn 2 passes the
+    returned cache with the conversation + the follow-up and is timed around ``generate``
+    (host clock, device synchronised). The dense method uses a dynamic cache.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + length + batch)
+    ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
+    more = torch.randint(100, cfg.vocab_size, (batch, followup), generator=gen).to(device)
+    kw = dict(max_new_tokens=1, do_sample=False, temperature=None, top_p=None, top_k=None,
+              return_dict_in_generate=True, pad_token_id=0)
+    dense = method.startswith("dense")
+    with torch.inference_mode():
+        first = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               **({"cache_implementation": "dynamic"} if dense else {}), **kw)
+        cache = first.past_key_values
+        ids2 = torch.cat([first.sequences, more], 1)
+        del first
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), past_key_values=cache, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ttft = time.perf_counter() - t0
+    return {"method": method, "length": length, "batch": batch, "followup": followup, "ttft_s": ttft, "status": "ok"}
 
 
 # ----------------------------------------------------------------------------- max batch
@@ -474,7 +510,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
             "mask_k_sparsity": None if mask is None else 1 - mask.keep.float().mean().item(),
             "mask_v_sparsity": None if mask is None else mask.v_sparsity, "warmup_s": {},
             "leank_backend": _resolved_backend(args.backend, device), "methods": {m: METHOD_DOC[m] for m in args.methods}}
-    rows, maxb = [], []
+    rows, maxb, turns = [], [], []
     try:
         for method in args.methods:  # warm-up (TileLang and torch.compile compile here), with a flush
             with context(method):
@@ -492,6 +528,15 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                     rows.append({"model": shape, **row})
                     bar.update(1)
                     print(_row_line(rows[-1]), flush=True)  # a run killed later still leaves its rows
+        if args.second_turn:
+            for length in args.lengths:
+                for method in [m for m in ("dense-dynamic", "leank") if m in args.methods]:
+                    with context(method):
+                        r = oom_safe(second_turn, model, cfg, method, length, 1, args.second_turn, device, args.seed)
+                    r = r if isinstance(r, dict) else {"method": method, "length": length, "batch": 1, "status": r}
+                    turns.append({"model": shape, **r})
+                    print(f"{shape} second turn {method} L={length} +{args.second_turn}: "
+                          f"{r.get('ttft_s', float('nan')):.3f} s to the first new token ({r['status']})", flush=True)
         if args.max_batch and budget_gib:
             for method in args.methods:
                 bar.set_postfix_str(f"{shape} {method} max batch")
@@ -503,6 +548,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    info["second_turn"] = turns
     return rows, maxb, info
 
 

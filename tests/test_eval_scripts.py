@@ -37,6 +37,22 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
     assert "| model" in capsys.readouterr().out
 
 
+def test_e2e_decode_second_turn_and_row_fields(tmp_path):
+    out = tmp_path / "e2e.json"
+    rc = e2e_decode.main([*SMALL, "--models", "llama3.1-8b", "--lengths", "40", "--batches", "1", "--warmup", "1",
+                          "--steps", "3", "--methods", "leank,dense-dynamic", "--second-turn", "12", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    turns = res["models"][0]["second_turn"]
+    assert {t["method"] for t in turns} == {"leank", "dense-dynamic"}
+    assert all(t["status"] == "ok" and t["ttft_s"] > 0 and t["followup"] == 12 for t in turns)
+    for r in res["runs"]:  # the fields the issue asks for (floor needs the CUDA copy bandwidth)
+        assert {"ms_per_token", "tokens_per_s", "kv_bytes", "baseline", "speedup_vs_strongest_dense"} <= set(r)
+    leank_row = next(r for r in res["runs"] if r["method"] == "leank")
+    dense_row = next(r for r in res["runs"] if r["method"] == "dense-dynamic")
+    assert 0 < leank_row["kv_bytes"] < dense_row["kv_bytes"]
+
+
 def test_step_stats_exact():
     s = e2e_decode.step_stats([1000.0, 50.0, 10.0, 20.0, 30.0, 40.0], warmup=1, batch=4)
     assert s["prefill_s"] == 1.0 and s["latency_ms_median"] == 25.0 and s["latency_ms_mean"] == 25.0
