@@ -26,7 +26,7 @@ eager calls). Bandwidth is the bytes the step must read (K/V of the tokens atten
 at their stored width, plus q and the output) over the time, against the device-to-device
 copy bandwidth measured in the same run (bytes read + written). Masks: ``--mask FILE``
 (float 0/1 ``[layers, kv_heads, head_dim]``, matched to a shape by its head count) or the
-built-in default with the published kept-count mix (``leank.mixes``; for head_dim 64 the
+built-in default with the published kept-count mix (``leank.baselines``; for head_dim 64 the
 same proportions of kept channels: counts scaled by head_dim / 128) at a fixed seed.
 
 ``--small-lengths`` times kv_len 1..256 (the whole context in the window): what remains is
@@ -55,11 +55,11 @@ if __package__ in (None, ""):  # `python eval/kernel_bench.py` from a checkout
 
 import torch
 
-from leank.mixes import LLAMA_MIX, QWEN_MIX, _counts_for, low_frequency_order  # noqa: E402
+from leank.baselines import LLAMA_MIX, QWEN_MIX, mix_counts, rope_keep  # noqa: E402
 from leank.window import WindowPolicy  # noqa: E402
 
 # mix: the published kept-count mix ({kept count of 128: number of KV heads}) the built-in
-# mask follows; leank.mixes is the one source
+# mask follows; leank.baselines is the one source
 SHAPES = {
     "llama": dict(name="Llama-3.1-8B", layers=32, heads=32, kv_heads=8, head_dim=128, mix=LLAMA_MIX),
     "qwen": dict(name="Qwen2.5-7B", layers=28, heads=28, kv_heads=4, head_dim=128, mix=QWEN_MIX),
@@ -140,19 +140,13 @@ def kept_counts_default(s: dict, seed: int) -> list[list[int]]:
     """``[layers][kv_heads]`` kept counts: the shape's published mix, scaled to its head_dim
     and head count, placed at random (fixed seed)."""
     mix = scaled_mix(s["mix"], s["head_dim"])
-    flat = _counts_for(mix, s["layers"] * s["kv_heads"], torch.Generator().manual_seed(seed)).tolist()
+    flat = mix_counts(mix, s["layers"] * s["kv_heads"], torch.Generator().manual_seed(seed)).tolist()
     return [flat[l * s["kv_heads"]:(l + 1) * s["kv_heads"]] for l in range(s["layers"])]
 
 
 def default_keeps(s: dict, seed: int) -> torch.Tensor:
     """Bool keep ``[layers, kv_heads, head_dim]`` of the built-in mask (lowest RoPE frequencies kept)."""
-    counts = kept_counts_default(s, seed)
-    order = low_frequency_order(s["head_dim"]).tolist()
-    keeps = torch.zeros(s["layers"], s["kv_heads"], s["head_dim"], dtype=torch.bool)
-    for l in range(s["layers"]):
-        for h in range(s["kv_heads"]):
-            keeps[l, h, order[:counts[l][h]]] = True
-    return keeps
+    return rope_keep(torch.tensor(kept_counts_default(s, seed)), s["head_dim"])
 
 
 def load_mask(path: str) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leank.config import LeanKConfig  # noqa: E402
+from leank.baselines import same_budget_baselines  # noqa: E402
 from leank.masks import ChannelMask  # noqa: E402
 from leank.train.data import RetrievalTask, decode_words, score  # noqa: E402
 from leank.window import WindowPolicy  # noqa: E402
@@ -39,44 +40,9 @@ SCRATCH = Path(__file__).resolve().parents[1] / "runs"  # git-ignored; committed
 TASK_NAMES = ("multikey", "multivalue")
 
 
-def even_counts(total_kept: int, layers: int, heads: int, head_dim: int, align: int, seed: int) -> torch.Tensor:
-    """int64 ``[layers, heads]`` multiples of ``align`` summing to ``total_kept``, as even as
-    possible; the heads that get one extra unit are drawn with ``seed``."""
-    units = total_kept // align
-    n = layers * heads
-    base, extra = divmod(units, n)
-    counts = torch.full((n,), base, dtype=torch.int64)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    counts[order[:extra]] += 1
-    if int(counts.max()) * align > head_dim:
-        raise ValueError(f"total_kept: {total_kept} does not fit {n} heads of {head_dim} channels")
-    return (counts * align).view(layers, heads)
-
-
-def rope_mask(counts: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """bool ``[L, H, D]``: each head keeps its ``counts`` lowest-frequency channels (whole RoPE
-    pairs, HF rotate_half layout: channel ``i`` has frequency index ``i mod D/2``)."""
-    half = head_dim // 2
-    freq = torch.arange(head_dim) % half
-    return freq[None, None, :] >= half - counts[..., None] // 2
-
-
-def random_mask(counts: torch.Tensor, head_dim: int, seed: int) -> torch.Tensor:
-    scores = torch.rand(*counts.shape, head_dim, generator=torch.Generator().manual_seed(seed))
-    rank = scores.argsort(-1, descending=True).argsort(-1)
-    return rank < counts[..., None]
-
-
 def baselines(learned: ChannelMask, seed: int) -> dict[str, ChannelMask]:
-    total = int(learned.keep.sum())
-    counts = even_counts(total, learned.num_layers, learned.num_kv_heads, learned.head_dim, learned.align, seed)
-    common = dict(model_id=learned.model_id, align=learned.align, context_set=learned.context_set)
-    return {
-        "rope": ChannelMask(rope_mask(counts, learned.head_dim), source="rope-frequency baseline (same budget)",
-                            metadata={"method": "rope_frequency_even_counts"}, **common),
-        "random": ChannelMask(random_mask(counts, learned.head_dim, seed), source="random baseline (same budget)",
-                              metadata={"method": "random_even_counts", "seed": seed}, **common),
-    }
+    """RoPE-frequency and random masks with the learned mask's total kept channels and align."""
+    return same_budget_baselines(learned, seed)
 
 
 @torch.no_grad()

@@ -57,11 +57,11 @@ def _mask(args, model):
         return args.masks
     import torch
 
+    from patches import model_dims
+
     from .masks import ChannelMask
 
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    keep = torch.ones(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype=torch.bool)
+    keep = torch.ones(*model_dims(model.config), dtype=torch.bool)
     return ChannelMask(keep, source="leank compact: every channel kept")
 
 

@@ -4,4 +4,4 @@ from __future__ import annotations
 
 from .base import ModelFamily
 
-LLAMA = ModelFamily(model_type="llama", check=lambda config: None)
+LLAMA = ModelFamily(model_type="llama")  # the standard readers of patches.base

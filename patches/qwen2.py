@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5: GQA with q/k/v bias (applied before RoPE: nothing to do); sliding window refused.
 
-YaRN rope scaling selects the ``yarn`` mask set (in ``leank.masks.resolve_mask``).
+YaRN rope scaling selects the ``yarn`` mask set (``patches.base.standard_context_set``).
 """
 
 from __future__ import annotations

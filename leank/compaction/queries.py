@@ -143,9 +143,11 @@ def _capture_mode(model):
 
 
 def base_model(model):
-    """The decoder stack without the LM head (``model.model`` for ``*ForCausalLM``)."""
-    inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "layers") else model
+    """The decoder stack without the LM head (``model.model`` for ``*ForCausalLM``), as the
+    model's family (``patches``) knows it."""
+    from patches import decoder_of
+
+    return decoder_of(model)
 
 
 @torch.no_grad()

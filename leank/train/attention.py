@@ -147,8 +147,11 @@ def training_attention(model) -> Iterator[None]:
 
 
 def decoder_of(model):
-    """The decoder stack returning ``last_hidden_state`` (``model.model`` for *ForCausalLM)."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model
+    """The decoder stack returning ``last_hidden_state`` (``model.model`` for *ForCausalLM),
+    as the model's family (``patches``) knows it."""
+    from patches import decoder_of as family_decoder
+
+    return family_decoder(model)
 
 
 def capture(decoder, input_ids: torch.Tensor, state: AnswerAttentionState, split: int) -> torch.Tensor:
