@@ -3,13 +3,16 @@
 The model runs with a plain ``DynamicCache`` (full K/V of every token). At each step this
 attention function decides from the schedule formula alone which tokens are archived,
 zeroes their pruned K channels (or hides them for 0-channel heads) and computes
-attention in float64. It shares no code with ``leank.cache`` / ``leank.attention``.
+attention in float64. It shares no code with ``leank.cache`` / ``leank.attention`` / ``leank.window`` (only the
+generic ``use_attention`` switch).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
+
+from .attention_switch import use_attention
 
 ORACLE = "leank_dense_oracle"
 
@@ -67,10 +70,7 @@ def oracle_logits(model, keep, sink, recent, flush_every, prompt_ids, continuati
     Row ``i`` is the prediction made after seeing ``prompt + continuation[:i]``.
     """
     oracle = Oracle(keep, sink, recent, flush_every)
-    AttentionInterface.register(ORACLE, oracle.attention)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ORACLE)
-    try:
+    with use_attention(model, ORACLE, oracle.attention):
         cache = DynamicCache(config=model.config)
         rows = []
         with torch.no_grad():
@@ -84,5 +84,3 @@ def oracle_logits(model, keep, sink, recent, flush_every, prompt_ids, continuati
                 rows.extend(out.logits[0])
                 i = j
         return torch.stack(rows[: len(continuation_ids)])
-    finally:
-        model.set_attn_implementation(previous)

@@ -122,24 +122,11 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
 def _capture_mode(model):
     """Route every attention layer of ``model`` through ``_capture_attention``; undone in finally."""
-    from transformers import AttentionInterface
+    from ..attention_switch import use_attention
 
-    added = CAPTURE_NAME not in AttentionInterface._global_mapping
-    AttentionInterface.register(CAPTURE_NAME, _capture_attention)
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
-    try:
-        for c in configs.values():
-            c._attn_implementation = CAPTURE_NAME
-        yield
-    finally:
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
-        if added:
-            AttentionInterface._global_mapping.pop(CAPTURE_NAME, None)
+    return use_attention(model, CAPTURE_NAME, _capture_attention)
 
 
 def base_model(model):
@@ -251,13 +238,12 @@ def record_queries(model, every: int = 8):
     import sys
 
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from ..attention_switch import mask_function_of, use_attention
 
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"every: expected an int >= 1, got {every!r}")
     cfg = model.config
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
     impl = cfg._attn_implementation or "eager"
     attn_cls = next((m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")), None)
     eager = getattr(sys.modules[type(attn_cls).__module__], "eager_attention_forward", None) if attn_cls is not None else None
@@ -270,17 +256,5 @@ def record_queries(model, every: int = 8):
         rec.add(module.layer_idx, query)
         return original(module, query, *args, **kwargs)
 
-    name = f"{RECORD_NAME}_{id(rec)}"
-    AttentionInterface.register(name, recording)
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl)
-    if mask_fn is not None:
-        AttentionMaskInterface.register(name, mask_fn)
-    try:
-        for c in configs.values():
-            c._attn_implementation = name
+    with use_attention(model, RECORD_NAME, recording, mask_function_of(impl)):
         yield rec
-    finally:
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
-        AttentionInterface._global_mapping.pop(name, None)
-        AttentionMaskInterface._global_mapping.pop(name, None)

@@ -16,8 +16,9 @@ pruned K. Training reproduces this in two forward passes of the frozen model:
 
 Since ``q · (f ⊙ k) = (f ⊙ q) · k``, the archive scores are computed by scaling the query,
 never by copying K. The attention function is registered with transformers'
-``AttentionInterface`` under :data:`ATTENTION_NAME` on first use and switched on only
-inside :func:`training_attention` (restored in ``finally``); nothing happens at import.
+``AttentionInterface`` under :data:`ATTENTION_NAME` and switched on only inside
+:func:`training_attention` (``leank.attention_switch.use_attention``, restored in ``finally``);
+nothing happens at import.
 """
 
 from __future__ import annotations
@@ -128,22 +129,13 @@ def leank_train_attention(module, query, key, value, attention_mask, scaling=Non
     return out, None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, leank_train_attention)
-
-
 @contextlib.contextmanager
 def training_attention(model) -> Iterator[None]:
     """Switch ``model`` to the training attention; the previous implementation is restored."""
-    _register()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
+    from ..attention_switch import use_attention
+
+    with use_attention(model, ATTENTION_NAME, leank_train_attention):
         yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def decoder_of(model):
