@@ -247,6 +247,9 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
         res["decode_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         res["peak_gib"] = max(res["prefill_peak_gib"], res["decode_peak_gib"])
     cache = out.past_key_values
+    runner = getattr(getattr(model, "_leank", None), "runner", None)
+    if runner is not None:  # LeanK's captured path: graph recording, apart from prefill and decode
+        res["capture_s_total"], res["captured_replays_total"] = runner.capture_s, runner.replays
     del out
     if cuda:
         gc.collect()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import warnings
 from typing import Optional
 
@@ -76,6 +77,7 @@ class DecodeGraphRunner:
         self._graph: Optional[_Graph] = None
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
         self.captures = 0
+        self.capture_s = 0.0  # host seconds spent recording graphs (reported apart from prefill and decode)
 
     # ------------------------------------------------------------------ dispatch
     def __call__(self, *args, **kwargs):
@@ -172,6 +174,7 @@ class DecodeGraphRunner:
         return fk
 
     def _capture(self, key, kwargs, cache: LeanKCache) -> _Graph:
+        t0 = time.perf_counter()
         ids, pos = kwargs["input_ids"], kwargs["position_ids"]
         cpos = kwargs.get("cache_position")
         g = _Graph(key, ids.clone(), pos.clone(), None if cpos is None else cpos.clone())
@@ -190,6 +193,7 @@ class DecodeGraphRunner:
                 layer.capturing = False
         self._graph = g
         self.captures += 1
+        self.capture_s += time.perf_counter() - t0
         logger.info("leank: captured the decode step of batch %d in a CUDA graph", ids.shape[0])
         return g
 

@@ -153,3 +153,23 @@ def test_window_sized_by_the_call_not_the_config():
     assert layer.window_rows <= 10 + 6 + 1
     with pytest.raises(ValueError, match="sink"):
         LeanKConfig(sink=2**40)
+
+
+def test_crop_then_continue_under_capture_equals_eager():
+    """crop() rewrites lengths in place (no new tensors), so the runner's graph key stays right."""
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([22, 28])
+    res = {}
+    for capture in (False, True):
+        first, _ = _run(model, keep, ids, am, 10, capture=capture)
+        cache = first.past_key_values
+        cache.crop(-3)
+        seq = first.sequences[:, :-3]
+        am2 = torch.cat([am, torch.ones(2, seq.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+        out, runner = _run(model, keep, seq, am2, 8, capture=capture, past_key_values=cache)
+        res[capture] = (out, runner)
+    assert res[True][1].replays > 0
+    assert torch.equal(res[True][0].sequences, res[False][0].sequences)
+    lf, lt = torch.stack(res[False][0].logits, 1), torch.stack(res[True][0].logits, 1)
+    assert (lf - lt).abs().max() <= 1e-6
