@@ -618,17 +618,22 @@ class LeanKCache(Cache):
         for layer in self.layers:
             layer.reserve = new_tokens
 
-    def memory_report(self) -> dict:
+    def memory_report(self, all_ranks: bool = False) -> dict:
         """Bytes held vs a dense bf16/fp16 cache of the same tokens, in total and per layer.
 
         Keys: ``leank_bytes`` (K+V of the tokens held, window + archive), ``dense_bytes``
         (the same tokens at full head_dim), ``k_bytes``, ``v_bytes``, ``dense_k_bytes``,
         ``dense_v_bytes``, ``allocated_bytes`` (tensor storage incl. spare capacity),
-        ``layers`` (per-layer dicts).
+        ``layers`` (per-layer dicts); ``tp_rank``, ``tp_size``, ``kv_heads`` (``[start, stop)``
+        of the KV heads counted) and ``all_ranks``. Under tensor parallelism the bytes are this
+        rank's (its KV heads only); ``all_ranks=True`` sums them over the tensor-parallel group
+        (a collective: call it on every rank). See ``leank.tp``.
         """
         layers = [layer.memory_report() for layer in self.layers]
         tot = {k: sum(r[k] for r in layers) for k in ("k_bytes", "v_bytes", "dense_k_bytes", "dense_v_bytes", "allocated_bytes")}
         tot["leank_bytes"] = tot["k_bytes"] + tot["v_bytes"]
         tot["dense_bytes"] = tot["dense_k_bytes"] + tot["dense_v_bytes"]
         tot["layers"] = layers
-        return tot
+        from .tp import rank_report
+
+        return rank_report(tot, self.mask, all_ranks)

@@ -74,6 +74,7 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
     from patches import family_for
 
     from .masks import resolve_mask
+    from .tp import shard_mask_for
 
     if is_patched(model):
         raise ValueError("model: already patched by leank; call leank.unpatch(model) first")
@@ -82,6 +83,7 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
         raise ValueError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     family = family_for(cfg)
     mask = resolve_mask(masks, cfg, context_set=context_set, allow_fallback=allow_fallback)
+    mask = shard_mask_for(model, mask)  # tensor parallel: keep this rank's KV heads (leank.tp)
     config = config or LeanKConfig()
     if not isinstance(config, LeanKConfig):
         raise ValueError(f"config: expected a LeanKConfig, got {type(config).__name__}")
@@ -148,6 +150,7 @@ def _generate(model, original_generate, *args, **kwargs):
     (``LeanKConfig.capture``) decode steps after the first replay a CUDA graph.
     """
     from .cache import LeanKCache
+    from .tp import sync_sampling_rng
 
     state: PatchState = getattr(model, _STATE_ATTR)
     name = cache_kwarg(model)
@@ -175,6 +178,7 @@ def _generate(model, original_generate, *args, **kwargs):
         new_tokens = kwargs.get("max_new_tokens", getattr(gen_cfg, "max_new_tokens", None))
         if isinstance(new_tokens, int) and new_tokens > 0:
             cache.reserve(new_tokens + 1)
+    sync_sampling_rng(state.mask, model.device)  # tensor parallel: every rank samples what rank 0 samples
     if not (state.config.capture and isinstance(cache, LeanKCache)):
         return original_generate(model, *args, **kwargs)
     from .capture import DecodeGraphRunner
