@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         sync()
         t_prefill = time.perf_counter() - t0
         # the training queries (same seed as compact) for the baseline, and held-out queries
-        lk_ref = leank.compaction.api._to_leank_cache(cache, conf)
+        lk_ref = leank.compaction.leank_cache_from_dense(cache, conf)
         arch = int(lk_ref.layers[0].arch_len[0])
         train = collect_queries(model, lk_ref, ids, sources=tuple(args.queries.split("+")), max_queries_per_head=args.max_queries, seed=0)
         held = collect_queries(model, lk_ref, ids, sources=("repeat_only",), max_queries_per_head=args.heldout, seed=12345)

@@ -27,7 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--masks", default=None, help="LeanK channel mask (file, model id or alias); default: keep every channel")
     p.add_argument("--ratio", type=float, default=0.02, help="fraction of archived tokens to keep (default 0.02 = 50x)")
     p.add_argument("--budget", type=int, default=None, help="entries per KV head instead of --ratio")
-    p.add_argument("--method", choices=("hak", "omp"), default="hak")
+    from leank.compaction.selection import selection_methods
+
+    p.add_argument("--method", choices=selection_methods(), default="hak", help="key selection method (registry)")
     p.add_argument("--queries", default="repeat", help="repeat | repeat_only | self, optionally +gaussian")
     p.add_argument("--max-queries", type=int, default=4096, help="reference queries per KV head")
     p.add_argument("--ridge", type=float, default=0.0)

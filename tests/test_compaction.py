@@ -456,3 +456,50 @@ def test_ragged_batch_with_left_padding():
         assert out.shape == (2, 164)
     finally:
         leank.unpatch(model)
+
+
+def test_selection_registry_pluggable_and_listed():
+    """compact_heads dispatches through the selection registry; the CLI lists its choices."""
+    import argparse
+
+    from leank import compaction_cli
+    from leank.compaction import compact_heads, register_selection, selection_methods
+    from leank.compaction import selection as S
+    from leank.compaction.core import _take_top
+
+    assert selection_methods()[:2] == ("hak", "omp")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, n, 16, generator=g, dtype=torch.float64) for n in (24, 40, 40))
+    seen = []
+
+    @register_selection("first_keys")
+    def first(p):
+        seen.append(p.t)
+        return _take_top(-torch.arange(p.keys.shape[1], dtype=torch.float64).expand(p.keys.shape[0], -1), p.budget, p.t)
+
+    try:
+        out = compact_heads(q, k, v, 5, method="first_keys")
+        assert seen == [5] and out.index.tolist() == [[0, 1, 2, 3, 4]] * 3
+        sub = argparse.ArgumentParser().add_subparsers()
+        parser = compaction_cli.add_parser(sub)
+        method = next(a for a in parser._actions if a.dest == "method")
+        assert "first_keys" in method.choices and {"hak", "omp"} <= set(method.choices)
+    finally:
+        S._METHODS.pop("first_keys")
+    with pytest.raises(ValueError, match=r"method: expected one of \('hak', 'omp'"):
+        compact_heads(q, k, v, 5, method="first_keys")
+
+
+def test_leank_cache_from_dense_is_public():
+    from transformers import DynamicCache
+
+    from leank.compaction import leank_cache_from_dense
+    from leank.config import LeanKConfig
+
+    g = torch.Generator().manual_seed(0)
+    dense = DynamicCache()
+    for i in range(2):
+        dense.update(torch.randn(1, 2, 50, 16, generator=g), torch.randn(1, 2, 50, 16, generator=g), i)
+    lk = leank_cache_from_dense(dense, LeanKConfig(sink=4, recent=8, backend="reference"))
+    assert lk.get_seq_length() == 50
+    assert int(lk.layers[0].arch_len[0]) == 50 - 4 - 8

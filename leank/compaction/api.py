@@ -15,8 +15,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .core import BETA_RIDGE, METHODS, CompactedHeads, compact_heads
+from .core import BETA_RIDGE, CompactedHeads, compact_heads
 from .queries import REPEAT_PROMPT, gaussian_like, pool_gqa, run_pass, sample_positions
+from .selection import get_selection
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -50,12 +51,20 @@ def _parse_queries(queries) -> Union[list, list[str]]:
     return parts
 
 
-def _to_leank_cache(cache, config):
-    """Copy a transformers ``DynamicCache`` into a ``LeanKCache`` with every channel kept."""
+def leank_cache_from_dense(cache, config=None):
+    """A ``LeanKCache`` holding the K/V of a prefilled transformers ``DynamicCache``, every
+    channel kept (a copy, as if the tokens had been prefilled into it; ``cache`` is unchanged).
+
+    Args:
+        cache: a ``DynamicCache`` with every layer filled, ``[batch, num_kv_heads, T, head_dim]``.
+        config: ``LeanKConfig`` (window sizes); default ``LeanKConfig()``.
+    """
     from ..cache import LeanKCache
     from ..config import LeanKConfig
 
     layers = cache.layers
+    if not len(layers) or getattr(layers[0], "keys", None) is None:
+        raise ValueError("cache: expected a prefilled DynamicCache, got an empty one")
     k0 = layers[0].keys
     keep = torch.ones(len(layers), k0.shape[1], k0.shape[3], dtype=torch.bool)
     out = LeanKCache(keep, config or LeanKConfig())
@@ -65,6 +74,9 @@ def _to_leank_cache(cache, config):
         layer.store_chunk(src.keys, src.values, None)
         layer.seen_tokens = src.keys.shape[2]
     return out
+
+
+_to_leank_cache = leank_cache_from_dense  # the former private name
 
 
 def _as_leank_cache(past_key_values, config):
@@ -78,7 +90,7 @@ def _as_leank_cache(past_key_values, config):
         return past_key_values
     if isinstance(past_key_values, DynamicCache) and len(past_key_values.layers) and past_key_values.layers[0].keys is not None:
         logger.info("compact: copying a DynamicCache into a LeanKCache (all channels kept)")
-        return _to_leank_cache(past_key_values, config)
+        return leank_cache_from_dense(past_key_values, config)
     raise ValueError(
         f"past_key_values: expected a prefilled LeanKCache (leank.patch) or DynamicCache, got {type(past_key_values).__name__}"
     )
@@ -266,7 +278,8 @@ def compact(
         queries: ``"repeat"`` (repeat-the-context pass over the cache + the context's own
             queries), ``"repeat_only"``, ``"self"``, any of them ``+ "gaussian"``, or a list
             of per-layer tensors ``[batch, num_kv_heads, n, head_dim]`` (post-RoPE).
-        method: ``"hak"`` (highest attention mass) or ``"omp"``.
+        method: a registered selection method (``leank.compaction.selection_methods()``):
+            ``"hak"`` (highest attention mass) or ``"omp"`` by default.
         per_head_budget: ``[num_layers, num_kv_heads]`` token counts (int) or ratios
             (float in (0, 1]); overrides ``ratio``/``budget``.
         ridge: relative ridge of the value fit toward the original values.
@@ -294,8 +307,7 @@ def compact(
     """
     t_start = time.perf_counter()
     cfg = _check_model(model)
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    get_selection(method)  # ValueError listing the registered methods
     if ridge < 0:
         raise ValueError(f"ridge: expected >= 0, got {ridge}")
     if beta_ridge < 0:

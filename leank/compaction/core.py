@@ -28,12 +28,12 @@ from typing import Optional, Union
 
 import torch
 
+from .selection import SelectionProblem, get_selection
 from .solvers import fit_values, nnls
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
-METHODS = ("hak", "omp")
 NEG_LOGIT = -1.0e4  # finite stand-in for -inf in half-precision attention kernels
 BETA_RIDGE = 1e-2  # default relative ridge of the NNLS mass weights (see compact_heads)
 _AUG = 8  # extra head-dim columns that carry a per-key bias through a bias-free kernel
@@ -366,7 +366,9 @@ def compact_heads(
             (``beta = bias``, ``C_v = V``).
         bias: optional float32 ``[G, T]`` existing logit bias; ``-inf`` = no entry.
         scale: softmax scale, default ``1/sqrt(D)``.
-        method: ``"hak"`` (highest attention mass) or ``"omp"``.
+        method: a registered selection method (``leank.compaction.selection``): ``"hak"``
+            (highest attention mass), ``"omp"`` (matching pursuit), or one added with
+            ``register_selection``.
         ridge: relative ridge of the value fit toward the original values (>= 0).
         targets: precomputed ``attention_targets`` (computed here when None).
         workspace_bytes: bound on the scoring workspace (chunks of keys).
@@ -381,8 +383,7 @@ def compact_heads(
         ``CompactedHeads`` with ``t = max_g min(budget_g, valid_g)`` rows.
     """
     _check_qkv(queries, keys, values, bias)
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    select = get_selection(method)  # ValueError listing the registered methods
     if ridge < 0:
         raise ValueError(f"ridge: expected >= 0, got {ridge}")
     G, T, D = keys.shape
@@ -403,22 +404,14 @@ def compact_heads(
         targets = attention_targets(queries, keys, values, bias, scale)
     clock("targets")
     chunk = _chunk_for(G, n, T, workspace_bytes)
-    if bool(identity.all()):
-        scores = valid.float()
-    elif method == "hak":
-        scores = hak_scores(queries, keys, bias, targets.lse, scale, chunk)
-    if method == "hak" or bool(identity.all()):
-        scores = scores.masked_fill(~valid, float("-inf"))
-        # identity problems keep every valid key: give them the top scores
-        scores = torch.where(identity[:, None] & valid, torch.full_like(scores, float("inf")), scores)
-        index, active = _take_top(scores, budget, t)
-    else:
-        index, active = omp_select(
-            queries, keys, bias, targets.lse, scale, budget, t, chunk, keys_per_step=omp_keys_per_step
-        )
-        id_index, id_active = _take_top(valid.float().masked_fill(~valid, float("-inf")), budget, t)
-        index = torch.where(identity[:, None], id_index, index)
-        active = torch.where(identity[:, None], id_active, active)
+    # identity problems keep every valid key, in token order
+    index, active = _take_top(valid.float().masked_fill(~valid, float("-inf")), budget, t)
+    if not bool(identity.all()):
+        problem = SelectionProblem(queries, keys, bias, valid, targets.lse, scale, budget, t, chunk,
+                                   options={"keys_per_step": omp_keys_per_step})
+        sel_index, sel_active = select(problem)
+        index = torch.where(identity[:, None], index, sel_index)
+        active = torch.where(identity[:, None], active, sel_active)
     clock("selection")
 
     k_sel = torch.gather(keys, 1, index[..., None].expand(-1, -1, D))
