@@ -159,6 +159,7 @@ def _generate(model, original_generate, *args, **kwargs):
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}: pass the cache once, got both '{name}' and '{other}'")
         kwargs[name] = kwargs.pop(other)
+    _refuse_unsupported(model, kwargs)
     if kwargs.get("cache_implementation") is not None and kwargs.get(name) is None:
         raise ValueError(
             f"cache_implementation: a LeanK-patched model decodes with its own LeanKCache, got "
@@ -190,6 +191,27 @@ def _generate(model, original_generate, *args, **kwargs):
         return original_generate(model, *args, **kwargs)
     finally:
         model.__dict__.pop("__call__", None)
+
+
+# generate() features LeanK refuses, with what to do instead
+_REFUSED = {
+    "assistant_model": "speculative decoding needs crop() to restore tokens a flush already moved into the "
+                       "compacted archive at full width, which the LeanK cache cannot yet do exactly",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding is speculative decoding: it needs crop() to restore tokens a "
+                                "flush already moved into the compacted archive, which the LeanK cache cannot yet do",
+    "output_attentions": "LeanK's decode kernels return no attention weights (the archive holds compacted K, so "
+                         "dense-layout weights would describe a different function)",
+}
+
+
+def _refuse_unsupported(model, kwargs) -> None:
+    """``ValueError`` naming LeanK and the feature for ``generate`` features it cannot serve."""
+    gen_cfg = kwargs.get("generation_config") or model.generation_config
+    for key, why in _REFUSED.items():
+        value = kwargs.get(key, getattr(gen_cfg, key, None))
+        if value:
+            raise ValueError(f"{key}: not supported on a LeanK-patched model ({why}); call leank.unpatch(model) "
+                             f"to use it, got {key}={value if not hasattr(value, 'config') else type(value).__name__}")
 
 
 @functools.lru_cache(maxsize=None)
