@@ -35,6 +35,7 @@ import leank  # noqa: E402
 from leank import LeanKConfig  # noqa: E402
 from leank.cache import LeanKCache  # noqa: E402
 from leank.masks import ChannelMask  # noqa: E402
+from leank.patching import cache_kwarg  # noqa: E402
 from leank.tp import TPShard, detect, rank_report, shard_from_rows, shard_of, slice_mask, sync_sampling_rng  # noqa: E402
 from tests.oracle import sparse_keep, tiny_model  # noqa: E402
 
@@ -86,7 +87,8 @@ def _generate(model, ids, am, n, **kw):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
-    return out.sequences, torch.stack(out.logits, 1).float(), out.past_key_values
+    cache = out["cache"] if "cache" in out else out.past_key_values  # current name first
+    return out.sequences, torch.stack(out.logits, 1).float(), cache
 
 
 def _run(model, device="cpu") -> dict:
@@ -97,7 +99,7 @@ def _run(model, device="cpu") -> dict:
     follow = torch.randint(1, 96, (ids.shape[0], 5), generator=torch.Generator().manual_seed(9)).to(device)
     ids2 = torch.cat([seq1, follow], 1)
     am2 = torch.cat([am, torch.ones(ids.shape[0], ids2.shape[1] - am.shape[1], dtype=am.dtype, device=device)], 1)
-    seq2, logits2, cache2 = _generate(model, ids2, am2, NEW2, do_sample=False, past_key_values=cache)
+    seq2, logits2, cache2 = _generate(model, ids2, am2, NEW2, do_sample=False, **{cache_kwarg(model): cache})
     assert cache2 is cache and isinstance(cache, LeanKCache)
     layer = cache.layers[1]
     result = dict(seq1=seq1.cpu(), logits1=logits1.cpu(), seq2=seq2.cpu(), logits2=logits2.cpu(),
@@ -328,8 +330,9 @@ def test_tp2_gloo_equals_single_process(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 @pytest.mark.parametrize("variant", ["cuda-fp32", "cuda-bf16"])
 def test_tp2_nccl_equals_single_gpu(tmp_path, variant):
-    """NCCL TP2 vs one GPU: fp32 reference backend exact to 1e-4 with equal tokens; bf16 TileLang by
-    tolerance and token agreement (decode steps CUDA-graph captured, ``LeanKConfig.capture``).
+    """NCCL TP2 vs one GPU: fp32 reference backend to 1e-4 with equal tokens; bf16 TileLang: the same
+    first token and logits within 5% of their scale until the rows' tokens part (decode steps
+    CUDA-graph captured, ``LeanKConfig.capture``, collectives inside the graph).
 
     NOT RUN YET: written in a session without GPU time; a later session runs it on 2 x H200.
     """
@@ -349,11 +352,21 @@ def test_tp2_nccl_equals_single_gpu(tmp_path, variant):
                 assert torch.equal(g["seq1"], want["seq1"]) and torch.equal(g["seq2"], want["seq2"]), (kind, r)
                 assert (g["logits1"] - want["logits1"]).abs().max() <= 1e-4, (kind, r)
                 assert (g["logits2"] - want["logits2"]).abs().max() <= 1e-4, (kind, r)
-            else:  # bf16: the all-reduce sums in another order; compare the first steps and the agreement
-                assert torch.equal(g["seq1"][:, :max(LENGTHS) + 1], want["seq1"][:, :max(LENGTHS) + 1]), (kind, r)
-                assert (g["logits1"][:, 0] - want["logits1"][:, 0]).abs().max() <= 0.03 * scale, (kind, r)
-                agree = (g["seq1"] == want["seq1"]).float().mean().item()
-                assert agree >= 0.9, (kind, r, agree)
+            else:  # bf16: the all-reduce rounds partial sums, so a near-tie may flip a token and the rows part
+                _check_until_divergence(g, want, kind, r, tol=0.05 * scale)
+
+
+def _check_until_divergence(got: dict, want: dict, kind: str, rank: int, tol: float) -> None:
+    """Greedy runs in low precision: the first new token of every row agrees, and while a row's
+    tokens agree (same prefix) its logits agree within ``tol`` (including the step that parts them)."""
+    width = max(LENGTHS)
+    new_got, new_want = got["seq1"][:, width:], want["seq1"][:, width:]
+    assert torch.equal(new_got[:, 0], new_want[:, 0]), (kind, rank, "first new token")
+    for row in range(new_got.shape[0]):
+        differ = (new_got[row] != new_want[row]).nonzero()
+        last = int(differ[0]) if len(differ) else new_got.shape[1] - 1  # the logits of this step share the prefix
+        err = (got["logits1"][row, :last + 1] - want["logits1"][row, :last + 1]).abs().max().item()
+        assert err <= tol, (kind, rank, row, last, err, tol)
 
 
 if __name__ == "__main__":
