@@ -1,5 +1,6 @@
 """Shared pieces of the eval scripts: argument helpers, result/config writing, tables,
-progress bars, the published kept-count mixes and model shapes.
+progress bars, the published kept-count mixes and model shapes (the one definition the
+eval scripts share), the ``patched`` context manager.
 
 Nothing here touches CUDA, seeds a generator or imports TileLang at import time.
 """
@@ -7,6 +8,7 @@ Nothing here touches CUDA, seeds a generator or imports TileLang at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -309,6 +311,19 @@ def best_attention(requested: str = "auto") -> str:
 
 
 # ----------------------------------------------------------------------------- masks
+@contextlib.contextmanager
+def patched(model, mask, config):
+    """``with patched(model, mask, config):`` — ``leank.patch`` on entry, ``leank.unpatch`` in
+    ``finally``; yields the model."""
+    import leank
+
+    leank.patch(model, masks=mask, config=config)
+    try:
+        yield model
+    finally:
+        leank.unpatch(model)
+
+
 def build_mask(spec: str, model, seed: int, family: str | None = None):
     """Turn ``--mask`` into what ``leank.patch(masks=...)`` accepts.
 

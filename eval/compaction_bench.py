@@ -43,11 +43,11 @@ def llama8b_config(layers: int, max_pos: int, tiny: bool = False):
         return LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=max_pos,
                            attn_implementation="sdpa")
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=max_pos,
-        rope_theta=500000.0, rms_norm_eps=1e-5, attn_implementation="sdpa",
-    )
+    shape = {k: common.LLAMA31_8B[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                               "num_key_value_heads", "head_dim", "rms_norm_eps")}
+    # plain RoPE at the 8B's theta (no llama3 scaling): the benchmark's committed configuration
+    return LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=max_pos,
+                       rope_theta=common.LLAMA31_8B["rope_parameters"]["rope_theta"], attn_implementation="sdpa")
 
 
 def build_model(layers: int, max_pos: int, device: str, tiny: bool = False):

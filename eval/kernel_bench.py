@@ -55,14 +55,21 @@ if __package__ in (None, ""):  # `python eval/kernel_bench.py` from a checkout
 
 import torch
 
+from eval import common  # noqa: E402
 from leank.baselines import LLAMA_MIX, QWEN_MIX, mix_counts, rope_keep  # noqa: E402
 from leank.window import WindowPolicy  # noqa: E402
+
+def _attention_shape(cfg: dict) -> dict:
+    """layers / heads / kv_heads / head_dim of a model shape of eval/common.py."""
+    return dict(layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"], kv_heads=cfg["num_key_value_heads"],
+                head_dim=cfg["head_dim"])
+
 
 # mix: the published kept-count mix ({kept count of 128: number of KV heads}) the built-in
 # mask follows; leank.baselines is the one source
 SHAPES = {
-    "llama": dict(name="Llama-3.1-8B", layers=32, heads=32, kv_heads=8, head_dim=128, mix=LLAMA_MIX),
-    "qwen": dict(name="Qwen2.5-7B", layers=28, heads=28, kv_heads=4, head_dim=128, mix=QWEN_MIX),
+    "llama": dict(name="Llama-3.1-8B", **_attention_shape(common.LLAMA31_8B), mix=LLAMA_MIX),
+    "qwen": dict(name="Qwen2.5-7B", **_attention_shape(common.QWEN25_7B), mix=QWEN_MIX),
     "llama-1b": dict(name="Llama-3.2-1B", layers=16, heads=32, kv_heads=8, head_dim=64, mix=LLAMA_MIX),
     "qwen-0.5b": dict(name="Qwen2.5-0.5B", layers=24, heads=14, kv_heads=2, head_dim=64, mix=QWEN_MIX),
 }

@@ -30,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leank.config import LeanKConfig  # noqa: E402
+from eval import common  # noqa: E402
 from leank.baselines import same_budget_baselines  # noqa: E402
+from leank.config import LeanKConfig  # noqa: E402
 from leank.masks import ChannelMask  # noqa: E402
 from leank.train.data import RetrievalTask, decode_words, score  # noqa: E402
 from leank.window import WindowPolicy  # noqa: E402
@@ -67,14 +68,9 @@ def make_gen(model, tok, mask: ChannelMask | None, window: LeanKConfig, engine: 
     if mask is None:
         return plain
     if engine == "patch":
-        import leank
-
         def patched(prompt):
-            leank.patch(model, masks=mask, config=window)
-            try:
+            with common.patched(model, mask, window):
                 return plain(prompt)
-            finally:
-                leank.unpatch(model)
         return patched
 
     from leank.train.attention import AnswerAttentionState, greedy_answer, training_attention

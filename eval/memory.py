@@ -300,22 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.seed)
         if device.type == "cuda":
             warm_up(model, cfg, args, device)
-            leank.patch(model, masks=mask, config=lcfg)
-            try:
+            with common.patched(model, mask, lcfg):
                 warm_up(model, cfg, args, device)
-            finally:
-                leank.unpatch(model)
         for length in args.lengths:
             runs = {}
             bar.set_postfix_str(f"{shape} L={length} dense")
             runs["dense"] = run_method(model, "dense", length, args, device, cfg)
             bar.update(1)
             bar.set_postfix_str(f"{shape} L={length} leank")
-            leank.patch(model, masks=mask, config=lcfg)
-            try:
+            with common.patched(model, mask, lcfg):
                 runs["leank"] = run_method(model, "leank", length, args, device, cfg)
-            finally:
-                leank.unpatch(model)
             bar.update(1)
             results[f"{shape}/{length}"] = runs
             all_rows += summary(shape, length, runs)

@@ -138,23 +138,7 @@ def predict(model, tokenizer, samples: Sequence[Sample], batch_size: int, desc: 
     return preds
 
 
-class patched:
-    """``with patched(model, mask, config):`` — leank.patch on entry, leank.unpatch on exit."""
-
-    def __init__(self, model, mask, config):
-        self.model, self.mask, self.config = model, mask, config
-
-    def __enter__(self):
-        import leank
-
-        leank.patch(self.model, masks=self.mask, config=self.config)
-        return self.model
-
-    def __exit__(self, *exc):
-        import leank
-
-        leank.unpatch(self.model)
-        return False
+patched = common.patched  # ``with patched(model, mask, config):`` (eval/common.py)
 
 
 def run_modes(model, tokenizer, samples: Sequence[Sample], modes: Sequence[str], mask=None, config=None,

@@ -18,6 +18,7 @@ import torch
 from .core import BETA_RIDGE, CompactedHeads, compact_heads
 from .queries import REPEAT_PROMPT, gaussian_like, pool_gqa, run_pass, sample_positions
 from .selection import get_selection
+from .timing import Stopwatch
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -324,8 +325,7 @@ def compact(
     dev = layer0.device
     arch_len = [int(x) for x in layer0.arch_len.tolist()]
     budgets = _budgets(arch_len, L, KVH, ratio, budget, per_head_budget)
-    clock = _Sync(dev)
-    clock.t = t_start
+    clock = Stopwatch(dev, start=t_start)
     phases_convert = clock()
 
     if isinstance(parsed[0], Tensor):
@@ -416,18 +416,3 @@ def compact(
     if timings is not None:
         timings.update(phases)
     return cache
-
-
-class _Sync:
-    """Seconds since the previous call, synchronising CUDA first."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.t = time.perf_counter()
-
-    def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt

@@ -30,6 +30,7 @@ import torch
 
 from .selection import SelectionProblem, get_selection
 from .solvers import fit_values, nnls
+from .timing import Stopwatch
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -390,7 +391,7 @@ def compact_heads(
     n = queries.shape[1]
     dev = keys.device
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    clock = _Clock(timings, dev)
+    clock = Stopwatch(dev, sink=timings)
     valid = torch.ones(G, T, dtype=torch.bool, device=dev) if bias is None else torch.isfinite(bias)
     n_valid = valid.sum(-1)
     budget = torch.minimum(_budget_tensor(budget, G, dev), n_valid)
@@ -496,23 +497,3 @@ def top_attention_baseline(queries: Tensor, keys: Tensor, values: Tensor, budget
     base = torch.zeros(index.shape, device=keys.device) if bias is None else torch.gather(bias, 1, index).float()
     beta = base.masked_fill(~active, float("-inf"))
     return CompactedHeads(k_sel, v_sel, beta, index.masked_fill(~active, -1), active.sum(-1))
-
-
-class _Clock:
-    """Adds elapsed seconds per phase to a dict (synchronising CUDA); no-op without a dict."""
-
-    def __init__(self, sink: Optional[dict], device):
-        import time
-
-        self._time = time.perf_counter
-        self.sink, self.cuda = sink, torch.device(device).type == "cuda"
-        self.t = self._time()
-
-    def __call__(self, name: str) -> None:
-        if self.sink is None:
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = self._time()
-        self.sink[name] = self.sink.get(name, 0.0) + now - self.t
-        self.t = now
