@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import LeanKConfig
+from .window import WindowPolicy
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -111,6 +112,7 @@ class LeanKLayer(CacheLayerMixin):
             raise ValueError(f"keep: expected bool [num_kv_heads, head_dim], got {keep.dtype} {tuple(keep.shape)}")
         self.keep = keep
         self.config = config
+        self.policy = WindowPolicy.of(config)  # which rows are sink, window and archive (leank.window)
         self.groups = groups_from_keep(keep)
         self.seen_tokens = 0  # columns processed, left padding included (what generate() counts)
         self.batch_size = 0
@@ -132,7 +134,7 @@ class LeanKLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_kv_heads, self.head_dim = b, kvh, d
         # the window holds at most sink + recent + flush_every rows, and never more than the call's tokens
-        wcap = min(self.config.window_capacity, key_states.shape[2] + max(self.reserve, 1))
+        wcap = min(self.policy.capacity, key_states.shape[2] + max(self.reserve, 1))
         self.win_k = key_states.new_zeros(b, kvh, wcap, d)
         self.win_v = value_states.new_zeros(b, kvh, wcap, d)
         self.version += 1
@@ -183,7 +185,7 @@ class LeanKLayer(CacheLayerMixin):
         """Grow the window buffer to hold ``rows`` rows (doubling, capped at ``window_capacity``)."""
         if rows <= self.window_rows:
             return
-        cap = self.config.window_capacity
+        cap = self.policy.capacity
         if rows > cap:
             raise RuntimeError(f"window overflow: {rows} rows > capacity {cap}")
         new = min(cap, max(rows, 2 * self.window_rows))
@@ -196,7 +198,7 @@ class LeanKLayer(CacheLayerMixin):
         self.version += 1
 
     def _sink_rows(self, b: int) -> int:
-        return min(self.config.sink, self.win_len_host[b] + self.arch_len_host[b])
+        return self.policy.sink_rows(self.win_len_host[b] + self.arch_len_host[b])
 
     def _archive_append(self, b: int, k: Tensor, v: Tensor) -> None:
         """Append full-width rows ``k, v [num_kv_heads, n, head_dim]`` to sequence ``b``'s archive.
@@ -251,8 +253,7 @@ class LeanKLayer(CacheLayerMixin):
                 stream_k = torch.cat([self.win_k[b, :, :w], nk], dim=1)
                 stream_v = torch.cat([self.win_v[b, :, :w], nv], dim=1)
             n = stream_k.shape[1]
-            sink = min(self.config.sink, n)  # a non-empty archive implies a full sink
-            move = max(0, n - sink - self.config.recent)
+            sink, move, _ = self.policy.split(n)  # a non-empty archive implies a full sink
             self._archive_append(b, stream_k[:, sink : sink + move], stream_v[:, sink : sink + move])
             self._set_window(b, stream_k, stream_v, sink, sink + move)
 
@@ -290,13 +291,12 @@ class LeanKLayer(CacheLayerMixin):
         gathers and scatters driven by device index tensors; other cases (after ``crop``)
         go sequence by sequence.
         """
-        limit = self.config.recent + self.config.flush_every
         due = []
         for b in range(self.batch_size):
             sink = self._sink_rows(b)
             w = self.win_len_host[b]
-            if w - sink >= limit:
-                due.append((b, sink, w - sink - self.config.recent))
+            if self.policy.flush_due(w - sink):
+                due.append((b, sink, self.policy.flush_rows(w - sink)))
         if not due:
             return
         if len({m for _, _, m in due}) == 1:
@@ -328,7 +328,7 @@ class LeanKLayer(CacheLayerMixin):
     def _flush_batched(self, due: list) -> None:
         """Flush ``due = [(seq, sink_rows, move)]`` (one ``move`` for all) with batched indexing."""
         move = due[0][2]
-        rest = self.config.recent
+        rest = self.policy.recent
         self._grow_archive(max(self.arch_len_host[b] for b, _, _ in due) + move)
         seq, sink, start = self._flush_index(due)
         n = seq.shape[0]
