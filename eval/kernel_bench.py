@@ -291,7 +291,7 @@ def baselines(q4, k, v, rep_ms, graph):
 
 
 def run_point(shape, s, batch, kv_len, keeps, layers, args, dtype, gen_dev, copy_gbps):
-    from tilelang_kernels.decode import decode_attention
+    from leank.tilelang_kernels.decode import decode_attention
 
     graph = not args.no_graph
     rec = dict(shape=shape, model=s["name"], batch=batch, kv_len=kv_len, head_dim=s["head_dim"], layers=layers)
@@ -351,12 +351,12 @@ def cold_compile_seconds(s: dict, dtype: torch.dtype, keeps: torch.Tensor) -> di
     import subprocess
     import tempfile
 
-    from tilelang_kernels.decode import default_slot_dims
+    from leank.tilelang_kernels.decode import default_slot_dims
 
     sets = sorted({default_slot_dims(s["head_dim"], sorted({int(c) for c in k.sum(-1).tolist() if c > 0}))
                    for k in keeps})
     code = ("import sys, time, torch; sys.path.insert(0, '.');"
-            "from tilelang_kernels.decode import get_kernels; t = time.time();"
+            "from leank.tilelang_kernels.decode import get_kernels; t = time.time();"
             f"[get_kernels({s['heads']}, {s['kv_heads']}, {s['head_dim']}, torch.{str(dtype)[6:]}, sl, False) "
             f"for sl in {sets!r}]; print('COLD', time.time() - t)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,10 +12,30 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 from .config import LeanKConfig
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def _checkout_root():
+    """The repository root when running from a checkout, where ``patches/`` and
+    ``tilelang_kernels/`` are top-level folders beside ``leank/``; None in an installed wheel,
+    which holds them as ``leank/patches`` and ``leank/tilelang_kernels``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if os.path.isdir(os.path.join(here, "patches")):
+        return None
+    if all(os.path.isfile(os.path.join(root, p, "__init__.py")) for p in ("patches", "tilelang_kernels")):
+        return root
+    return None
+
+
+# ``leank.patches`` / ``leank.tilelang_kernels`` resolve in a checkout too (only this package's
+# own search path changes; nothing else is touched).
+if (_root := _checkout_root()) is not None and _root not in __path__:
+    __path__.append(_root)
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from tilelang_kernels.reference import decode_attention_reference, merge_states
+from leank.tilelang_kernels.reference import decode_attention_reference, merge_states
 
 from .cache import LeanKLayer, take_pending
 
@@ -48,7 +48,7 @@ def resolve_backend(backend: str, device: torch.device, call: Optional[dict] = N
     kept_counts``, as ``tilelang_kernels.supports`` takes them); with it, ``"auto"``
     chooses TileLang only for calls the kernel supports and logs once why it did not.
     """
-    from tilelang_kernels import supports
+    from leank.tilelang_kernels import supports
 
     if call is not None:
         why = supports(device=device, **call)
@@ -90,7 +90,7 @@ def _warn_once(msg: str) -> None:
 def decode_attention(q: Tensor, layer: LeanKLayer, scale: float, backend: str) -> Tensor:
     """One decode step over a layer's window + archive. ``q [batch, num_heads, head_dim]``."""
     if layer_backend(layer, q) == "tilelang":
-        from tilelang_kernels.decode import decode_attention as tilelang_decode
+        from leank.tilelang_kernels.decode import decode_attention as tilelang_decode
 
         return tilelang_decode(q, **layer.kernel_args(host_heads=True), scale=scale)
     return decode_attention_reference(q, **layer.kernel_args(), scale=scale, compute_dtype=_reference_dtype(q))

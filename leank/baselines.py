@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from patches import context_set_of, model_dims
+from leank.patches import context_set_of, model_dims
 
 from .masks import ChannelMask, _warn
 

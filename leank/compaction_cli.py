@@ -59,7 +59,7 @@ def _mask(args, model):
         return args.masks
     import torch
 
-    from patches import model_dims
+    from leank.patches import model_dims
 
     from .masks import ChannelMask
 

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from patches import context_set_of
+from leank.patches import context_set_of
 
 from .masks import (
     _PACKAGE_DIR,

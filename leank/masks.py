@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from patches import DEFAULT_SET, context_set_of, model_dims, rope_scaling_of
+from leank.patches import DEFAULT_SET, context_set_of, model_dims, rope_scaling_of
 
 logger = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
     Returns the same model, patched. Raises ``ValueError`` for unsupported architectures,
     masks that do not fit the model, or a model that is already patched.
     """
-    from patches import family_for
+    from leank.patches import family_for
 
     from .masks import resolve_mask
     from .tp import shard_mask_for

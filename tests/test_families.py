@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config
 
-import patches
+from leank import patches
 from leank.baselines import from_rope_frequency
 from leank.compaction.queries import base_model
 from leank.masks import ChannelMask, context_set_from_config, model_dims

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tilelang_kernels import capability, supports
+from leank.tilelang_kernels import capability, supports
 
 HAS_TILELANG = importlib.util.find_spec("tilelang") is not None
 CUDA = SimpleNamespace(type="cuda", index=None)  # a CUDA device as far as the check can tell
@@ -53,7 +53,7 @@ def call(**over):
 
 
 def test_signature_is_keyword_only_and_exported():
-    import tilelang_kernels
+    import leank.tilelang_kernels as tilelang_kernels
 
     assert tilelang_kernels.supports is capability.supports
     params = inspect.signature(supports).parameters
@@ -66,7 +66,7 @@ def test_signature_is_keyword_only_and_exported():
 def test_import_needs_no_tilelang():
     code = ("import sys; sys.modules['tilelang'] = None\n"
             "import torch, tilelang_kernels\n"
-            "from tilelang_kernels import supports\n"
+            "from leank.tilelang_kernels import supports\n"
             "r = supports(device=torch.device('cuda'), dtype=torch.float16, head_dim=64, num_heads=8,"
             " num_kv_heads=2, kept_counts=[16, 64])\n"
             "assert r is not None and r.startswith('tilelang not importable'), r\n"
@@ -210,7 +210,7 @@ def _inputs(dtype=torch.float16, head_dim=64, heads=8, kv=2, kept=(16, 40), devi
     (dict(heads=128, kv=1, kept=(16,)), "GQA group of 128 query heads"),
 ])
 def test_decode_attention_raises_the_reason(no_cuda, over, expect):
-    from tilelang_kernels.decode import decode_attention
+    from leank.tilelang_kernels.decode import decode_attention
 
     with pytest.raises(ValueError, match="does not support this call") as e:
         decode_attention(*_inputs(**over))

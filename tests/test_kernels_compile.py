@@ -52,7 +52,7 @@ def cache_dir(tmp_path_factory):
 
 
 def test_default_slots():
-    from tilelang_kernels.decode import default_slot_dims
+    from leank.tilelang_kernels.decode import default_slot_dims
 
     assert default_slot_dims(128, [32, 64, 96]) == (32, 64, 96, 128)
     assert default_slot_dims(128, [16, 32]) == tuple(range(16, 129, 16))
@@ -61,7 +61,7 @@ def test_default_slots():
 
 
 def test_builders_refuse_what_supports_refuses():
-    from tilelang_kernels import decode_kernels as dk
+    from leank.tilelang_kernels import decode_kernels as dk
 
     with pytest.raises(ValueError, match="head_dim"):
         dk.default_config(96)
@@ -85,7 +85,7 @@ def _id(v):
 
 @pytest.mark.parametrize("model,dtype,bias,kept", [pytest.param(*v[:4], marks=v[4], id=_id(v)) for v in VARIANTS])
 def test_compile_sm90a(cache_dir, model, dtype, bias, kept):
-    from tilelang_kernels import decode as dec
+    from leank.tilelang_kernels import decode as dec
 
     heads, kv = SHAPES[model]
     head_dim = HEAD_DIM[model]

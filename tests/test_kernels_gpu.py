@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tilelang_kernels.reference import decode_attention_reference
+from leank.tilelang_kernels.reference import decode_attention_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +33,7 @@ if not torch.cuda.is_available():  # pragma: no cover - CPU CI
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("tilelang", reason="tilelang not importable")
 
-from tilelang_kernels import decode as dec  # noqa: E402
+from leank.tilelang_kernels import decode as dec  # noqa: E402
 
 DEV = torch.device("cuda")
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def precompile():
     the tests then load them from TileLang's disk cache. A failure here is not an error:
     the test that needs the variant compiles it itself and reports what went wrong."""
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]);"
-            "from tilelang_kernels.decode import get_kernels;"
+            "from leank.tilelang_kernels.decode import get_kernels;"
             "h, kv, hd, dt, slots, bias = eval(sys.argv[2]);"
             "get_kernels(h, kv, hd, getattr(torch, dt), slots, bias)")
     t0 = time.time()
@@ -274,7 +274,7 @@ def test_bad_input_raises():
 
 
 def test_supports_agrees_on_this_device():
-    from tilelang_kernels import supports
+    from leank.tilelang_kernels import supports
 
     for hd in (64, 128):
         for dt in (FP16, BF16):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("leank", "patches", "tilelang_kernels")
+PACKAGES = ("leank", "patches", "tilelang_kernels")  # repository folders; the last two install under leank/
 SOURCES = (*PACKAGES, "masks", "pyproject.toml", "README.md", "MANIFEST.in")
 REFERENCE_MASKS = Path(os.environ.get("LEANK_REFERENCE_MASKS", "/work/shared/reference-masks"))
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
@@ -76,7 +76,11 @@ def test_wheel_holds_every_module_and_the_registry(wheel_venv):
     src = wheel_venv["src"]
     for pkg in PACKAGES:
         for f in (src / pkg).rglob("*.py"):
-            assert f.relative_to(src).as_posix() in names, f"{f.relative_to(src)} missing from the wheel"
+            rel = f.relative_to(src).as_posix()
+            installed = rel if pkg == "leank" else "leank/" + rel
+            assert installed in names, f"{rel} missing from the wheel (expected as {installed})"
+    # no generically named top-level packages in site-packages
+    assert not any(n.startswith(("patches/", "tilelang_kernels/")) for n in names), sorted(names)[:20]
     registry = [f for f in (src / "masks").rglob("*") if f.is_file()]
     assert any(f.name == "manifest.json" for f in registry)
     for f in registry:
@@ -97,9 +101,9 @@ def test_installed_wheel_resolves_a_registry_model_id(wheel_venv, tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-import leank, leank.masks as M, patches, tilelang_kernels.reference
+import leank, leank.masks as M, leank.patches as patches, leank.tilelang_kernels.reference as ref
 venv = Path(sys.prefix).resolve()
-for mod in (leank, patches, tilelang_kernels.reference):
+for mod in (leank, patches, ref):
     assert Path(mod.__file__).resolve().is_relative_to(venv), mod.__file__
 reg = M.manifest_path().resolve()
 assert reg == Path(leank.__file__).resolve().parent / "registry" / "manifest.json", reg

@@ -32,7 +32,7 @@ def _check_model(model):
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise ValueError(f"model: expected a transformers Llama/Qwen2 model, got {type(model).__name__}")
-    from patches import family_for
+    from leank.patches import family_for
 
     family_for(cfg)  # ValueError naming the model for unsupported architectures
     return cfg

@@ -65,7 +65,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: floa
     """
     from torch.nn.attention.bias import causal_lower_right
 
-    from tilelang_kernels.reference import merge_states
+    from leank.tilelang_kernels.reference import merge_states
 
     from .core import _augment
 
@@ -132,7 +132,7 @@ def _capture_mode(model):
 def base_model(model):
     """The decoder stack without the LM head (``model.model`` for ``*ForCausalLM``), as the
     model's family (``patches``) knows it."""
-    from patches import decoder_of
+    from leank.patches import decoder_of
 
     return decoder_of(model)
 

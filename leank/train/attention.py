@@ -141,7 +141,7 @@ def training_attention(model) -> Iterator[None]:
 def decoder_of(model):
     """The decoder stack returning ``last_hidden_state`` (``model.model`` for *ForCausalLM),
     as the model's family (``patches``) knows it."""
-    from patches import decoder_of as family_decoder
+    from leank.patches import decoder_of as family_decoder
 
     return family_decoder(model)
 

@@ -135,7 +135,7 @@ class Trainer:
             model, tokenizer = load_model(recipe)
         elif tokenizer is None:
             raise ValueError("tokenizer: expected a tokenizer when a model is given, got None")
-        from patches import model_dims
+        from leank.patches import model_dims
 
         self.model, self.tokenizer = model, tokenizer
         self.dims = model_dims(model.config)
