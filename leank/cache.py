@@ -18,7 +18,9 @@ compute attention; ``leank.attention`` does, right after ``update`` hands it the
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +32,8 @@ from .window import WindowPolicy
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
+
+ROLLBACK_ROWS = 64  # full-width rows per sequence and layer kept to undo the last step's flush (crop)
 
 # The cache whose ``update`` ran last in this context; the attention function consumes it.
 _PENDING: contextvars.ContextVar = contextvars.ContextVar("leank_pending_step", default=None)
@@ -52,6 +56,12 @@ def take_pending(layer_idx: int, key: Tensor) -> Optional[PendingStep]:
         return None
     _PENDING.set(None)
     return step
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once_cache(msg: str) -> None:
+    logger.warning(msg)
+    warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def _is_leank_attention(impl: Optional[str]) -> bool:
@@ -103,7 +113,7 @@ class LeanKLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True  # crop() after a step restores archived rows exactly (speculative decoding)
     supports_early_init = False
 
     def __init__(self, keep: Tensor, config: LeanKConfig):
@@ -122,6 +132,7 @@ class LeanKLayer(CacheLayerMixin):
         self.capturing = False  # a CUDA graph is being recorded: device work only, no host bookkeeping
         self._rows: Optional[Tensor] = None  # arange(batch) on the device, for decode appends
         self._flush_index_cache: dict = {}  # device index tensors of batched flushes, by host state
+        self._rollback: dict = {}  # per sequence: what the last step moved to the archive (see crop)
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -254,6 +265,10 @@ class LeanKLayer(CacheLayerMixin):
                 stream_v = torch.cat([self.win_v[b, :, :w], nv], dim=1)
             n = stream_k.shape[1]
             sink, move, _ = self.policy.split(n)  # a non-empty archive implies a full sink
+            keep = min(move, nk.shape[1], ROLLBACK_ROWS)  # a crop of this step's tokens restores at most these
+            self._rollback[b] = dict(kind="chunk", tokens=nk.shape[1], stream=n, sink=sink, moved=move,
+                                     k=stream_k[:, sink + move - keep : sink + move].clone(),
+                                     v=stream_v[:, sink + move - keep : sink + move].clone())
             self._archive_append(b, stream_k[:, sink : sink + move], stream_v[:, sink : sink + move])
             self._set_window(b, stream_k, stream_v, sink, sink + move)
 
@@ -278,6 +293,7 @@ class LeanKLayer(CacheLayerMixin):
     def advance_host(self) -> None:
         """Host bookkeeping of one decode token per sequence (the device part ran already)."""
         self.win_len_host = [w + 1 for w in self.win_len_host]
+        self._rollback = {b: dict(kind="decode", tokens=1, moved=0) for b in range(self.batch_size)}
 
     def decode_ready(self) -> bool:
         """Whether the next decode token fits the allocated window (a captured step cannot grow it)."""
@@ -304,6 +320,7 @@ class LeanKLayer(CacheLayerMixin):
             return
         for b, sink, move in due:
             w = self.win_len_host[b]
+            self._record_decode_flush(b, self.win_k[b, :, sink : sink + move], self.win_v[b, :, sink : sink + move])
             self._archive_append(b, self.win_k[b, :, sink : sink + move], self.win_v[b, :, sink : sink + move])
             tail_k = self.win_k[b, :, sink + move : w].clone()
             tail_v = self.win_v[b, :, sink + move : w].clone()
@@ -311,6 +328,12 @@ class LeanKLayer(CacheLayerMixin):
             self.win_v[b, :, sink : sink + tail_v.shape[1]] = tail_v
             self.win_len_host[b] = sink + tail_k.shape[1]
             self.win_len[b] = self.win_len_host[b]
+
+    def _record_decode_flush(self, b: int, k: Tensor, v: Tensor) -> None:
+        """Remember the rows ``k, v [kvh, move, head_dim]`` a decode step's flush archives (for crop)."""
+        keep = min(k.shape[1], ROLLBACK_ROWS)
+        self._rollback[b] = dict(kind="decode", tokens=1, moved=k.shape[1], k=k[:, -keep:].clone(),
+                                 v=v[:, -keep:].clone())
 
     def _flush_index(self, due: list) -> tuple:
         """Device ``(seq [n], sink [n], arch_start [n])`` int64 for ``due``; one async copy, shared by layers."""
@@ -338,6 +361,8 @@ class LeanKLayer(CacheLayerMixin):
         dst = start[:, None] + j  # their archive rows
         wk = self.win_k[rows, :, src]  # [n, move, kvh, head_dim]
         wv = self.win_v[rows, :, src]
+        for i, (b, _, _) in enumerate(due):
+            self._record_decode_flush(b, wk[i].transpose(0, 1), wv[i].transpose(0, 1))
         for g in self.groups:
             kk = wk[:, :, g.heads]
             kk = torch.gather(kk, 3, g.chan[None, None].expand(n, move, -1, -1))
@@ -432,6 +457,7 @@ class LeanKLayer(CacheLayerMixin):
                 g.values = g.values.new_zeros(b, len(g.heads), cap, d)
                 g.bias = None if g.bias is None else g.bias.new_zeros(b, len(g.heads), cap)
         self.capacity = cap if n == 0 else n
+        self._rollback = {}
         self.arch_len_host = lens
         self.arch_len.copy_(torch.tensor(lens, dtype=torch.int32))
         self.version += 1
@@ -459,6 +485,7 @@ class LeanKLayer(CacheLayerMixin):
             for g in self.groups:
                 g.bias = None
             self.version += 1
+        self._rollback = {}
         self.seen_tokens = 0
 
     def _select_batch(self, index: Tensor) -> None:
@@ -486,6 +513,7 @@ class LeanKLayer(CacheLayerMixin):
             self.version += 1
         self.win_len_host = [self.win_len_host[i] for i in host]
         self.arch_len_host = [self.arch_len_host[i] for i in host]
+        self._rollback = {}  # rows were reordered: the last step can no longer be undone exactly
         self.batch_size = len(host)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -501,18 +529,30 @@ class LeanKLayer(CacheLayerMixin):
             self._select_batch(torch.as_tensor(indices, dtype=torch.long))
 
     def crop(self, max_length: int) -> None:
-        """Drop the most recent tokens so that ``max_length`` columns remain (negative: drop that many).
+        """Drop the most recent tokens: ``max_length < 0`` drops that many (current transformers),
+        ``max_length > 0`` keeps that many (older transformers), ``0`` does nothing.
 
-        Tokens are removed from the window's non-sink rows first, then from the end of
-        the archive, then from the sink; the remaining tokens keep their storage.
+        Exact rollback of the last step (what speculative decoding needs): when at most that
+        step's tokens are dropped, the cache becomes what storing only the kept part of the
+        step would have given, including rows the step's flush had already moved into the
+        archive (their full-width K/V is kept until the next step; at most
+        ``ROLLBACK_ROWS`` of them). Deeper crops remove tokens from the window's non-sink
+        rows, then from the end of the archive, then from the sink; tokens already archived
+        then stay compacted (warned once).
         """
+        if max_length == 0:  # current transformers: "remove 0 tokens" (older ones never pass 0 while decoding)
+            return
         remove = -max_length if max_length < 0 else self.seen_tokens - max_length
         if remove <= 0:
             return
         self.seen_tokens -= remove
         if not self.is_initialized:
             return
+        inexact = False
         for b in range(self.batch_size):
+            if self._rollback_exact(b, remove):
+                continue
+            inexact |= self.arch_len_host[b] > 0
             r = remove
             sink = self._sink_rows(b)
             take = min(r, self.win_len_host[b] - sink)
@@ -522,8 +562,44 @@ class LeanKLayer(CacheLayerMixin):
             self.arch_len_host[b] -= take
             r -= take
             self.win_len_host[b] = max(0, self.win_len_host[b] - r)
+        self._rollback = {}
         self.win_len.copy_(torch.tensor(self.win_len_host, dtype=torch.int32))
         self.arch_len.copy_(torch.tensor(self.arch_len_host, dtype=torch.int32))
+        if inexact:
+            _warn_once_cache("leank: crop() removed more than the last step's tokens; tokens the archive already "
+                             "holds stay channel-compacted (only the last step is rolled back exactly)")
+
+    def _rollback_exact(self, b: int, r: int) -> bool:
+        """Undo the last ``r`` tokens of sequence ``b`` exactly from ``_rollback``; False if it cannot."""
+        rec = self._rollback.get(b)
+        if rec is None or r > rec["tokens"]:
+            return False
+        if rec["kind"] == "chunk":
+            n = rec["stream"] - r
+            sink, moved, _ = self.policy.split(n)
+            if sink != rec["sink"]:
+                return False
+        else:  # a decode step stored one token: without it, its flush never happened
+            moved = 0
+        d = rec["moved"] - moved  # rows to bring back from the end of the archive
+        if d > (rec["k"].shape[1] if d else 0) or d > self.arch_len_host[b]:
+            return False
+        sink = self._sink_rows(b)
+        w = self.win_len_host[b]
+        kept = w - r  # window rows that stay; non-sink ones shift right by d
+        if d:
+            self._ensure_window(kept + d)
+            tail_k = self.win_k[b, :, sink:kept].clone()
+            tail_v = self.win_v[b, :, sink:kept].clone()
+            self.win_k[b, :, sink + d : kept + d] = tail_k
+            self.win_v[b, :, sink + d : kept + d] = tail_v
+            m = rec["k"].shape[1]
+            self.win_k[b, :, sink : sink + d] = rec["k"][:, m - d :]
+            self.win_v[b, :, sink : sink + d] = rec["v"][:, m - d :]
+            rec["k"], rec["v"] = rec["k"][:, : m - d], rec["v"][:, : m - d]
+        self.arch_len_host[b] -= d
+        self.win_len_host[b] = kept + d
+        return True
 
     # ------------------------------------------------------------------ accounting
     def memory_report(self) -> dict:

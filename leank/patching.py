@@ -195,10 +195,6 @@ def _generate(model, original_generate, *args, **kwargs):
 
 # generate() features LeanK refuses, with what to do instead
 _REFUSED = {
-    "assistant_model": "speculative decoding needs crop() to restore tokens a flush already moved into the "
-                       "compacted archive at full width, which the LeanK cache cannot yet do exactly",
-    "prompt_lookup_num_tokens": "prompt-lookup decoding is speculative decoding: it needs crop() to restore tokens a "
-                                "flush already moved into the compacted archive, which the LeanK cache cannot yet do",
     "output_attentions": "LeanK's decode kernels return no attention weights (the archive holds compacted K, so "
                          "dense-layout weights would describe a different function)",
 }

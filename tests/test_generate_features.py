@@ -100,7 +100,6 @@ def test_continue_with_current_cache_keyword():
     (dict(cache_implementation="static"), "cache_implementation"),
     (dict(cache_implementation="offloaded"), "cache_implementation"),
     (dict(output_attentions=True), "output_attentions"),
-    (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),
 ])
 def test_unsupported_features_refused_by_name(kw, feature):
     model = tiny_model("llama", init=0.06)
@@ -112,12 +111,86 @@ def test_unsupported_features_refused_by_name(kw, feature):
         leank.unpatch(model)
 
 
-def test_assistant_model_refused_by_name():
-    model = tiny_model("llama", init=0.06)
+# ---------------------------------------------------------------- speculative decoding: exact rollback
+def _layer_state(layer):
+    rows = []
+    for b in range(layer.batch_size):
+        w, a = layer.win_len_host[b], layer.arch_len_host[b]
+        rows.append((layer.win_k[b, :, :w].clone(), layer.win_v[b, :, :w].clone(),
+                     [(g.keys[b, :, :a].clone(), g.values[b, :, :a].clone()) for g in layer.groups]))
+    return layer.win_len_host[:], layer.arch_len_host[:], rows
+
+
+def _assert_same(a, b):
+    assert a[0] == b[0] and a[1] == b[1], (a[:2], b[:2])
+    for (wk1, wv1, g1), (wk2, wv2, g2) in zip(a[2], b[2]):
+        assert torch.equal(wk1, wk2) and torch.equal(wv1, wv2)
+        for (k1, v1), (k2, v2) in zip(g1, g2):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("drop", [1, 3, 6])
+def test_crop_after_a_chunk_equals_storing_only_the_kept_tokens(drop):
+    """Chunk P+R then crop |R| == chunk P, even when the chunk's flush archived rows that P keeps in the window."""
+    from tests.oracle import sparse_keep
+
+    keep = sparse_keep(1, 4, 32, seed=2)
+    g = torch.Generator().manual_seed(0)
+    prompt_k, prompt_v = torch.randn(2, 4, 19, 32, generator=g), torch.randn(2, 4, 19, 32, generator=g)
+    valid = torch.ones(2, 19, dtype=torch.bool)
+    valid[0, :7] = False  # ragged
+    chunk_k, chunk_v = torch.randn(2, 4, 6, 32, generator=g), torch.randn(2, 4, 6, 32, generator=g)
+
+    def layer_after(n_chunk):
+        cache = LeanKCache(ChannelMask(keep=keep, align=8), CFG)
+        layer = cache.layers[0]
+        layer.reserve = 16
+        layer.lazy_initialization(prompt_k, prompt_v)
+        layer.store_chunk(prompt_k, prompt_v, valid)
+        layer.seen_tokens = 19
+        layer.store_chunk(chunk_k[:, :, :n_chunk], chunk_v[:, :, :n_chunk], None)
+        layer.seen_tokens += n_chunk
+        return layer
+
+    full = layer_after(6)
+    assert full._rollback[1]["moved"] == 6, "the chunk's flush must have archived rows"
+    full.crop(-drop)
+    _assert_same(_layer_state(full), _layer_state(layer_after(6 - drop)))
+    assert full.win_len.tolist() == full.win_len_host and full.arch_len.tolist() == full.arch_len_host
+
+
+def test_crop_after_a_flushing_decode_step_restores_the_window():
+    from tests.oracle import sparse_keep
+
+    keep = sparse_keep(1, 4, 32, seed=2)
+    g = torch.Generator().manual_seed(1)
+    cache = LeanKCache(ChannelMask(keep=keep, align=8), CFG)
+    layer = cache.layers[0]
+    k, v = torch.randn(1, 4, 15, 32, generator=g), torch.randn(1, 4, 15, 32, generator=g)
+    layer.reserve = 16
+    layer.lazy_initialization(k, v)
+    layer.store_chunk(k, v, None)
+    layer.seen_tokens = 15
+    for _ in range(4):  # the 4th append reaches recent + flush_every and flushes
+        before = _layer_state(layer)
+        layer.append_decode(torch.randn(1, 4, 1, 32, generator=g), torch.randn(1, 4, 1, 32, generator=g))
+        layer.seen_tokens += 1
+        flushed = layer.arch_len_host[0]
+        layer.flush_if_due()
+    assert layer.arch_len_host[0] > flushed, "the last step must have flushed"
+    layer.crop(-1)
+    _assert_same(_layer_state(layer), before)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_prompt_lookup_decoding_equals_unpatched(kind):
+    """Speculative (prompt-lookup) decoding: candidates verified as a chunk, rejected ones cropped."""
+    rep = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(5))
+    prompt = torch.cat([rep, rep, rep, rep[:, :4]], 1)  # repetitive: lookups propose (and get rejected)
+    _compare(kind, input_ids=prompt, attention_mask=torch.ones_like(prompt), prompt_lookup_num_tokens=3,
+             max_new_tokens=20, min_new_tokens=20)
+
+
+def test_assisted_decoding_with_a_draft_model_equals_unpatched():
     draft = tiny_model("llama", init=0.06, seed=1, layers=1)
-    leank.patch(model, masks=_all_kept(model), config=CFG)
-    try:
-        with pytest.raises(ValueError, match="assistant_model.*LeanK|LeanK.*assistant_model"):
-            _gen(model, assistant_model=draft)
-    finally:
-        leank.unpatch(model)
+    _compare("llama", assistant_model=draft, max_new_tokens=16, min_new_tokens=16)
