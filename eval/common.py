@@ -137,8 +137,13 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def add_leank_args(parser: argparse.ArgumentParser, sink: int = 128, recent: int = 1024) -> None:
-    """LeanKConfig fields and the mask choice."""
+def add_leank_args(parser: argparse.ArgumentParser, sink: int | None = None, recent: int | None = None) -> None:
+    """LeanKConfig fields and the mask choice (defaults from ``LeanKConfig``, the one home of them)."""
+    from leank.config import LeanKConfig
+
+    defaults = LeanKConfig()
+    sink = defaults.sink if sink is None else sink
+    recent = defaults.recent if recent is None else recent
     g = parser.add_argument_group("LeanK")
     g.add_argument("--mask", default="mix",
                    help="'mix' (published kept-count mix placed at random with --seed), 'mix:llama' / 'mix:qwen', "
@@ -146,7 +151,8 @@ def add_leank_args(parser: argparse.ArgumentParser, sink: int = 128, recent: int
                         "leank.patch resolves (default: %(default)s)")
     g.add_argument("--sink", type=int, default=sink, help="full-precision sink tokens (default: %(default)s)")
     g.add_argument("--recent", type=int, default=recent, help="full-precision recent tokens (default: %(default)s)")
-    g.add_argument("--flush-every", type=int, default=32, help="decode steps between flushes (default: %(default)s)")
+    g.add_argument("--flush-every", type=int, default=defaults.flush_every,
+                   help="decode steps between flushes (default: %(default)s)")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "tilelang"],
                    help="LeanK attention backend (default: %(default)s)")
 

@@ -35,6 +35,7 @@ throughput. Writes JSON, ``*.config.json``, a markdown table and a PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import statistics
@@ -507,7 +508,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
               "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
 
     def context(method):
-        return _Patched(model, *setups[method]) if method in setups else _Null()
+        return common.patched(model, *setups[method]) if method in setups else contextlib.nullcontext()
 
     info = {"model": shape, "layers": cfg.num_hidden_layers, "weights_gib": weight_bytes / 2**30,
             "mask_k_sparsity": None if mask is None else 1 - mask.keep.float().mean().item(),
@@ -572,30 +573,6 @@ def _resolved_backend(backend: str, device) -> str:
         return resolve_backend(backend, device)
     except (ImportError, AttributeError, ValueError) as e:
         return f"{backend} (unresolved: {e})"
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _Patched:
-    def __init__(self, model, mask, config):
-        self.model, self.mask, self.config = model, mask, config
-
-    def __enter__(self):
-        import leank
-
-        leank.patch(self.model, masks=self.mask, config=self.config)
-
-    def __exit__(self, *exc):
-        import leank
-
-        leank.unpatch(self.model)
-        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -616,6 +616,8 @@ class LeanKLayer(CacheLayerMixin):
             a * len(g.heads) * self.head_dim * es for a in self.arch_len_host for g in self.groups
         )
         allocated = self.win_k.nbytes + self.win_v.nbytes
+        for rec in self._rollback.values():  # full-width rows kept to undo the last step (crop)
+            allocated += sum(rec[x].nbytes for x in ("k", "v") if x in rec)
         for g in self.groups:
             allocated += g.keys.nbytes + g.values.nbytes + (g.bias.nbytes if g.bias is not None else 0)
         return dict(

@@ -28,13 +28,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--ratio", type=float, default=0.02, help="fraction of archived tokens to keep (default 0.02 = 50x)")
     p.add_argument("--budget", type=int, default=None, help="entries per KV head instead of --ratio")
     from leank.compaction.selection import selection_methods
+    from leank.config import LeanKConfig
 
     p.add_argument("--method", choices=selection_methods(), default="hak", help="key selection method (registry)")
     p.add_argument("--queries", default="repeat", help="repeat | repeat_only | self, optionally +gaussian")
     p.add_argument("--max-queries", type=int, default=4096, help="reference queries per KV head")
     p.add_argument("--ridge", type=float, default=0.0)
-    p.add_argument("--sink", type=int, default=128)
-    p.add_argument("--recent", type=int, default=1024)
+    p.add_argument("--sink", type=int, default=LeanKConfig().sink, help="full-precision sink tokens (default: %(default)s)")
+    p.add_argument("--recent", type=int, default=LeanKConfig().recent,
+                   help="full-precision recent tokens (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))

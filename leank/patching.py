@@ -155,6 +155,8 @@ def _generate(model, original_generate, *args, **kwargs):
     state: PatchState = getattr(model, _STATE_ATTR)
     name = cache_kwarg(model)
     other = "past_key_values" if name == "cache" else "cache"
+    if other in kwargs and kwargs[other] is None:
+        del kwargs[other]
     if kwargs.get(other) is not None:  # accept either spelling, pass the current one
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}: pass the cache once, got both '{name}' and '{other}'")

@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import leank
 from leank import LeanKConfig
-from leank.cache import LeanKCache
+from leank.cache import ROLLBACK_ROWS, LeanKCache
 from leank.masks import ChannelMask
 from tests.oracle import oracle_logits, sparse_keep, tiny_model
 
@@ -143,7 +143,11 @@ def test_cache_stores_compacted_k_and_drops_v_of_zero_channel_heads():
             assert g.keys.shape[-1] == g.d and all(counts[int(h)] == g.d for h in g.heads)
             assert g.values.shape[1] == len(g.heads)
         cap = layer.capacity
+        # the rows kept to undo the last step exactly (crop), at most ROLLBACK_ROWS per sequence
+        rollback = sum(r[x].nbytes for r in layer._rollback.values() for x in ("k", "v") if x in r)
+        assert rollback <= 2 * ROLLBACK_ROWS * 4 * 32 * es
         expected = 2 * 1 * 4 * CFG.window_capacity * 32 * es + sum(cap * int(c) * es + cap * 32 * es for c in counts if c > 0)
+        expected += rollback
         rep = layer.memory_report()
         assert rep["allocated_bytes"] == expected
         a = layer.arch_len_host[0]
