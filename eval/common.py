@@ -157,6 +157,19 @@ def add_leank_args(parser: argparse.ArgumentParser, sink: int | None = None, rec
                    help="LeanK attention backend (default: %(default)s)")
 
 
+def copy_bandwidth_gbps(rep_ms: float = 200) -> float:
+    """Device-to-device copy GB/s of a 1 GiB buffer on the current CUDA device, counting bytes
+    read + written (the bandwidth the benchmarks' byte floors use); median of ``do_bench``."""
+    import torch
+    from triton.testing import do_bench
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = do_bench(lambda: b.copy_(a), warmup=25, rep=rep_ms, return_mode="median") * 1e-3
+    del a, b
+    return 2 * (1 << 30) / t / 1e9
+
+
 def resolve_device(name: str):
     import torch
 

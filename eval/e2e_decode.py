@@ -391,24 +391,6 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
     return {"method": method, "status": "no batch fit", "predicted_batch": predicted, "tried": tried}
 
 
-def copy_bandwidth_gbps(device, nbytes: int = 1 << 30, reps: int = 20) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second / 1e9), median of ``reps``."""
-    import torch
-
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(reps + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times[3:]) / 1e9
-
-
 # ----------------------------------------------------------------------------- output
 def summary_rows(rows: list[dict]) -> list[dict]:
     out = []
@@ -592,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("max-batch search needs CUDA memory counters: skipped on CPU", file=sys.stderr)
         args.max_batch = False
     torch.manual_seed(args.seed)
-    args.copy_gbps = copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    args.copy_gbps = common.copy_bandwidth_gbps() if device.type == "cuda" else None
     total = len(args.models) * len(args.lengths) * len(args.batches) * len(args.methods)
     bar = common.progress(total=total, desc="e2e decode", disable=args.no_progress, unit="run")
     rows, maxb, infos = [], [], []

@@ -249,17 +249,6 @@ def bench(fn, rep_ms, graph):
     return do_bench(run, warmup=25, rep=rep_ms, return_mode="median") * 1e3
 
 
-def copy_bandwidth(rep_ms) -> float:
-    """Device-to-device copy GB/s of a 1 GiB buffer, counting bytes read + written."""
-    from triton.testing import do_bench
-
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = do_bench(partial(b.copy_, a), warmup=25, rep=rep_ms, return_mode="median") * 1e-3
-    del a, b
-    return 2 * (1 << 30) / t / 1e9
-
-
 def baselines(q4, k, v, rep_ms, graph):
     """Dense baselines on ``q4 [B, H, 1, D]``, ``k, v [B, KVH, T, D]``: {name: µs}."""
     import torch.nn.functional as F
@@ -393,7 +382,7 @@ def main(argv=None) -> int:
         copy_gbps, gen_dev = math.nan, None
     else:
         gen_dev = torch.Generator(device="cuda").manual_seed(args.seed)
-        copy_gbps = copy_bandwidth(args.rep_ms)
+        copy_gbps = common.copy_bandwidth_gbps(args.rep_ms)
     print(f"device: {dev_name} ({label}); copy bandwidth {copy_gbps:.0f} GB/s (read + write); dtype {args.dtype}")
     results, models, points = [], [], []
     for key, s in shapes:

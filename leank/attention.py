@@ -17,7 +17,6 @@ import functools
 import importlib.util
 import logging
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from leank.tilelang_kernels.reference import decode_attention_reference, merge_states
 
 from .cache import LeanKLayer, take_pending
+from .diagnostics import log_once, warn_once
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -59,7 +59,7 @@ def resolve_backend(backend: str, device: torch.device, call: Optional[dict] = N
         why = None
     if backend == "auto":
         chosen = "tilelang" if why is None else "reference"
-        _log_once(f"leank: backend 'auto' resolved to '{chosen}' on {device.type}"
+        log_once(__name__, f"leank: backend 'auto' resolved to '{chosen}' on {device.type}"
                   + (f" (TileLang kernel: {why})" if why else ""))
         return chosen
     if backend == "tilelang" and why is not None:
@@ -74,17 +74,6 @@ def layer_backend(layer: LeanKLayer, q: Tensor) -> str:
                     kept_counts=[int(c) for c in layer.keep.sum(-1).tolist()])
         layer.resolved_backend = resolve_backend(layer.config.backend, q.device, call)
     return layer.resolved_backend
-
-
-@functools.lru_cache(maxsize=None)
-def _log_once(msg: str) -> None:
-    logger.info(msg)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg: str) -> None:
-    logger.warning(msg)
-    warnings.warn(msg, UserWarning, stacklevel=2)
 
 
 def decode_attention(q: Tensor, layer: LeanKLayer, scale: float, backend: str) -> Tensor:
@@ -301,7 +290,7 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], la
         out_c, lse_c = cached_attention_lse_flash(q, layer, scale)
         out_n, lse_n = chunk_self_attention_lse_flash(q, k, v, valid, scale)
     else:
-        _log_once(f"leank: multi-token step on the cache through the reference path: {why}")
+        log_once(__name__, f"leank: multi-token step on the cache through the reference path: {why}")
         out_c, lse_c = cached_attention_lse(q, layer, scale)
         out_n, lse_n = chunk_self_attention_lse(q, k, v, valid, scale)
     out, _ = merge_states(out_c, lse_c, out_n, lse_n)
@@ -354,7 +343,7 @@ def leank_attention_forward(
         raise ValueError(f"attention_mask: expected a 2-D padding mask for 'leank', got {tuple(attention_mask.shape)}")
     step = take_pending(module.layer_idx, key)
     if step is None:
-        _warn_once("leank: this forward has no LeanKCache (use_cache=False, or another cache type): exact dense "
+        warn_once(__name__, "leank: this forward has no LeanKCache (use_cache=False, or another cache type): exact dense "
                    "attention, no LeanK saving; pass leank.new_cache(model) as the cache")
         return plain_attention(query, key, value, mask2d, scale).transpose(1, 2), None
     layer = step.layer

@@ -18,9 +18,7 @@ compute attention; ``leank.attention`` does, right after ``update`` hands it the
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,12 +26,14 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .config import LeanKConfig
+from .diagnostics import warn_once
 from .window import WindowPolicy
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 ROLLBACK_ROWS = 64  # full-width rows per sequence and layer kept to undo the last step's flush (crop)
+_DECODE_NO_FLUSH = {"kind": "decode", "tokens": 1, "moved": 0}  # the common record: shared, never mutated
 
 # The cache whose ``update`` ran last in this context; the attention function consumes it.
 _PENDING: contextvars.ContextVar = contextvars.ContextVar("leank_pending_step", default=None)
@@ -56,12 +56,6 @@ def take_pending(layer_idx: int, key: Tensor) -> Optional[PendingStep]:
         return None
     _PENDING.set(None)
     return step
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once_cache(msg: str) -> None:
-    logger.warning(msg)
-    warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def _is_leank_attention(impl: Optional[str]) -> bool:
@@ -293,7 +287,7 @@ class LeanKLayer(CacheLayerMixin):
     def advance_host(self) -> None:
         """Host bookkeeping of one decode token per sequence (the device part ran already)."""
         self.win_len_host = [w + 1 for w in self.win_len_host]
-        self._rollback = {b: dict(kind="decode", tokens=1, moved=0) for b in range(self.batch_size)}
+        self._rollback = dict.fromkeys(range(self.batch_size), _DECODE_NO_FLUSH)
 
     def decode_ready(self) -> bool:
         """Whether the next decode token fits the allocated window (a captured step cannot grow it)."""
@@ -566,7 +560,7 @@ class LeanKLayer(CacheLayerMixin):
         self.win_len.copy_(torch.tensor(self.win_len_host, dtype=torch.int32))
         self.arch_len.copy_(torch.tensor(self.arch_len_host, dtype=torch.int32))
         if inexact:
-            _warn_once_cache("leank: crop() removed more than the last step's tokens; tokens the archive already "
+            warn_once(__name__, "leank: crop() removed more than the last step's tokens; tokens the archive already "
                              "holds stay channel-compacted (only the last step is rolled back exactly)")
 
     def _rollback_exact(self, b: int, r: int) -> bool:

@@ -23,28 +23,20 @@ asked for capture). The graph is rebuilt when the cache replaces a storage tenso
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-import warnings
 from typing import Optional
 
 import torch
 
 from .cache import LeanKCache
+from .diagnostics import log_once, warn_once
 
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.2x calls it `cache`, older `past_key_values`
 _IGNORED = {"return_dict", "use_cache", "attention_mask", "cache_position", "logits_to_keep", "num_logits_to_keep"}
-
-
-@functools.lru_cache(maxsize=None)
-def _say_once(msg: str, warn: bool) -> None:
-    logger.info(msg)
-    if warn:
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 class _Graph:
@@ -75,6 +67,8 @@ class DecodeGraphRunner:
         self.model = model
         self.emulate = emulate
         self._graph: Optional[_Graph] = None
+        self._warm_key = None  # layout of the last eager decode step (a capture needs one first)
+        self._disabled = False  # a capture failed: every later step runs eagerly
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
         self.captures = 0
         self.capture_s = 0.0  # host seconds spent recording graphs (reported apart from prefill and decode)
@@ -108,18 +102,17 @@ class DecodeGraphRunner:
                 return self._eager(*args, **kwargs)
         return self._replay(g, kwargs, cache)
 
-    _warm_key = None
-    _disabled = False
-
     def _eager(self, *args, **kwargs):
         return type(self.model).__call__(self.model, *args, **kwargs)
 
     def _eager_reason(self, why: str) -> None:
         if why in ("prefill", "empty cache"):
             return  # the expected eager steps: nothing to report
-        dev = getattr(self.model, "device", torch.device("cpu"))
-        _say_once(f"leank: decode step not captured in a CUDA graph, running eagerly: {why}",
-                  warn=dev.type == "cuda" and why != "capture disabled")
+        msg = f"leank: decode step not captured in a CUDA graph, running eagerly: {why}"
+        if getattr(self.model, "device", torch.device("cpu")).type == "cuda":
+            warn_once(__name__, msg, RuntimeWarning)  # the user asked for capture and does not get it
+        else:
+            log_once(__name__, msg)
 
     def _why_not(self, args, kwargs) -> tuple:
         cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)

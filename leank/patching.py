@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 from .config import LeanKConfig
+from .diagnostics import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -169,12 +169,12 @@ def _generate(model, original_generate, *args, **kwargs):
             "static and CUDA-graph captured) or call leank.unpatch(model) first"
         )
     if kwargs.get("use_cache", True) is False:
-        _warn_once("leank: generate(use_cache=False) runs exact dense attention without a cache: no LeanK saving")
+        warn_once(__name__, "leank: generate(use_cache=False) runs exact dense attention without a cache: no LeanK saving")
     elif kwargs.get(name) is None:
         kwargs[name] = new_cache(model)
     cache = kwargs.get(name)
     if cache is not None and not isinstance(cache, LeanKCache):
-        _warn_once(f"leank: generate() got a {type(cache).__name__}, not a LeanKCache: it runs exact dense attention "
+        warn_once(__name__, f"leank: generate() got a {type(cache).__name__}, not a LeanKCache: it runs exact dense attention "
                    "with no LeanK saving (pass leank.new_cache(model) or no cache)")
     if isinstance(cache, LeanKCache):
         gen_cfg = kwargs.get("generation_config") or model.generation_config
@@ -212,7 +212,3 @@ def _refuse_unsupported(model, kwargs) -> None:
                              f"to use it, got {key}={value if not hasattr(value, 'config') else type(value).__name__}")
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg: str) -> None:
-    logger.warning(msg)
-    warnings.warn(msg, UserWarning, stacklevel=4)

@@ -84,21 +84,32 @@ def test_beam_search_with_capture_on_equals_eager():
     assert torch.equal(cap.sequences, eager.sequences)
 
 
-def test_second_generate_continues_captured_cache():
+def _continue_both_ways(lens, first_tokens, prepare):
+    """Generate, let ``prepare(first_output) -> (ids2, cache)`` shape the follow-up, generate 8 more
+    from that cache; eager vs emulated capture. Returns (eager output, captured output, runner)."""
     model = tiny_model("llama")
     keep = sparse_keep(2, 4, 32)
-    ids, am = _ragged([18, 25])
+    ids, am = _ragged(lens)
     outs = {}
     for capture in (False, True):
-        first, runner = _run(model, keep, ids, am, 7, capture=capture)
-        ids2 = torch.cat([first.sequences, torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(1))], 1)
-        am2 = torch.cat([am, torch.ones(2, ids2.shape[1] - am.shape[1], dtype=am.dtype)], 1)
-        second, runner2 = _run(model, keep, ids2, am2, 8, capture=capture, past_key_values=first.past_key_values)
-        outs[capture] = (second, runner2)
-    assert outs[True][1].replays >= 5
-    assert torch.equal(outs[True][0].sequences, outs[False][0].sequences)
-    lf, lt = torch.stack(outs[False][0].logits, 1), torch.stack(outs[True][0].logits, 1)
-    assert (lf - lt).abs().max() <= 1e-6
+        first, _ = _run(model, keep, ids, am, first_tokens, capture=capture)
+        ids2, cache = prepare(first)
+        am2 = torch.cat([am, torch.ones(len(lens), ids2.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+        outs[capture] = _run(model, keep, ids2, am2, 8, capture=capture, past_key_values=cache)
+    return outs[False][0], outs[True][0], outs[True][1]
+
+
+def _assert_same_run(eager, cap):
+    assert torch.equal(cap.sequences, eager.sequences)
+    assert (torch.stack(eager.logits, 1) - torch.stack(cap.logits, 1)).abs().max() <= 1e-6
+
+
+def test_second_generate_continues_captured_cache():
+    more = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    eager, cap, runner = _continue_both_ways(
+        [18, 25], 7, lambda first: (torch.cat([first.sequences, more], 1), first.past_key_values))
+    assert runner.replays >= 5
+    _assert_same_run(eager, cap)
 
 
 def test_flush_batched_equals_per_sequence():
@@ -157,19 +168,10 @@ def test_window_sized_by_the_call_not_the_config():
 
 def test_crop_then_continue_under_capture_equals_eager():
     """crop() rewrites lengths in place (no new tensors), so the runner's graph key stays right."""
-    model = tiny_model("llama")
-    keep = sparse_keep(2, 4, 32)
-    ids, am = _ragged([22, 28])
-    res = {}
-    for capture in (False, True):
-        first, _ = _run(model, keep, ids, am, 10, capture=capture)
-        cache = first.past_key_values
-        cache.crop(-3)
-        seq = first.sequences[:, :-3]
-        am2 = torch.cat([am, torch.ones(2, seq.shape[1] - am.shape[1], dtype=am.dtype)], 1)
-        out, runner = _run(model, keep, seq, am2, 8, capture=capture, past_key_values=cache)
-        res[capture] = (out, runner)
-    assert res[True][1].replays > 0
-    assert torch.equal(res[True][0].sequences, res[False][0].sequences)
-    lf, lt = torch.stack(res[False][0].logits, 1), torch.stack(res[True][0].logits, 1)
-    assert (lf - lt).abs().max() <= 1e-6
+    def crop3(first):
+        first.past_key_values.crop(-3)
+        return first.sequences[:, :-3], first.past_key_values
+
+    eager, cap, runner = _continue_both_ways([22, 28], 10, crop3)
+    assert runner.replays > 0
+    _assert_same_run(eager, cap)

@@ -273,10 +273,9 @@ def test_chunked_prefill_in_small_blocks_matches_oracle(monkeypatch):
 
 # ---------------------------------------------------------------- issue 11: paths that used to fail silently
 def _fresh_warnings():
-    from leank import attention, patching
+    from leank import diagnostics
 
-    attention._warn_once.cache_clear()
-    patching._warn_once.cache_clear()
+    diagnostics.warn_once.cache_clear()
 
 
 def test_use_cache_false_and_foreign_cache_warn():
