@@ -209,6 +209,6 @@ def _refuse_unsupported(model, kwargs) -> None:
         value = kwargs.get(key, getattr(gen_cfg, key, None))
         if value:
             raise ValueError(f"{key}: not supported on a LeanK-patched model ({why}); call leank.unpatch(model) "
-                             f"to use it, got {key}={value if not hasattr(value, 'config') else type(value).__name__}")
+                             f"to use it, got {key}={value!r}")
 
 
