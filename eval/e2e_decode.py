@@ -14,6 +14,7 @@ not depend on the values). For each model, prompt length and batch size it runs
   with the published kept-count mix (Llama: of 256 KV heads 47/120/67/22 keep 0/32/64/96
   channels; Qwen: 35/34/33/10 of 112) placed at random with ``--seed``; decode steps are
   replayed from a CUDA graph (``leank.capture``);
+- ``leank-graph``: ``leank`` without ``torch.compile`` (the plain forward recorded in the graph);
 - ``leank-dense``: the same captured LeanK path with every channel kept (nothing pruned);
 - ``leank-eager``: ``leank`` with ``capture=False``.
 
@@ -49,13 +50,15 @@ if __package__ in (None, ""):  # `python eval/e2e_decode.py` from a checkout
 
 from eval import common  # noqa: E402
 
-METHODS = ("dense-static", "dense-dynamic", "leank", "leank-dense", "leank-eager")
+METHODS = ("dense-static", "dense-dynamic", "leank", "leank-graph", "leank-dense", "leank-eager")
 # what each method is, for the JSON and the README
 METHOD_DOC = {
     "dense-static": "unpatched model, transformers' static cache; transformers compiles the decode step "
                     "(torch.compile, CUDA graphs) automatically on CUDA",
     "dense-dynamic": "unpatched model, transformers' dynamic cache, eager",
-    "leank": "leank.patch with the kept-count mix; decode steps replayed as one CUDA graph (LeanKConfig.capture)",
+    "leank": "leank.patch with the kept-count mix; decode steps compiled (torch.compile around LeanK's attention op) "
+             "and replayed as one CUDA graph (LeanKConfig.capture, compile_decode)",
+    "leank-graph": "leank with compile_decode=False: the plain forward replayed as one CUDA graph",
     "leank-dense": "the same LeanK machinery (captured) with every channel kept: what LeanK costs without pruning",
     "leank-eager": "leank with capture=False (every decode step eager)",
 }
@@ -208,7 +211,7 @@ def leank_fraction(mask) -> float:
 def estimate_gib(cfg, method: str, length: int, batch: int, new_tokens: int, mask, weight_bytes: int) -> float:
     """Rough lower bound of generate()'s memory, used only to skip what cannot fit."""
     kv = batch * (length + new_tokens) * kv_bytes_per_token(cfg)
-    if method in ("leank", "leank-eager"):
+    if method in ("leank", "leank-graph", "leank-eager"):
         kv *= leank_fraction(mask)
     return (weight_bytes + kv) / 2**30
 
@@ -278,7 +281,7 @@ def oom_safe(fn, *args):
 
 
 def prefill_chunk_for(method: str, args) -> int:
-    return args.leank_prefill_chunk if method == "leank" else args.dense_prefill_chunk
+    return args.leank_prefill_chunk if method.startswith("leank") else args.dense_prefill_chunk
 
 
 def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, mask, weight_bytes, total_gib) -> dict:
@@ -487,6 +490,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                                                          source="every channel kept")
     lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
     setups = {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
+              "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
               "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
 
     def context(method):

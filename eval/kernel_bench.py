@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output stem (.json, .png); '{device}' is replaced by --device-name; default: "
                         "%(default)s (git-ignored; committed runs such as eval/results/kernel_bench_h100 are "
                         "written only when named here)")
+    p.add_argument("--blocks-per-sm", type=int, default=None,
+                   help="split planning: thread blocks per SM the plan aims for (default: the kernel's rule, "
+                        "2 at batch <= 2, else 4); a tuning experiment, recorded in the JSON")
     p.add_argument("--dry-run", action="store_true", help="list shapes, masks and points, time nothing (CPU ok)")
     return p
 
@@ -365,6 +368,12 @@ def main(argv=None) -> int:
     kv_lens = [int(x) for x in (SMALL_KV_LENS if args.small_lengths else (args.kv_lens or DEFAULT_KV_LENS)).split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     cuda = torch.cuda.is_available()
+    if args.blocks_per_sm is not None:
+        if args.blocks_per_sm < 1:
+            raise SystemExit(f"--blocks-per-sm: expected >= 1, got {args.blocks_per_sm}")
+        from leank.tilelang_kernels import decode as _decode
+
+        _decode.BLOCKS_PER_SM = args.blocks_per_sm
     if not cuda and not args.dry_run:
         print("kernel_bench needs a CUDA GPU (--dry-run lists the points without one)")
         return 2
@@ -425,7 +434,7 @@ def main(argv=None) -> int:
     out = dict(device=dev_name, device_name=label, dtype=args.dtype, copy_gbps=copy_gbps, torch=torch.__version__,
                python=platform.python_version(), graph=not args.no_graph, window=dict(sink=SINK, recent=RECENT,
                pending_cap=PENDING), timing="triton do_bench median, L2 flushed, warm-up excluded",
-               launches_per_layer_step=2, models=models, results=results,
+               launches_per_layer_step=2, blocks_per_sm=args.blocks_per_sm, models=models, results=results,
                fixed_cost_us=fixed_costs(results))
     try:
         import tilelang

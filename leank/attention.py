@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from leank.tilelang_kernels.reference import decode_attention_reference, merge_states
 
 from .cache import LeanKLayer, take_pending
+from .capture import active_cache, decode_step_attention
 from .diagnostics import log_once, warn_once
 
 logger = logging.getLogger(__name__)
@@ -338,6 +339,8 @@ def leank_attention_forward(
     Returns ``(attn_output [batch, q_len, num_heads, head_dim], None)``.
     """
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if torch.compiler.is_compiling() or active_cache() is not None:  # a decode step of leank.capture's runner
+        return decode_step_attention(module, query, key, value, scale), None
     mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     if attention_mask is not None and mask2d is None:
         raise ValueError(f"attention_mask: expected a 2-D padding mask for 'leank', got {tuple(attention_mask.shape)}")
@@ -352,8 +355,6 @@ def leank_attention_forward(
     if L == 1 and layer.seen_tokens > 0:
         layer.append_decode(key, value)
         out = decode_attention(query[:, :, 0], layer, scale, backend)[:, :, None]
-        if layer.capturing:  # recorded in a CUDA graph: the runner does the host part per replay
-            return out.transpose(1, 2), None
         layer.flush_if_due()
     else:
         valid = None if mask2d is None else mask2d[:, -L:].bool()

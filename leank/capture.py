@@ -39,14 +39,62 @@ CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.2x calls it `ca
 _IGNORED = {"return_dict", "use_cache", "attention_mask", "cache_position", "logits_to_keep", "num_logits_to_keep"}
 
 
-class _Graph:
-    """One recorded decode forward and its static input/output buffers."""
+_ACTIVE: list = []  # [cache] while a decode step runs through ``decode_step_attention`` (warm-up, recording)
+_OP = None  # torch.ops.leank.decode_step, registered on first use (nothing is registered at import)
 
-    def __init__(self, key: tuple, ids: Tensor, pos: Tensor, cpos: Optional[Tensor]):
+
+def active_cache() -> Optional[LeanKCache]:
+    """The cache the runner's decode step is writing, or None outside such a step."""
+    return _ACTIVE[0] if _ACTIVE else None
+
+
+def _decode_op():
+    """``torch.ops.leank.decode_step``: one layer's LeanK decode step as an opaque custom op.
+
+    ``(query [batch, heads, 1, head_dim], key, value [batch, kv_heads, 1, head_dim],
+    layer_idx, scale) -> out [batch, heads, head_dim]`` (contiguous): appends key/value
+    at each sequence's device-side window length and attends over window + archive of
+    ``active_cache().layers[layer_idx]``. torch.compile traces around it (its fake
+    returns the shape); the cache is not an argument, so the compiled step never guards
+    on its Python state and one compilation serves every cache and step.
+    """
+    global _OP
+    if _OP is None:
+        @torch.library.custom_op("leank::decode_step", mutates_args=(),
+                                 schema="(Tensor query, Tensor key, Tensor value, int layer_idx, float scale) -> Tensor")
+        def decode_step(query, key, value, layer_idx, scale):
+            from .attention import decode_attention
+
+            layer = active_cache().layers[layer_idx]
+            layer.append_decode(key, value)
+            return decode_attention(query[:, :, 0], layer, scale, layer.config.backend).contiguous()
+
+        @decode_step.register_fake
+        def _(query, key, value, layer_idx, scale):
+            return query.new_empty((query.shape[0], query.shape[1], query.shape[3]))
+
+        _OP = decode_step
+    return _OP
+
+
+def decode_step_attention(module, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    """The attention of a runner decode step (``leank_attention_forward`` routes here).
+
+    Returns ``[batch, 1, heads, head_dim]`` as transformers' attention functions do.
+    """
+    if query.shape[2] != 1:
+        raise ValueError(f"query: a captured decode step has one token per sequence, got {query.shape[2]}")
+    return _decode_op()(query, key, value, module.layer_idx, scale)[:, None]
+
+
+class _Graph:
+    """One recorded decode step and its static input/output buffers."""
+
+    def __init__(self, key: tuple, ids: Tensor, pos: Tensor):
         self.key = key
-        self.ids, self.pos, self.cpos = ids, pos, cpos
+        self.ids, self.pos = ids, pos
         self.graph = None
-        self.out = None  # the recorded forward's output (its logits are the graph's static buffer)
+        self.logits = None  # the recorded step's logits (the graph's static output buffer)
 
 
 class DecodeGraphRunner:
@@ -54,24 +102,32 @@ class DecodeGraphRunner:
 
     Args:
         model: the patched ``*ForCausalLM``.
-        emulate: record nothing and re-run the device part of the step eagerly at each
-            "replay" (tests of the host/device split on CPU); False on CUDA.
+        emulate: record nothing and re-run the device part of the step at each "replay"
+            (tests of the host/device split on CPU); False on CUDA.
 
     Decode inputs it accepts: ``input_ids`` int64 ``[batch, 1]``, ``position_ids`` int64
     ``[batch, 1]``, a ``LeanKCache`` that has seen the prompt (passed as ``cache`` or
     ``past_key_values``). ``attention_mask`` is not read at decode: LeanK never stores
     padding, so a step needs no mask.
+
+    The step it records is ``model(input_ids, position_ids, use_cache=False).logits`` with
+    each layer's attention replaced by ``torch.ops.leank.decode_step`` on the cache; with
+    ``LeanKConfig.compile_decode`` that function is compiled by ``torch.compile`` first
+    (norms, RoPE, activations and residuals fused by Inductor; the LeanK op stays opaque).
     """
 
     def __init__(self, model, emulate: bool = False):
         self.model = model
         self.emulate = emulate
         self._graph: Optional[_Graph] = None
-        self._warm_key = None  # layout of the last eager decode step (a capture needs one first)
+        self._warm_key = None  # layout of the last uncaptured decode step (a capture needs one first)
         self._disabled = False  # a capture failed: every later step runs eagerly
+        self._compiled = None  # torch.compile of _forward_logits (built on first use)
+        self._compile_failed = False
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
         self.captures = 0
-        self.capture_s = 0.0  # host seconds spent recording graphs (reported apart from prefill and decode)
+        self.compiled_steps = 0  # decode steps whose forward ran compiled (warm-up, recording, emulated replays)
+        self.capture_s = 0.0  # host seconds spent compiling and recording (reported apart from prefill and decode)
 
     # ------------------------------------------------------------------ dispatch
     def __call__(self, *args, **kwargs):
@@ -86,16 +142,14 @@ class DecodeGraphRunner:
         key = self._key(kwargs, cache)
         g = self._graph
         if g is None or g.key != key:
-            if self._warm_key != key:  # first step of this layout: eager (builds plans, loads kernels)
+            if self._warm_key != key:  # first step of this layout: not recorded (compiles, builds plans, loads kernels)
                 self._graph = None
-                out = self._eager(*args, **kwargs)
-                self._warm_key = self._key(kwargs, cache)
-                return out
+                logits = self._step(kwargs["input_ids"], kwargs["position_ids"], cache)
+                self._warm_key = key
+                return self._output(logits, kwargs, cache)
             try:
                 g = self._capture(key, kwargs, cache)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back, and says so
-                for layer in cache.layers:
-                    layer.capturing = False
                 self._graph = None
                 self._disabled = True
                 self._eager_reason(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
@@ -106,7 +160,7 @@ class DecodeGraphRunner:
         return type(self.model).__call__(self.model, *args, **kwargs)
 
     def _eager_reason(self, why: str) -> None:
-        if why in ("prefill", "empty cache"):
+        if why in ("prefill", "empty cache", "backend not resolved yet"):
             return  # the expected eager steps: nothing to report
         msg = f"leank: decode step not captured in a CUDA graph, running eagerly: {why}"
         if getattr(self.model, "device", torch.device("cpu")).type == "cuda":
@@ -145,74 +199,113 @@ class DecodeGraphRunner:
             return "prefill", cache
         if ids.shape[0] != layer.batch_size:
             return f"batch {ids.shape[0]} != cache batch {layer.batch_size}", cache
-        backend = _backend(layer)
+        backend = layer.resolved_backend  # decided by the first decode step (eager), None before it
+        if backend is None:
+            return "backend not resolved yet", cache
         if not self.emulate and backend != "tilelang":
             return f"backend {backend!r} reads device values on the host (only 'tilelang' is captured)", cache
         return None, cache
 
     def _key(self, kwargs, cache: LeanKCache) -> tuple:
+        return (id(cache), tuple(kwargs["input_ids"].shape), cache.storage_version)
+
+    # ------------------------------------------------------------------ the step
+    def _forward_logits(self, ids: Tensor, pos: Tensor) -> Tensor:
+        """The model's forward without a cache argument: attention goes to ``decode_step_attention``."""
+        out = type(self.model).__call__(self.model, input_ids=ids, position_ids=pos, use_cache=False, return_dict=True)
+        return out.logits
+
+    def _step_fn(self):
+        """``_forward_logits``, compiled when ``LeanKConfig.compile_decode`` asks and compiling works."""
+        state = getattr(self.model, "_leank", None)
+        if state is None or not state.config.compile_decode or self._compile_failed:
+            return self._forward_logits
+        if self._compiled is None:
+            # dynamic=None: a second batch size recompiles once with a dynamic batch, later sizes reuse it
+            self._compiled = torch.compile(self._forward_logits, fullgraph=True)
+        return self._compiled
+
+    def _device_step(self, fn, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
+        """The device part of a decode step (no host bookkeeping): what a graph records."""
+        _decode_op()  # registered before any tracing (torch.compile cannot trace a registration)
+        for layer in cache.layers:
+            layer.capturing = True
+        _ACTIVE.append(cache)
+        try:
+            return fn(ids, pos)
+        finally:
+            _ACTIVE.pop()
+            for layer in cache.layers:
+                layer.capturing = False
+
+    def _host_step(self, cache: LeanKCache) -> None:
+        """The host part of a decode step: lengths, seen tokens, then the flush if due."""
+        for layer in cache.layers:
+            layer.advance_host()
+            layer.seen_tokens += 1
+            layer.flush_if_due()
+
+    def _step(self, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
+        """One decode step run now (not recorded): compiled when possible, else the plain forward."""
+        fn = self._step_fn()
+        if fn is not self._forward_logits:
+            t0 = time.perf_counter()
+            try:
+                logits = self._device_step(fn, ids, pos, cache)
+                self.compiled_steps += 1
+            except Exception as e:  # noqa: BLE001 - compiling is an optimisation: fall back, and say so
+                self._compile_failed = True
+                self._compiled = None
+                for layer in cache.layers:  # undo a partial device step: host lengths were not advanced
+                    layer.win_len.copy_(torch.tensor(layer.win_len_host, dtype=layer.win_len.dtype))
+                msg = (f"leank: torch.compile of the decode step failed, capturing the uncompiled forward "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+                warn_once(__name__, msg, RuntimeWarning)
+                logger.debug("leank: compile failure", exc_info=True)
+                logits = self._device_step(self._forward_logits, ids, pos, cache)
+            self.capture_s += time.perf_counter() - t0
+        else:
+            logits = self._device_step(fn, ids, pos, cache)
+        self._host_step(cache)
+        return logits
+
+    def _output(self, logits: Tensor, kwargs, cache: LeanKCache):
+        """What the model's forward returns, with the cache under the name generate passed it."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
         cname = next(k for k in CACHE_KWARGS if kwargs.get(k) is not None)
-        cpos = kwargs.get("cache_position")
-        return (id(cache), cname, tuple(kwargs["input_ids"].shape), cpos is not None,
-                kwargs.get("logits_to_keep"), cache.storage_version)
+        return CausalLMOutputWithPast(logits=logits, **{cname: cache})
 
     # ------------------------------------------------------------------ capture / replay
-    def _forward_kwargs(self, g: _Graph, kwargs, cache) -> dict:
-        cname = next(k for k in CACHE_KWARGS if kwargs.get(k) is not None)
-        fk = {"input_ids": g.ids, "position_ids": g.pos, cname: cache, "use_cache": True, "return_dict": True}
-        if g.cpos is not None:
-            fk["cache_position"] = g.cpos
-        if kwargs.get("logits_to_keep") is not None:
-            fk["logits_to_keep"] = kwargs["logits_to_keep"]
-        return fk
-
     def _capture(self, key, kwargs, cache: LeanKCache) -> _Graph:
         t0 = time.perf_counter()
         ids, pos = kwargs["input_ids"], kwargs["position_ids"]
-        cpos = kwargs.get("cache_position")
-        g = _Graph(key, ids.clone(), pos.clone(), None if cpos is None else cpos.clone())
+        g = _Graph(key, ids.clone(), pos.clone())
         self._graph = None  # release the previous graph's pool before recording a new one
-        for layer in cache.layers:
-            layer.capturing = True
-        try:
-            if self.emulate:
-                g.graph = "emulated"
-            else:
-                g.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g.graph):
-                    g.out = self._eager(**self._forward_kwargs(g, kwargs, cache))
-        finally:
-            for layer in cache.layers:
-                layer.capturing = False
+        fn = self._step_fn()
+        if self.emulate:
+            g.graph = "emulated"
+        else:
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph):
+                g.logits = self._device_step(fn, g.ids, g.pos, cache)
         self._graph = g
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
-        logger.info("leank: captured the decode step of batch %d in a CUDA graph", ids.shape[0])
+        logger.info("leank: captured the decode step of batch %d in a CUDA graph%s", ids.shape[0],
+                    "" if fn is self._forward_logits else " (compiled)")
         return g
 
     def _replay(self, g: _Graph, kwargs, cache: LeanKCache):
         g.ids.copy_(kwargs["input_ids"])
         g.pos.copy_(kwargs["position_ids"])
-        if g.cpos is not None:
-            g.cpos.copy_(kwargs["cache_position"])
         if self.emulate:
-            for layer in cache.layers:
-                layer.capturing = True
-            try:
-                out = self._eager(**self._forward_kwargs(g, kwargs, cache))
-            finally:
-                for layer in cache.layers:
-                    layer.capturing = False
+            fn = self._step_fn()
+            logits = self._device_step(fn, g.ids, g.pos, cache)
+            self.compiled_steps += fn is not self._forward_logits
         else:
             g.graph.replay()
-            out = g.out
-        for layer in cache.layers:  # the host part of the step: lengths, then the flush if due
-            layer.advance_host()
-            layer.seen_tokens += 1
-            layer.flush_if_due()
+            logits = g.logits
+        self._host_step(cache)
         self.replays += 1
-        return out
-
-
-def _backend(layer) -> str:
-    return layer.resolved_backend or layer.config.backend
+        return self._output(logits, kwargs, cache)

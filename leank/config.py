@@ -24,6 +24,11 @@ class LeanKConfig:
         capture: on CUDA, run every decode step of a patched ``generate()`` after the
             first as one CUDA graph (``leank.capture``); False runs each step eagerly.
             Steps that cannot be captured run eagerly and say why once.
+        compile_decode: compile the captured decode step with ``torch.compile`` first
+            (Inductor fuses the norms, RoPE, activations and residual adds around
+            LeanK's attention op; the first decode step of a process pays the compile,
+            tens of seconds for an 8B model). False records the plain forward. A failed
+            compile falls back to the plain forward and says so once.
 
     Buffers are sized by what a call needs (prompt + ``max_new_tokens``), never by these
     maxima alone, so a large ``recent`` costs nothing for short prompts.
@@ -35,6 +40,7 @@ class LeanKConfig:
     backend: str = "auto"
     initial_archive_capacity: int = 512
     capture: bool = True
+    compile_decode: bool = True
 
     def __post_init__(self) -> None:
         for name in ("sink", "recent"):
@@ -43,8 +49,9 @@ class LeanKConfig:
                 raise ValueError(f"{name}: expected an int in [0, {MAX_ROWS}] (lengths are int32), got {v!r}")
         if not isinstance(self.flush_every, int) or isinstance(self.flush_every, bool) or not 1 <= self.flush_every <= MAX_ROWS:
             raise ValueError(f"flush_every: expected an int in [1, {MAX_ROWS}], got {self.flush_every!r}")
-        if not isinstance(self.capture, bool):
-            raise ValueError(f"capture: expected True or False, got {self.capture!r}")
+        for name in ("capture", "compile_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.sink + self.recent < 1:
             raise ValueError(f"sink + recent: expected >= 1, got sink={self.sink}, recent={self.recent}")
         if self.backend not in BACKENDS:

@@ -36,9 +36,9 @@ class Oracle:
         q = query.double()[0]
         k = key.double()[0].clone()
         v = value.double()[0]
-        keep = self.keep[module.layer_idx]
+        keep = self.keep[module.layer_idx].to(q.device)
         old = T - L  # tokens held before this step
-        hidden = torch.zeros(kvh, T, dtype=torch.bool)
+        hidden = torch.zeros(kvh, T, dtype=torch.bool, device=q.device)
         if old > 0 and self.archived > 0:
             arch = slice(self.sink, self.sink + self.archived)
             for g in range(kvh):
@@ -46,7 +46,7 @@ class Oracle:
                 if not keep[g].any():
                     hidden[g, arch] = True
         logits = torch.einsum("hld,htd->hlt", q, k.repeat_interleave(rep, 0)) * scaling
-        causal = torch.arange(T)[None, :] <= torch.arange(old, T)[:, None]
+        causal = torch.arange(T, device=q.device)[None, :] <= torch.arange(old, T, device=q.device)[:, None]
         allowed = causal[None] & ~hidden.repeat_interleave(rep, 0)[:, None, :]
         logits = logits.masked_fill(~allowed, float("-inf"))
         out = torch.softmax(logits, -1) @ v.repeat_interleave(rep, 0)

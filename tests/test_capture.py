@@ -29,8 +29,9 @@ def _ragged(lens, seed=0, vocab=96):
     return ids, am
 
 
-def _run(model, keep, ids, am, n, capture, cfg=CFG, **kw):
-    leank.patch(model, masks=ChannelMask(keep=keep, align=8), config=LeanKConfig(**{**cfg.__dict__, "capture": capture}))
+def _run(model, keep, ids, am, n, capture, cfg=CFG, compile_decode=False, **kw):
+    leank.patch(model, masks=ChannelMask(keep=keep, align=8),
+                config=LeanKConfig(**{**cfg.__dict__, "capture": capture, "compile_decode": compile_decode}))
     model._leank.emulate_capture = True
     try:
         with torch.no_grad():
@@ -60,6 +61,32 @@ def test_emulated_capture_equals_eager_on_ragged_batch(kind):
         assert a.win_len_host == b.win_len_host and a.arch_len_host == b.arch_len_host
         assert a.win_len.tolist() == b.win_len_host and a.arch_len.tolist() == b.arch_len_host
         assert b.arch_len_host[1] > 0, "the archive must be in use"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_compiled_decode_step_matches_eager(kind):
+    """LeanKConfig.compile_decode: the step torch.compile builds around torch.ops.leank.decode_step
+    (Inductor on the CPU here) gives the eager logits up to float32 reordering, with flushes and a
+    ragged batch, and no fallback warning."""
+    import warnings
+
+    model = tiny_model(kind)
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([5, 26, 13], seed=3)
+    n = 12
+    eager, _ = _run(model, keep, ids, am, n, capture=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cap, runner = _run(model, keep, ids, am, n, capture=True, compile_decode=True)
+    assert not [w for w in caught if "leank" in str(w.message)], [str(w.message) for w in caught]
+    assert runner.compiled_steps >= n - 2, "decode steps must run the compiled forward"
+    assert torch.equal(cap.sequences, eager.sequences)
+    le, lc = torch.stack(eager.logits, 1), torch.stack(cap.logits, 1)
+    assert le.abs().max() > 1.0
+    assert (le - lc).abs().max() <= 1e-4
+    for a, b in zip(eager.past_key_values.layers, cap.past_key_values.layers):
+        assert a.win_len_host == b.win_len_host and a.arch_len_host == b.arch_len_host
+        assert a.arch_len_host[1] > 0, "the archive must be in use"
 
 
 def test_emulated_capture_matches_float64_oracle():

@@ -153,8 +153,11 @@ def num_sms(device: torch.device) -> int:
     return _sms[idx]
 
 
+BLOCKS_PER_SM: Optional[int] = None  # measurement knob (eval/kernel_bench.py --blocks-per-sm); None: the rule below
+
+
 def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], sms: int,
-                  block_n: int = 64, max_split: int = 96) -> tuple:
+                  block_n: int = 64, max_split: int = 96, blocks_per_sm: Optional[int] = None) -> tuple:
     """Splits per segment: ``(window_splits, [archive splits per KV head])``.
 
     ``kept[h]`` is the kept count of KV head ``h`` (0 = no archive). Two blocks fit on an
@@ -164,7 +167,7 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
     share the rest in proportion to their bytes per token (``d + head_dim``). At least one
     split each; at most ``max_split`` (parts per head stay <= 128 for the combine kernel).
     """
-    blocks_per_sm = 2 if batch <= 2 else 4
+    blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or (2 if batch <= 2 else 4)
     budget = max(1, (blocks_per_sm * sms) // max(1, batch))
     kvh = len(kept)
     weights = [(d + head_dim) / (2 * head_dim) for d in kept if d > 0]

@@ -1,0 +1,240 @@
+"""Where a decode step of ``generate()`` spends its time: GPU kernels by kind, GPU idle, host.
+
+    python eval/decode_profile.py                         # Llama-3.1-8B shape, 32K, batch 1: leank vs dense-static
+    python eval/decode_profile.py --methods leank --lengths 128K
+    python eval/decode_profile.py --device cpu --tiny     # CPU smoke run of the code path
+
+For each method (the ones of ``eval/e2e_decode.py``) it runs one greedy ``generate`` and traces
+``--steps`` decode steps after ``--warmup`` with ``torch.profiler``: a logits processor inside
+the generate loop advances the profiler schedule, so exactly those steps are recorded (CUDA
+graph replays included: CUPTI reports every kernel node of a replayed graph). Per decode step
+it reports
+
+- ``step_ms``: the time between two logits-processor calls (median, host clock after a
+  device synchronisation at the end: what the user sees per token);
+- ``gpu_busy_ms``: the union of kernel intervals, and ``gpu_idle_ms`` = step - busy (launch
+  gaps, host work the GPU waits for);
+- kernel time and kernel count by kind (``gemm``: cuBLAS/CUTLASS/nvjet matmuls,
+  ``attention``: LeanK's TileLang split/combine or flash/cuDNN attention, ``norm-elementwise``:
+  PyTorch elementwise and reduction kernels, ``triton``: kernels torch.compile generated,
+  ``copy``: memcpy/memset/copy kernels, ``other``);
+- the byte floor (weights + K/V read) / copy bandwidth measured in the same run.
+
+It also lists the kernels that take the most time per step. Writes JSON (and ``*.config.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # `python eval/decode_profile.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval import common  # noqa: E402
+from eval import e2e_decode  # noqa: E402
+
+KINDS = ("gemm", "attention", "norm-elementwise", "triton", "copy", "other")
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel, from its (demangled) name."""
+    n = name.lower()
+    if n.startswith(("split", "combine")) or any(s in n for s in ("flash", "fmha", "attention", "cudnn")):
+        return "attention"
+    if n.startswith("triton"):
+        return "triton"
+    if any(s in n for s in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
+        return "gemm"
+    if any(s in n for s in ("memcpy", "memset", "copy")):
+        return "copy"
+    if any(s in n for s in ("elementwise", "reduce", "vectorized", "unrolled", "index", "scatter", "gather", "cat")):
+        return "norm-elementwise"
+    return "other"
+
+
+def busy_union(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of ``[start, end)`` intervals."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+class ProfilerStepper:
+    """Logits processor: host timestamp per generate step, and ``prof.step()`` to advance the schedule."""
+
+    def __init__(self, prof, device):
+        self.prof, self.device, self.marks = prof, device, []
+
+    def __call__(self, input_ids, scores):
+        self.marks.append(time.perf_counter())
+        self.prof.step()
+        return scores
+
+
+def profile_method(model, method: str, ids, args, device) -> dict:
+    """One greedy generate with ``args.warmup`` untraced and ``args.steps`` traced decode steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import LogitsProcessorList
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # step 0 of the schedule is the prefill (the first logits-processor call comes after it)
+    sched = schedule(wait=1 + args.warmup, warmup=1, active=args.steps, repeat=1)
+    new_tokens = 1 + args.warmup + 1 + args.steps + 1
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  return_dict_in_generate=True, pad_token_id=0)
+    if method == "dense-static":
+        kwargs["cache_implementation"] = "static"
+    elif method == "dense-dynamic":
+        kwargs["cache_implementation"] = "dynamic"
+    if method.startswith("dense") and args.dense_prefill_chunk:
+        kwargs["prefill_chunk_size"] = args.dense_prefill_chunk
+    with profile(activities=acts, schedule=sched) as prof:
+        stepper = ProfilerStepper(prof, device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 logits_processor=LogitsProcessorList([stepper]), **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    del out
+    first = 1 + args.warmup + 1  # marks[first] opens the first traced step
+    steps_ms = [1e3 * (b - a) for a, b in zip(stepper.marks[first:first + args.steps],
+                                              stepper.marks[first + 1:first + 1 + args.steps])]
+    events = prof.events()
+    # the profiler's own step annotations are not kernels; the traced steps are the ProfilerStep#N ranges
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("ProfilerStep")]
+    traced = {e.name for e in events if e.name.startswith("ProfilerStep#") and e.device_type == torch.autograd.DeviceType.CPU}
+    per_kind = {k: {"ms": 0.0, "count": 0} for k in KINDS}
+    per_name: dict[str, list] = {}
+    for e in gpu:
+        dur = (e.time_range.end - e.time_range.start) / 1e3  # us -> ms
+        kind = kernel_kind(e.name)
+        per_kind[kind]["ms"] += dur
+        per_kind[kind]["count"] += 1
+        agg = per_name.setdefault(e.name, [kind, 0.0, 0])
+        agg[1] += dur
+        agg[2] += 1
+    n = len(traced) or args.steps
+    busy = busy_union([(e.time_range.start, e.time_range.end) for e in gpu]) / 1e3 / n
+    step = statistics.median(steps_ms) if steps_ms else float("nan")
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:args.top]
+    return {
+        "method": method, "steps_traced": n, "step_ms_median": step, "step_ms_mean": statistics.fmean(steps_ms),
+        "gpu_busy_ms": busy, "gpu_idle_ms": max(0.0, step - busy),
+        "kernels_per_step": len(gpu) / n,
+        **{f"{k}_ms": v["ms"] / n for k, v in per_kind.items()},
+        **{f"{k}_count": v["count"] / n for k, v in per_kind.items()},
+        "top_kernels": [{"name": name[:160], "kind": kind, "ms_per_step": ms / n, "per_step": cnt / n}
+                        for name, (kind, ms, cnt) in top],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval/decode_profile.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", default="llama3.1-8b", choices=list(common.MODEL_SHAPES), help="model shape (default: %(default)s)")
+    p.add_argument("--lengths", type=common.int_list, default=[32768], help="prompt lengths, K suffix allowed (default: 32K)")
+    p.add_argument("--batches", type=common.int_list, default=[1], help="batch sizes (default: 1)")
+    p.add_argument("--methods", type=common.str_list, default=["leank", "dense-static"],
+                   help=f"subset of {list(e2e_decode.METHODS)} (default: leank,dense-static)")
+    p.add_argument("--layers", type=int, default=None, help="use only this many decoder layers (default: all)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny widths, 96-token prompt, small window")
+    p.add_argument("--warmup", type=int, default=6, help="untraced decode steps first (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=8, help="traced decode steps (default: %(default)s)")
+    p.add_argument("--top", type=int, default=25, help="kernels listed per method (default: %(default)s)")
+    p.add_argument("--dense-prefill-chunk", type=int, default=8192,
+                   help="prefill_chunk_size of the dense methods (default: %(default)s)")
+    p.add_argument("--attn", default="auto", help="dense attention (default: auto = flash_attention_2 if importable, else sdpa)")
+    common.add_common_args(p, default_out=common.scratch_out("decode_profile.json"))
+    common.add_leank_args(p)
+    p.set_defaults(backend=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bad = [m for m in args.methods if m not in e2e_decode.METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {list(e2e_decode.METHODS)}")
+    if args.steps < 1 or args.warmup < 1:
+        raise SystemExit(f"--steps and --warmup: expected >= 1, got {args.steps} and {args.warmup}")
+    import dataclasses
+
+    import torch
+
+    import leank
+
+    device = common.resolve_device(args.device)
+    dtype = common.resolve_dtype(args.dtype, device)
+    attn = common.best_attention(args.attn)
+    if args.backend is None:
+        args.backend = "tilelang" if device.type == "cuda" else "reference"
+    if args.tiny:
+        args.lengths, args.sink, args.recent, args.flush_every = [96], 8, 16, 4
+    cfg = common.model_config(args.model, layers=args.layers, tiny=args.tiny)
+    family = common.MODEL_SHAPES[args.model][1]
+    model = common.build_model(cfg, device, dtype, attn)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    copy_gbps = common.copy_bandwidth_gbps() if device.type == "cuda" else None
+    mask = common.build_mask(f"mix:{family}", model, args.seed)
+    dense_mask = type(mask)(keep=torch.ones_like(mask.keep), align=mask.align, source="every channel kept")
+    lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
+    setups = {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
+              "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
+              "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
+    rows = []
+    for length in args.lengths:
+        for batch in args.batches:
+            gen = torch.Generator().manual_seed(args.seed + length + batch)
+            ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
+            for method in args.methods:
+                ctx = common.patched(model, *setups[method]) if method in setups else _null()
+                with ctx:
+                    row = {"model": args.model, "length": length, "batch": batch,
+                           **profile_method(model, method, ids, args, device)}
+                mid = length + args.warmup + args.steps
+                if method.startswith("leank"):
+                    frac = 1.0 if method == "leank-dense" else e2e_decode.leank_fraction(mask)
+                else:
+                    frac = 1.0
+                row["kv_bytes"] = int(batch * mid * e2e_decode.kv_bytes_per_token(cfg, dtype.itemsize) * frac)
+                if copy_gbps:
+                    row["floor_ms"] = (weight_bytes + row["kv_bytes"]) / (copy_gbps * 1e9) * 1e3
+                rows.append(row)
+                print(f"{args.model} {method} L={length} b={batch}: step {row['step_ms_median']:.2f} ms, "
+                      f"GPU busy {row['gpu_busy_ms']:.2f} ms, {row['kernels_per_step']:.0f} kernels/step"
+                      + (f", floor {row['floor_ms']:.2f} ms" if copy_gbps else ""), flush=True)
+                for k in row["top_kernels"]:
+                    print(f"    {k['ms_per_step']:7.3f} ms  x{k['per_step']:<5.0f} {k['kind']:<16} {k['name'][:100]}")
+    cols = ["method", "length", "batch", "step_ms_median", "gpu_busy_ms", "gpu_idle_ms", "floor_ms",
+            "kernels_per_step"] + [f"{k}_ms" for k in KINDS]
+    print(common.format_table([{c: r.get(c) for c in cols} for r in rows], floatfmt=".3g"))
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+              "copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "attn_implementation": attn,
+              "dtype": str(dtype), "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
+    out, cfgp = common.write_results(args.out, result, {**vars(args), "device": str(device), "dtype": str(dtype)})
+    print(f"wrote {out}, {cfgp}")
+    return 0
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
