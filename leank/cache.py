@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .append_kernel import append_rows_
 from .config import LeanKConfig
 from .diagnostics import warn_once
 from .window import WindowPolicy
@@ -124,7 +125,6 @@ class LeanKLayer(CacheLayerMixin):
         self.version = 0  # bumped whenever a storage tensor is replaced (captured graphs must be rebuilt)
         self.resolved_backend: Optional[str] = None  # set by leank.attention on the first decode step
         self.capturing = False  # a CUDA graph is being recorded: device work only, no host bookkeeping
-        self._rows: Optional[Tensor] = None  # arange(batch) on the device, for decode appends
         self._flush_index_cache: dict = {}  # device index tensors of batched flushes, by host state
         self._rollback: dict = {}  # per sequence: what the last step moved to the archive (see crop)
 
@@ -275,12 +275,7 @@ class LeanKLayer(CacheLayerMixin):
         """
         if not self.capturing:
             self._ensure_window(max(self.win_len_host) + 1)
-        if self._rows is None or self._rows.numel() != self.batch_size:
-            self._rows = torch.arange(self.batch_size, device=self.device)
-        pos = self.win_len.long()
-        self.win_k[self._rows, :, pos] = key[:, :, 0]
-        self.win_v[self._rows, :, pos] = value[:, :, 0]
-        self.win_len += 1
+        append_rows_(self.win_k, self.win_v, self.win_len, key, value)  # one launch on CUDA
         if not self.capturing:
             self.advance_host()
 
@@ -503,7 +498,6 @@ class LeanKLayer(CacheLayerMixin):
                 g.keys, g.values = g.keys.index_select(0, index), g.values.index_select(0, index)
                 if g.bias is not None:
                     g.bias = g.bias.index_select(0, index)
-            self._rows = None
             self.version += 1
         self.win_len_host = [self.win_len_host[i] for i in host]
         self.arch_len_host = [self.arch_len_host[i] for i in host]

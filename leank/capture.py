@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -250,8 +251,14 @@ class DecodeGraphRunner:
         fn = self._step_fn()
         if fn is not self._forward_logits:
             t0 = time.perf_counter()
+            if not self.compiled_steps:
+                logger.info("leank: compiling the decode step with torch.compile (once per process and model; "
+                            "tens of seconds for an 8B model, less when Inductor's on-disk cache has it)")
             try:
-                logits = self._device_step(fn, ids, pos, cache)
+                with warnings.catch_warnings():
+                    # Inductor's hint about float32 matmuls concerns RoPE's tiny frequency product: not actionable
+                    warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores.*")
+                    logits = self._device_step(fn, ids, pos, cache)
                 self.compiled_steps += 1
             except Exception as e:  # noqa: BLE001 - compiling is an optimisation: fall back, and say so
                 self._compile_failed = True
