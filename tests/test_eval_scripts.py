@@ -189,3 +189,39 @@ def test_compaction_bench_tiny_smoke(tmp_path, capsys):
     assert {(r["method"], r["queries"]) for r in rows} == {("hak", "repeat"), ("hak", "repeat_rec"), ("omp", "repeat")}
     for r in rows:  # attention matching reconstructs better than keeping the same number of top keys
         assert r["context"] == 512 and r["heldout"]["am"]["out_rel"] < r["heldout"]["top_keys"]["out_rel"]
+
+
+def test_decode_profile_cpu_tiny(tmp_path, capsys):
+    from eval import decode_profile
+
+    out = tmp_path / "prof.json"
+    rc = decode_profile.main(["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference", "--no-progress",
+                              "--methods", "leank,dense-dynamic", "--warmup", "1", "--steps", "2", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["method"] for r in res["runs"]] == ["leank", "dense-dynamic"]
+    for r in res["runs"]:
+        assert r["step_ms_median"] > 0 and r["steps_traced"] >= 1
+        assert all(f"{k}_ms" in r for k in decode_profile.KINDS)
+    assert "| method" in capsys.readouterr().out
+
+
+def test_decode_profile_kernel_kinds_and_busy_time():
+    from eval.decode_profile import busy_union, kernel_kind
+
+    names = {  # kernels seen in the H200 profile of a compiled LeanK decode step
+        "nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT": "gemm",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "gemm",
+        "split_kernel": "attention",
+        "combine_kernel": "attention",
+        "triton_poi_fused__unsafe_view_mul_silu_5": "triton",
+        "void at::native::index_elementwise_kernel<128, 4>": "norm-elementwise",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>>>":
+            "norm-elementwise",
+        "Memcpy DtoD (Device -> Device)": "copy",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>": "attention",
+    }
+    for name, kind in names.items():
+        assert kernel_kind(name) == kind, name
+    assert busy_union([(0, 2), (1, 3), (5, 6)]) == 4
+    assert busy_union([]) == 0
