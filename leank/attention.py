@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from leank.tilelang_kernels.reference import decode_attention_reference, merge_states
+from leank.tilelang_kernels.lse import merge_states, softmax_av
+from leank.tilelang_kernels.reference import decode_attention_reference
 
 from .cache import LeanKLayer, take_pending
 from .capture import active_cache, decode_step_attention
@@ -151,12 +152,7 @@ def chunk_self_attention_lse(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Te
             allowed = allowed[None] & valid[:, None, :]  # [b, n, L]
             allowed = allowed[:, None, None]
         logits = logits.masked_fill(~allowed, float("-inf"))
-        m = logits.amax(-1)
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(logits - m_safe[..., None])
-        den = p.sum(-1)
-        o = torch.einsum("bgrnk,bgkd->bgrnd", p, vf) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-        lse = torch.where(den > 0, torch.log(den) + m_safe, torch.full_like(den, float("-inf")))
+        o, lse = softmax_av(logits, vf, "bgrnk,bgkd->bgrnd")
         outs.append(o.reshape(b, h, -1, d))
         lses.append(lse.reshape(b, h, -1))
     return torch.cat(outs, 2), torch.cat(lses, 2)

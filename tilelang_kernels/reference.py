@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .lse import merge_states, softmax_av  # noqa: F401 - merge_states is re-exported (kernels package API)
+
 Tensor = torch.Tensor
 
 
@@ -137,7 +139,7 @@ def decode_attention_reference(
     logits = torch.einsum("bgrd,bgwd->bgrw", qf, win_k.to(compute_dtype)) * scale
     wvalid = torch.arange(wcap, device=dev)[None, :] < win_len.to(dev).long()[:, None]
     logits = logits.masked_fill(~wvalid[:, None, None, :], float("-inf"))
-    out, lse = _softmax_av(logits, win_v.to(compute_dtype), "bgrw,bgwd->bgrd")
+    out, lse = softmax_av(logits, win_v.to(compute_dtype), "bgrw,bgwd->bgrd")
 
     # archive groups, merged into their KV heads by log-sum-exp
     for g in range(len(arch_k)):
@@ -152,7 +154,7 @@ def decode_attention_reference(
             lg = lg + arch_bias[g].to(dev, compute_dtype)[:, :, None, :]
         avalid = torch.arange(cap, device=dev)[None, :] < arch_len.to(dev).long()[:, None]
         lg = lg.masked_fill(~avalid[:, None, None, :], float("-inf"))
-        out_a, lse_a = _softmax_av(lg, arch_v[g].to(compute_dtype), "bgrc,bgcd->bgrd")
+        out_a, lse_a = softmax_av(lg, arch_v[g].to(compute_dtype), "bgrc,bgcd->bgrd")
         out_m, lse_m = merge_states(out[:, heads], lse[:, heads], out_a, lse_a)
         out = out.index_copy(1, heads, out_m)
         lse = lse.index_copy(1, heads, lse_m)
@@ -161,28 +163,3 @@ def decode_attention_reference(
     if return_lse:
         return out, lse.reshape(b, h).float()
     return out
-
-
-def _softmax_av(logits: Tensor, v: Tensor, eq: str):
-    """Normalised softmax(logits) @ v and the LSE over the last axis; empty rows give 0, -inf."""
-    m = logits.amax(-1)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(logits - m_safe[..., None])
-    den = p.sum(-1)
-    num = torch.einsum(eq, p, v)
-    out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-    lse = torch.where(den > 0, torch.log(den) + m_safe, torch.full_like(den, float("-inf")))
-    return out, lse
-
-
-def merge_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor):
-    """Merge two normalised partial attention results by log-sum-exp.
-
-    ``out_*`` are ``[..., head_dim]`` and ``lse_*`` are ``[...]``; ``-inf`` LSE marks an
-    empty part. Returns ``(out, lse)`` in the inputs' dtype.
-    """
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    wa = torch.where(torch.isfinite(lse_a), torch.exp(lse_a - safe), torch.zeros_like(lse_a))
-    wb = torch.where(torch.isfinite(lse_b), torch.exp(lse_b - safe), torch.zeros_like(lse_b))
-    return out_a * wa[..., None] + out_b * wb[..., None], lse

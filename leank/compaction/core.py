@@ -28,6 +28,8 @@ from typing import Optional, Union
 
 import torch
 
+from leank.tilelang_kernels.lse import merge_states, softmax_av
+
 from .selection import SelectionProblem, get_selection
 from .solvers import fit_values, nnls
 from .timing import Stopwatch
@@ -112,31 +114,18 @@ def _targets_flash(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scal
 
 
 def _targets_chunked(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, chunk: int) -> Targets:
-    """Online-softmax attention over key chunks; never holds more than ``G x n x chunk`` logits."""
+    """Attention over key chunks merged by LSE; never holds more than ``G x n x chunk`` logits."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     G, n, D = q.shape
-    T = k.shape[1]
     qc = q.to(cdt)
-    m = torch.full((G, n), float("-inf"), dtype=cdt, device=q.device)
-    den = torch.zeros(G, n, dtype=cdt, device=q.device)
-    acc = torch.zeros(G, n, D, dtype=cdt, device=q.device)
-    for s in range(0, T, chunk):
+    out = torch.zeros(G, n, v.shape[-1], dtype=cdt, device=q.device)
+    lse = torch.full((G, n), float("-inf"), dtype=cdt, device=q.device)
+    for s in range(0, k.shape[1], chunk):
         lg = torch.bmm(qc, k[:, s : s + chunk].to(cdt).transpose(1, 2)) * scale
         if bias is not None:
             lg = lg + bias[:, None, s : s + chunk].to(cdt)
-        m_new = torch.maximum(m, lg.amax(-1))
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        corr = torch.exp(m - m_safe)
-        p = torch.exp(lg - m_safe[..., None])
-        den = den * corr + p.sum(-1)
-        acc = acc * corr[..., None] + torch.bmm(p, v[:, s : s + chunk].to(cdt))
-        m = m_new
-    ok = den > 0
-    out = acc / torch.where(ok, den, torch.ones_like(den))[..., None]
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    lse = torch.where(ok, torch.log(torch.where(ok, den, torch.ones_like(den))) + m_safe, torch.full_like(den, float("-inf")))
-    f = torch.float64 if cdt == torch.float64 else torch.float32
-    return Targets(out.to(f), lse.to(f))
+        out, lse = merge_states(out, lse, *softmax_av(lg, v[:, s : s + chunk].to(cdt), "gnt,gtd->gnd"))
+    return Targets(out, lse)
 
 
 def attention_targets(

@@ -65,7 +65,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: floa
     """
     from torch.nn.attention.bias import causal_lower_right
 
-    from leank.tilelang_kernels.reference import merge_states
+    from leank.tilelang_kernels.lse import merge_states
 
     from .core import _augment
 
