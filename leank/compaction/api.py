@@ -9,7 +9,6 @@ archive part is matched.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Optional, Sequence, Union
 
@@ -307,17 +306,8 @@ def compact(
         a bad ratio/budget, an unsupported model or a cache that is not prefilled.
     """
     t_start = time.perf_counter()
-    cfg = _check_model(model)
-    get_selection(method)  # ValueError listing the registered methods
-    if ridge < 0:
-        raise ValueError(f"ridge: expected >= 0, got {ridge}")
-    if beta_ridge < 0:
-        raise ValueError(f"beta_ridge: expected >= 0, got {beta_ridge}")
-    if not isinstance(max_queries_per_head, int) or max_queries_per_head < 1:
-        raise ValueError(f"max_queries_per_head: expected an int >= 1, got {max_queries_per_head!r}")
-    parsed = _parse_queries(queries)
-    if budget is None and per_head_budget is None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1):
-        raise ValueError(f"ratio: expected a number in (0, 1], got {ratio!r}")
+    _check_model(model)
+    parsed = _check_args(method, ridge, beta_ridge, max_queries_per_head, queries, ratio, budget, per_head_budget)
     cache = _as_leank_cache(past_key_values, config)
     L = len(cache.layers)
     layer0 = cache.layers[0]
@@ -326,84 +316,36 @@ def compact(
     arch_len = [int(x) for x in layer0.arch_len.tolist()]
     budgets = _budgets(arch_len, L, KVH, ratio, budget, per_head_budget)
     clock = Stopwatch(dev, start=t_start)
-    phases_convert = clock()
-
-    if isinstance(parsed[0], Tensor):
-        q_layers = parsed
-        if len(q_layers) != L or any(q.dim() != 4 or q.shape[:2] != (B, KVH) or q.shape[3] != D for q in q_layers):
-            raise ValueError(f"queries: expected {L} tensors [{B}, {KVH}, n, {D}], got {[tuple(q.shape) for q in q_layers]}")
-    else:
-        if context_queries is not None and (
-            len(context_queries) != L or any(q.dim() != 4 or q.shape[:2] != (B, KVH) or q.shape[3] != D for q in context_queries)
-        ):
-            raise ValueError(f"context_queries: expected {L} tensors [{B}, {KVH}, m, {D}] (record_queries), got "
-                             f"{[tuple(q.shape) for q in context_queries]}")
-        if input_ids is None:
-            raise ValueError(f"input_ids: the {'+'.join(parsed)!r} queries re-read the context; pass the tokens the cache holds")
-        prompt_ids = None
-        if tokenizer is not None and repeat_prompt:
-            prompt_ids = torch.tensor(tokenizer(repeat_prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        q_layers = collect_queries(
-            model, cache, input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev), parsed,
-            max_queries_per_head, prompt_ids, seed, context_queries,
-        )
-    phases = {"convert": phases_convert, "queries": clock()}
+    phases = {"convert": clock()}
+    q_layers = _reference_queries(model, cache, parsed, context_queries, input_ids, attention_mask, tokenizer,
+                                  repeat_prompt, max_queries_per_head, seed)
+    phases["queries"] = clock()
 
     n = q_layers[0].shape[2]
     cap = max(1, max(int(layer.arch_len.max()) for layer in cache.layers))
     t_est = int(budgets.max())
     per_layer = B * KVH * (2 * cap * D * 2 + n * D * 4 + 6 * n * max(t_est, 1) * 4 + 3 * t_est * t_est * 4)
     groups = _layer_groups(L, per_layer, dev)
-    bar = None
-    if progress and len(groups) > 1:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=L, desc="compact", unit="layer")
-        except ImportError:  # pragma: no cover
-            bar = None
+    bar = _progress_bar(progress and len(groups) > 1, L)
     for grp in groups:
         clock()
-        ks, vs, bs, qs = [], [], [], []
-        for i in grp:
-            k, v, bias, al = cache.layers[i].get_archive()
-            k, v, bias = k[:, :, :cap], v[:, :, :cap], bias[:, :, :cap]
-            valid = torch.arange(k.shape[2], device=dev)[None, :] < al.to(dev).long()[:, None]
-            bias = bias.masked_fill(~valid[:, None, :], float("-inf"))
-            pad = cap - k.shape[2]
-            if pad:
-                k, v = torch.nn.functional.pad(k, (0, 0, 0, pad)), torch.nn.functional.pad(v, (0, 0, 0, pad))
-                bias = torch.nn.functional.pad(bias, (0, pad), value=float("-inf"))
-            ks.append(k.reshape(B * KVH, cap, D))
-            vs.append(v.reshape(B * KVH, cap, D))
-            bs.append(bias.reshape(B * KVH, cap))
-            qs.append(q_layers[i].to(k.dtype).reshape(B * KVH, n, D))
-        has_bias = any(bool(((b != 0) & torch.isfinite(b)).any()) or not bool(torch.isfinite(b).all()) for b in bs)
+        q, k, v, bias = _group_problems(cache, grp, q_layers, cap)
         phases["prepare"] = phases.get("prepare", 0.0) + clock()
         sub: dict = {}
-        res = compact_heads(
-            torch.cat(qs), torch.cat(ks), torch.cat(vs), budgets[list(grp)].reshape(-1).to(dev),
-            bias=torch.cat(bs) if has_bias else None, method=method, ridge=ridge,
-            workspace_bytes=workspace_bytes, beta_ridge=beta_ridge, timings=sub,
-        )
-        del ks, vs, bs, qs
+        res = compact_heads(q, k, v, budgets[list(grp)].reshape(-1).to(dev), bias=bias, method=method, ridge=ridge,
+                            workspace_bytes=workspace_bytes, beta_ridge=beta_ridge, timings=sub)
+        del q, k, v, bias
         res = _pack_rows(res)
         for name, sec in sub.items():
             phases[name] = phases.get(name, 0.0) + sec
         clock()
-        t = res.keys.shape[1]
-        for j, i in enumerate(grp):
-            sl = slice(j * B * KVH, (j + 1) * B * KVH)
-            kept = res.kept[sl].reshape(B, KVH)
-            cache.layers[i].set_archive(
-                res.keys[sl].reshape(B, KVH, t, D), res.values[sl].reshape(B, KVH, t, D),
-                res.bias[sl].reshape(B, KVH, t), kept.amax(-1).to(torch.int32),
-            )
+        _write_group(cache, grp, res)
         phases["write"] = phases.get("write", 0.0) + clock()
         if bar is not None:
             bar.update(len(grp))
         else:
-            logger.info("compact: layers %d-%d of %d done (%d entries per head max)", grp[0], grp[-1], L, t)
+            logger.info("compact: layers %d-%d of %d done (%d entries per head max)", grp[0], grp[-1], L,
+                        res.keys.shape[1])
     if bar is not None:
         bar.close()
     if dev.type == "cuda":
@@ -416,3 +358,99 @@ def compact(
     if timings is not None:
         timings.update(phases)
     return cache
+
+
+def _check_args(method, ridge, beta_ridge, max_queries_per_head, queries, ratio, budget, per_head_budget):
+    """``compact``'s argument checks (``ValueError`` naming the argument); returns the parsed ``queries``."""
+    get_selection(method)  # ValueError listing the registered methods
+    if ridge < 0:
+        raise ValueError(f"ridge: expected >= 0, got {ridge}")
+    if beta_ridge < 0:
+        raise ValueError(f"beta_ridge: expected >= 0, got {beta_ridge}")
+    if not isinstance(max_queries_per_head, int) or max_queries_per_head < 1:
+        raise ValueError(f"max_queries_per_head: expected an int >= 1, got {max_queries_per_head!r}")
+    parsed = _parse_queries(queries)
+    if budget is None and per_head_budget is None and (
+        not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1
+    ):
+        raise ValueError(f"ratio: expected a number in (0, 1], got {ratio!r}")
+    return parsed
+
+
+def _reference_queries(model, cache, parsed, context_queries, input_ids, attention_mask, tokenizer, repeat_prompt,
+                       max_queries_per_head: int, seed: int) -> list:
+    """Per layer ``[batch, num_kv_heads, n, head_dim]`` queries: given ones checked, else collected."""
+    layer0 = cache.layers[0]
+    L, B, KVH, D, dev = len(cache.layers), layer0.batch_size, layer0.num_kv_heads, layer0.head_dim, layer0.device
+
+    def bad(qs) -> bool:
+        return len(qs) != L or any(q.dim() != 4 or q.shape[:2] != (B, KVH) or q.shape[3] != D for q in qs)
+
+    if isinstance(parsed[0], Tensor):
+        if bad(parsed):
+            raise ValueError(f"queries: expected {L} tensors [{B}, {KVH}, n, {D}], got {[tuple(q.shape) for q in parsed]}")
+        return parsed
+    if context_queries is not None and bad(context_queries):
+        raise ValueError(f"context_queries: expected {L} tensors [{B}, {KVH}, m, {D}] (record_queries), got "
+                         f"{[tuple(q.shape) for q in context_queries]}")
+    if input_ids is None:
+        raise ValueError(f"input_ids: the {'+'.join(parsed)!r} queries re-read the context; pass the tokens the cache holds")
+    prompt_ids = None
+    if tokenizer is not None and repeat_prompt:
+        prompt_ids = torch.tensor(tokenizer(repeat_prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return collect_queries(
+        model, cache, input_ids.to(dev), None if attention_mask is None else attention_mask.to(dev), parsed,
+        max_queries_per_head, prompt_ids, seed, context_queries,
+    )
+
+
+def _progress_bar(enabled: bool, total: int):
+    """A tqdm bar over layers, or None (disabled, or tqdm missing: log lines instead)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="compact", unit="layer")
+
+
+def _group_problems(cache, grp: range, q_layers: list, cap: int):
+    """The compaction problems of layers ``grp``, one per (layer, sequence, KV head).
+
+    Returns ``(q [P, n, D], k [P, cap, D], v [P, cap, D], bias [P, cap] or None)`` with
+    ``P = len(grp) * batch * num_kv_heads``; rows past a sequence's archive get ``-inf`` bias.
+    """
+    layer0 = cache.layers[0]
+    B, KVH, D, dev = layer0.batch_size, layer0.num_kv_heads, layer0.head_dim, layer0.device
+    n = q_layers[0].shape[2]
+    ks, vs, bs, qs = [], [], [], []
+    for i in grp:
+        k, v, bias, al = cache.layers[i].get_archive()
+        k, v, bias = k[:, :, :cap], v[:, :, :cap], bias[:, :, :cap]
+        valid = torch.arange(k.shape[2], device=dev)[None, :] < al.to(dev).long()[:, None]
+        bias = bias.masked_fill(~valid[:, None, :], float("-inf"))
+        pad = cap - k.shape[2]
+        if pad:
+            k, v = torch.nn.functional.pad(k, (0, 0, 0, pad)), torch.nn.functional.pad(v, (0, 0, 0, pad))
+            bias = torch.nn.functional.pad(bias, (0, pad), value=float("-inf"))
+        ks.append(k.reshape(B * KVH, cap, D))
+        vs.append(v.reshape(B * KVH, cap, D))
+        bs.append(bias.reshape(B * KVH, cap))
+        qs.append(q_layers[i].to(k.dtype).reshape(B * KVH, n, D))
+    has_bias = any(bool(((b != 0) & torch.isfinite(b)).any()) or not bool(torch.isfinite(b).all()) for b in bs)
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs), (torch.cat(bs) if has_bias else None)
+
+
+def _write_group(cache, grp: range, res: CompactedHeads) -> None:
+    """Store the compacted archives of layers ``grp`` (``res`` rows in ``_group_problems`` order)."""
+    layer0 = cache.layers[0]
+    B, KVH, D = layer0.batch_size, layer0.num_kv_heads, layer0.head_dim
+    t = res.keys.shape[1]
+    for j, i in enumerate(grp):
+        sl = slice(j * B * KVH, (j + 1) * B * KVH)
+        kept = res.kept[sl].reshape(B, KVH)
+        cache.layers[i].set_archive(
+            res.keys[sl].reshape(B, KVH, t, D), res.values[sl].reshape(B, KVH, t, D),
+            res.bias[sl].reshape(B, KVH, t), kept.amax(-1).to(torch.int32),
+        )
