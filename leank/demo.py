@@ -11,7 +11,6 @@ mask with the published kept-count mix instead.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time

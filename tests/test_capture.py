@@ -202,3 +202,31 @@ def test_crop_then_continue_under_capture_equals_eager():
     eager, cap, runner = _continue_both_ways([22, 28], 10, crop3)
     assert runner.replays > 0
     _assert_same_run(eager, cap)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decode_step_traces_as_one_graph_without_breaks(kind):
+    """The function the runner compiles (the model's forward with LeanK's attention as one custom op per
+    layer) is a single graph with no graph break (issue 16: patched, model.forward gave 34 breaks)."""
+    from leank.capture import DecodeGraphRunner, _ACTIVE, _decode_op
+
+    model = tiny_model(kind)
+    ids, am = _ragged([9, 30], seed=2)
+    leank.patch(model, masks=ChannelMask(keep=sparse_keep(2, 4, 32), align=8), config=CFG)
+    try:
+        cache = leank.new_cache(model)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=am, use_cache=True, **{leank.patching.cache_kwarg(model): cache})
+            runner = DecodeGraphRunner(model, emulate=True)
+            _decode_op()
+            _ACTIVE.append(cache)
+            try:
+                explained = torch._dynamo.explain(runner._forward_logits)(ids[:, -1:], am.sum(1, keepdim=True))
+            finally:
+                _ACTIVE.pop()
+    finally:
+        leank.unpatch(model)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    ops = [n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum(op is torch.ops.leank.decode_step.default or op is torch.ops.leank.decode_step for op in ops) == 2
