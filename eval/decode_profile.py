@@ -10,8 +10,9 @@ the generate loop advances the profiler schedule, so exactly those steps are rec
 graph replays included: CUPTI reports every kernel node of a replayed graph). Per decode step
 it reports
 
-- ``step_ms``: the time between two logits-processor calls (median, host clock after a
-  device synchronisation at the end: what the user sees per token);
+- ``step_ms``: the time between two logits-processor calls (median, host clock; the
+  processor synchronises the device so that each traced step holds exactly its own
+  kernels, which also removes host/device overlap: ``eval/e2e_decode.py`` measures speed);
 - ``gpu_busy_ms``: the union of kernel intervals, and ``gpu_idle_ms`` = step - busy (launch
   gaps, host work the GPU waits for);
 - kernel time and kernel count by kind (``gemm``: cuBLAS/CUTLASS/nvjet matmuls,
@@ -79,6 +80,10 @@ class ProfilerStepper:
         self.prof, self.device, self.marks = prof, device, []
 
     def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":  # the step's kernels end before the next profiler step starts
+            import torch
+
+            torch.cuda.synchronize(self.device)
         self.marks.append(time.perf_counter())
         self.prof.step()
         return scores
