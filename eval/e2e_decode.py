@@ -21,7 +21,10 @@ not depend on the values). For each model, prompt length and batch size it runs
 Every row also reports the byte floor of a decode step: (weight bytes + the K/V bytes the
 step reads) / the device-to-device copy bandwidth measured in the same run, and
 ``pct_of_floor`` = floor / measured time. ``speedup_vs_strongest_dense`` compares tokens/s
-with the fastest dense method of the same model, length and batch.
+with the fastest dense method of the same model, length and batch. ``--second-turn N`` times
+a follow-up message of N tokens on each conversation cache; ``--speculative N`` times
+prompt-lookup speculative decoding (``prompt_lookup_num_tokens=N``) on a repetitive prompt
+against plain greedy decoding (dense-dynamic and leank, batch 1).
 
 Per-token latency comes from CUDA events recorded by a logits processor inside the real
 generate loop (median and mean over the measured steps; the mean includes LeanK's flush
@@ -109,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a follow-up message of this many tokens appended to each --lengths conversation "
                         "cache (time to the first new token), dense-dynamic vs leank with the same attention backend; "
                         "0 = off (default: %(default)s)")
+    p.add_argument("--speculative", type=int, default=0,
+                   help="also time prompt-lookup speculative decoding (generate(prompt_lookup_num_tokens=N)) on a "
+                        "repetitive prompt of each --lengths, batch 1, dense-dynamic vs leank: decode tokens/s with "
+                        "and without speculation; 0 = off (default: %(default)s)")
+    p.add_argument("--speculative-tokens", type=int, default=128,
+                   help="new tokens of each speculative run (default: %(default)s)")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
@@ -131,6 +140,9 @@ def resolve_args(args) -> None:
     bad = [m for m in args.models if m not in common.MODEL_SHAPES]
     if bad:
         raise SystemExit(f"--models: unknown {bad}; expected a subset of {list(common.MODEL_SHAPES)}")
+    if args.speculative < 0 or args.speculative_tokens < 2:
+        raise SystemExit(f"--speculative: expected >= 0 and --speculative-tokens >= 2, got {args.speculative} and "
+                         f"{args.speculative_tokens}")
     if args.steps < 2 or args.warmup < 1:
         raise SystemExit("--steps: expected >= 2 and --warmup >= 1")
     if args.plot is None:
@@ -349,6 +361,52 @@ def second_turn(model, cfg, method: str, length: int, batch: int, followup: int,
     return {"method": method, "length": length, "batch": batch, "followup": followup, "ttft_s": ttft, "status": "ok"}
 
 
+# ----------------------------------------------------------------------------- speculative decoding
+def repetitive_prompt(vocab: int, length: int, period: int, seed: int):
+    """int64 ``[1, length]``: one random block of ``period`` tokens repeated (prompt lookup finds n-grams)."""
+    import torch
+
+    block = torch.randint(100, vocab, (period,), generator=torch.Generator().manual_seed(seed))
+    return block.repeat(length // period + 1)[:length][None]
+
+
+def speculative(model, cfg, method: str, length: int, lookup: int, new_tokens: int, device, seed: int) -> dict:
+    """Decode tokens/s of greedy ``generate`` with and without ``prompt_lookup_num_tokens=lookup``.
+
+    The prompt repeats a 64-token block (shorter for tiny prompts), so the lookup finds candidates at every step; how many
+    the model accepts depends on its weights (random here: the speed of the machinery, not of a
+    trained model's acceptance). Decode time = generate time - the time of the same call with
+    one new token (the prefill). The dense method uses a dynamic cache.
+    """
+    import torch
+
+    ids = repetitive_prompt(cfg.vocab_size, length, max(2, min(64, length // 4)), seed).to(device)
+    base = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0,
+                attention_mask=torch.ones_like(ids), **({"cache_implementation": "dynamic"}
+                                                          if method.startswith("dense") else {}))
+
+    def timed(**kw) -> tuple[float, torch.Tensor]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, **base, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, out
+
+    timed(max_new_tokens=2)  # warm-up: kernels, plans, the captured decode step
+    prefill_s, _ = timed(max_new_tokens=1)
+    plain_s, plain = timed(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    spec_s, spec = timed(max_new_tokens=new_tokens, min_new_tokens=new_tokens, prompt_lookup_num_tokens=lookup)
+    n = new_tokens - 1  # tokens after the first, which comes from the prefill
+    plain_dec, spec_dec = max(plain_s - prefill_s, 1e-9), max(spec_s - prefill_s, 1e-9)
+    return {"method": method, "length": length, "batch": 1, "lookup": lookup, "new_tokens": new_tokens,
+            "prefill_s": prefill_s, "plain_tokens_per_s": n / plain_dec, "speculative_tokens_per_s": n / spec_dec,
+            "speculative_speedup": plain_dec / spec_dec,
+            "same_tokens": bool(torch.equal(plain.cpu(), spec.cpu())), "status": "ok"}
+
+
 # ----------------------------------------------------------------------------- max batch
 def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, quiet: bool) -> dict:
     """Largest batch whose generate() at ``--budget-length`` stays within ``budget_gib``, and its speed.
@@ -500,7 +558,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
             "mask_k_sparsity": None if mask is None else 1 - mask.keep.float().mean().item(),
             "mask_v_sparsity": None if mask is None else mask.v_sparsity, "warmup_s": {},
             "leank_backend": _resolved_backend(args.backend, device), "methods": {m: METHOD_DOC[m] for m in args.methods}}
-    rows, maxb, turns = [], [], []
+    rows, maxb, turns, specs = [], [], [], []
     try:
         for method in args.methods:  # warm-up (TileLang and torch.compile compile here), with a flush
             with context(method):
@@ -527,6 +585,20 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                     turns.append({"model": shape, **r})
                     print(f"{shape} second turn {method} L={length} +{args.second_turn}: "
                           f"{r.get('ttft_s', float('nan')):.3f} s to the first new token ({r['status']})", flush=True)
+        if args.speculative:
+            for length in args.lengths:
+                for method in [m for m in ("dense-dynamic", "leank") if m in args.methods]:
+                    with context(method):
+                        r = oom_safe(speculative, model, cfg, method, length, args.speculative,
+                                     args.speculative_tokens, device, args.seed)
+                    r = r if isinstance(r, dict) else {"method": method, "length": length, "batch": 1, "status": r}
+                    specs.append({"model": shape, **r})
+                    if r["status"] == "ok":
+                        print(f"{shape} speculative {method} L={length} lookup {args.speculative}: "
+                              f"{r['speculative_tokens_per_s']:.1f} tok/s vs {r['plain_tokens_per_s']:.1f} without "
+                              f"({r['speculative_speedup']:.2f}x, same tokens: {r['same_tokens']})", flush=True)
+                    else:
+                        print(f"{shape} speculative {method} L={length}: {r['status']}", flush=True)
         if args.max_batch and budget_gib:
             for method in args.methods:
                 bar.set_postfix_str(f"{shape} {method} max batch")
@@ -539,6 +611,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
         if device.type == "cuda":
             torch.cuda.empty_cache()
     info["second_turn"] = turns
+    info["speculative"] = specs
     return rows, maxb, info
 
 

@@ -225,3 +225,22 @@ def test_decode_profile_kernel_kinds_and_busy_time():
         assert kernel_kind(name) == kind, name
     assert busy_union([(0, 2), (1, 3), (5, 6)]) == 4
     assert busy_union([]) == 0
+
+
+def test_e2e_decode_speculative_rows(tmp_path):
+    """--speculative: prompt lookup vs plain greedy for dense and LeanK; speculation changes no token."""
+    out = tmp_path / "e2e.json"
+    rc = e2e_decode.main([*SMALL, "--models", "llama3.1-8b", "--lengths", "48", "--batches", "1", "--warmup", "1",
+                          "--steps", "2", "--methods", "leank,dense-dynamic", "--speculative", "3",
+                          "--speculative-tokens", "12", "--out", str(out)])
+    assert rc == 0
+    specs = json.loads(out.read_text())["models"][0]["speculative"]
+    assert {s["method"] for s in specs} == {"leank", "dense-dynamic"}
+    for s in specs:
+        assert s["status"] == "ok" and s["lookup"] == 3 and s["new_tokens"] == 12
+        assert s["plain_tokens_per_s"] > 0 and s["speculative_tokens_per_s"] > 0
+        assert s["same_tokens"], s
+    ids = e2e_decode.repetitive_prompt(1000, 10, 4, seed=0)
+    assert ids.shape == (1, 10) and torch.equal(ids[0, :4], ids[0, 4:8])
+    with pytest.raises(SystemExit, match="speculative"):
+        e2e_decode.main([*SMALL, "--speculative", "-1"])
