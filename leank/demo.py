@@ -156,7 +156,7 @@ def run(args) -> int:
     print(f"{'K cache bytes':28}{mem['dense_k_bytes']:>14,}{mem['k_bytes']:>14,}   (-{100 * k_saved:.1f}%)")
     print(f"{'V cache bytes':28}{mem['dense_v_bytes']:>14,}{mem['v_bytes']:>14,}   (-{100 * v_saved:.1f}%)")
     print(f"{'tokens/s (generate)':28}{args.new_tokens / dense_s:>14.1f}{args.new_tokens / leank_s:>14.1f}"
-          "   (a 6-layer float32 toy: Python overhead,")
+          "   (a toy model: Python overhead,")
     print(f"{'':28}{'':28}   not memory traffic; speed: eval/e2e_decode.py)")
     print(f"max |LeanK logits - dense float64 LeanK function| = {dev:.2e}")
     if sample is not None:
