@@ -230,3 +230,29 @@ def test_decode_step_traces_as_one_graph_without_breaks(kind):
     assert explained.graph_count == 1
     ops = [n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert sum(op is torch.ops.leank.decode_step.default or op is torch.ops.leank.decode_step for op in ops) == 2
+
+
+def test_compiled_step_serves_another_batch_size():
+    """A second generate with another batch size recompiles (dynamic batch) and stays equal to eager."""
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    cfg = LeanKConfig(**{**CFG.__dict__, "compile_decode": True})
+    leank.patch(model, masks=ChannelMask(keep=keep, align=8), config=cfg)
+    model._leank.emulate_capture = True
+    outs = []
+    try:
+        for lens in ([11], [7, 25, 16], [19, 4]):
+            ids, am = _ragged(lens, seed=len(lens))
+            with torch.no_grad():
+                outs.append(model.generate(input_ids=ids, attention_mask=am, max_new_tokens=9, min_new_tokens=9,
+                                           do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                           pad_token_id=0))
+        runner = model._leank.runner
+        assert runner.compiled_steps >= 3 * (9 - 3) and not runner._compile_failed
+    finally:
+        leank.unpatch(model)
+    for lens, cap in zip(([11], [7, 25, 16], [19, 4]), outs):
+        ids, am = _ragged(lens, seed=len(lens))
+        eager, _ = _run(model, keep, ids, am, 9, capture=False)
+        assert torch.equal(cap.sequences, eager.sequences)
+        assert (torch.stack(cap.logits, 1) - torch.stack(eager.logits, 1)).abs().max() <= 1e-4
