@@ -1,16 +1,20 @@
-"""Decode steps of ``generate()`` replayed as one CUDA graph per step.
+"""Decode steps of ``generate()`` compiled and replayed as one CUDA graph per step.
 
 A decode step of an 8B model costs ~4 ms of memory traffic on an H200; run eagerly,
-Python and ~1,300 kernel launches cost several times that. ``DecodeGraphRunner`` takes
+Python and ~1,600 kernel launches cost several times that. ``DecodeGraphRunner`` takes
 the place of ``model.__call__`` inside a patched ``generate`` (the decoding loop looks it
-up once, as it does for transformers' compiled forward) and
+up once, as it does for transformers' compiled forward). The step it runs is the model's
+forward without a cache argument in which each layer's LeanK work (window append at the
+device-side length, TileLang decode over window + archive) is one opaque custom op,
+``torch.ops.leank.decode_step``, reading the cache the runner makes active. Per cache it
 
-1. runs the first decode step of a cache eagerly (it also warms up kernels and plans),
-2. records the next one in a CUDA graph: the whole forward (embedding, every layer's
-   projections, RoPE, LeanK window append and decode attention, MLP, head) reads its
-   inputs from static buffers and the cache from preallocated tensors with device-side
-   lengths, so no host value is baked in,
-3. replays that graph for every following step, then does the host part of the step
+1. runs the first decode step eagerly (the backend is resolved, kernels and plans load),
+2. runs the next one through the step function, compiled by ``torch.compile`` when
+   ``LeanKConfig.compile_decode`` (Inductor fuses norms, RoPE, activations and residual
+   adds; the compile happens here, outside any recording),
+3. records the step after that in a CUDA graph: inputs from static buffers, the cache
+   from preallocated tensors with device-side lengths, so no host value is baked in,
+4. replays that graph for every following step, then does the host part of the step
    (lengths known on the host, the flush every ``flush_every`` tokens, which runs as a
    few batched scatters outside the graph).
 
@@ -58,6 +62,10 @@ def _decode_op():
     ``active_cache().layers[layer_idx]``. torch.compile traces around it (its fake
     returns the shape); the cache is not an argument, so the compiled step never guards
     on its Python state and one compilation serves every cache and step.
+
+    It declares no mutated argument because the tensors it writes (window rows, lengths)
+    are not arguments: no other node of the compiled graph reads them, and each layer's
+    op consumes the previous layer's output, so data flow alone keeps the order.
     """
     global _OP
     if _OP is None:
