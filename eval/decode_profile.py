@@ -99,14 +99,7 @@ def profile_method(model, method: str, ids, args, device) -> dict:
     # step 0 of the schedule is the prefill (the first logits-processor call comes after it)
     sched = schedule(wait=1 + args.warmup, warmup=1, active=args.steps, repeat=1)
     new_tokens = 1 + args.warmup + 1 + args.steps + 1
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                  return_dict_in_generate=True, pad_token_id=0)
-    if method == "dense-static":
-        kwargs["cache_implementation"] = "static"
-    elif method == "dense-dynamic":
-        kwargs["cache_implementation"] = "dynamic"
-    if method.startswith("dense") and args.dense_prefill_chunk:
-        kwargs["prefill_chunk_size"] = args.dense_prefill_chunk
+    kwargs = e2e_decode.greedy_kwargs(method, new_tokens, args.dense_prefill_chunk if method.startswith("dense") else 0)
     with profile(activities=acts, schedule=sched) as prof:
         stepper = ProfilerStepper(prof, device)
         with torch.inference_mode():
@@ -176,11 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--methods: unknown {bad}; expected a subset of {list(e2e_decode.METHODS)}")
     if args.steps < 1 or args.warmup < 1:
         raise SystemExit(f"--steps and --warmup: expected >= 1, got {args.steps} and {args.warmup}")
-    import dataclasses
-
     import torch
-
-    import leank
 
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
@@ -194,28 +183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = common.build_model(cfg, device, dtype, attn)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     copy_gbps = common.copy_bandwidth_gbps() if device.type == "cuda" else None
-    mask = common.build_mask(f"mix:{family}", model, args.seed)
-    dense_mask = type(mask)(keep=torch.ones_like(mask.keep), align=mask.align, source="every channel kept")
-    lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
-    setups = {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
-              "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
-              "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
+    mask, setups = e2e_decode.method_setups(model, family, args)
     rows = []
     for length in args.lengths:
         for batch in args.batches:
             gen = torch.Generator().manual_seed(args.seed + length + batch)
             ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
             for method in args.methods:
-                ctx = common.patched(model, *setups[method]) if method in setups else _null()
-                with ctx:
+                with e2e_decode.method_context(model, setups, method):
                     row = {"model": args.model, "length": length, "batch": batch,
                            **profile_method(model, method, ids, args, device)}
                 mid = length + args.warmup + args.steps
-                if method.startswith("leank"):
-                    frac = 1.0 if method == "leank-dense" else e2e_decode.leank_fraction(mask)
-                else:
-                    frac = 1.0
-                row["kv_bytes"] = int(batch * mid * e2e_decode.kv_bytes_per_token(cfg, dtype.itemsize) * frac)
+                row["kv_bytes"] = int(batch * mid * e2e_decode.kv_bytes_per_token(cfg, dtype.itemsize)
+                                      * e2e_decode.kv_fraction(method, mask))
                 if copy_gbps:
                     row["floor_ms"] = (weight_bytes + row["kv_bytes"]) / (copy_gbps * 1e9) * 1e3
                 rows.append(row)
@@ -234,11 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out}, {cfgp}")
     return 0
 
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import statistics
 import sys
@@ -222,10 +223,47 @@ def leank_fraction(mask) -> float:
 
 def estimate_gib(cfg, method: str, length: int, batch: int, new_tokens: int, mask, weight_bytes: int) -> float:
     """Rough lower bound of generate()'s memory, used only to skip what cannot fit."""
-    kv = batch * (length + new_tokens) * kv_bytes_per_token(cfg)
-    if method in ("leank", "leank-graph", "leank-eager"):
-        kv *= leank_fraction(mask)
+    kv = batch * (length + new_tokens) * kv_bytes_per_token(cfg) * kv_fraction(method, mask)
     return (weight_bytes + kv) / 2**30
+
+
+def greedy_kwargs(method: str, new_tokens: int, prefill_chunk: int = 0, logits_processor=None) -> dict:
+    """``generate`` keywords of a greedy run of ``method`` (the dense methods name their cache)."""
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  return_dict_in_generate=True, pad_token_id=0)
+    if logits_processor is not None:
+        kwargs["logits_processor"] = logits_processor
+    if method in ("dense-static", "dense-dynamic"):
+        kwargs["cache_implementation"] = method.split("-")[1]
+    if prefill_chunk:
+        kwargs["prefill_chunk_size"] = prefill_chunk
+    return kwargs
+
+
+def method_setups(model, family: str, args, need_mask: bool = True) -> tuple:
+    """``(mask, {method: (mask, LeanKConfig)})`` of the LeanK methods: the kept-count mix of ``family``
+    at random heads (``args.seed``), every channel kept for ``leank-dense``, the window of ``args``."""
+    import torch
+
+    import leank
+
+    mask = common.build_mask(f"mix:{family}", model, args.seed) if need_mask else None
+    dense_mask = None if mask is None else type(mask)(keep=torch.ones_like(mask.keep), align=mask.align,
+                                                         source="every channel kept")
+    lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
+    return mask, {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
+                  "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
+                  "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
+
+
+def method_context(model, setups: dict, method: str):
+    """``with method_context(...)``: the model patched as ``method`` needs (nothing for dense methods)."""
+    return common.patched(model, *setups[method]) if method in setups else contextlib.nullcontext()
+
+
+def kv_fraction(method: str, mask) -> float:
+    """Archived K+V bytes of ``method`` relative to a dense cache (1 for dense and ``leank-dense``)."""
+    return leank_fraction(mask) if method in ("leank", "leank-graph", "leank-eager") else 1.0
 
 
 def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0) -> dict:
@@ -234,15 +272,7 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
     from transformers import LogitsProcessorList
 
     clock = StepClock(device)
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None,
-                  top_p=None, top_k=None, logits_processor=LogitsProcessorList([clock]),
-                  return_dict_in_generate=True, pad_token_id=0)
-    if method == "dense-static":
-        kwargs["cache_implementation"] = "static"
-    elif method == "dense-dynamic":
-        kwargs["cache_implementation"] = "dynamic"
-    if prefill_chunk:
-        kwargs["prefill_chunk_size"] = prefill_chunk
+    kwargs = greedy_kwargs(method, new_tokens, prefill_chunk, LogitsProcessorList([clock]))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -535,24 +565,13 @@ def plot(rows: list[dict], path: str, title: str) -> str | None:
 def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tuple[list[dict], list[dict], dict]:
     import torch
 
-    import leank
-
     cfg = common.model_config(shape, layers=args.layers, tiny=args.tiny)
     family = common.MODEL_SHAPES[shape][1]
     model = common.build_model(cfg, device, dtype, attn)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    leank_methods = [m for m in args.methods if m.startswith("leank")]
-    mask = common.build_mask(f"mix:{family}", model, args.seed) if leank_methods else None
-    dense_mask = None if mask is None else type(mask)(keep=torch.ones_like(mask.keep), align=mask.align,
-                                                         source="every channel kept")
-    lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
-    setups = {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
-              "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
-              "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
-
-    def context(method):
-        return common.patched(model, *setups[method]) if method in setups else contextlib.nullcontext()
+    mask, setups = method_setups(model, family, args, need_mask=any(m.startswith("leank") for m in args.methods))
+    context = functools.partial(method_context, model, setups)  # context(method): patched as method needs
 
     info = {"model": shape, "layers": cfg.num_hidden_layers, "weights_gib": weight_bytes / 2**30,
             "mask_k_sparsity": None if mask is None else 1 - mask.keep.float().mean().item(),

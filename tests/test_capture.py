@@ -53,12 +53,8 @@ def test_emulated_capture_equals_eager_on_ragged_batch(kind):
     eager, _ = _run(model, keep, ids, am, n, capture=False)
     cap, runner = _run(model, keep, ids, am, n, capture=True)
     assert runner.replays >= n - 3, "the decode steps must be served by the runner"
-    assert torch.equal(cap.sequences, eager.sequences)
-    le, lc = torch.stack(eager.logits, 1), torch.stack(cap.logits, 1)
-    assert le.abs().max() > 1.0
-    assert (le - lc).abs().max() <= 1e-6
+    _assert_same_run(eager, cap)
     for a, b in zip(eager.past_key_values.layers, cap.past_key_values.layers):
-        assert a.win_len_host == b.win_len_host and a.arch_len_host == b.arch_len_host
         assert a.win_len.tolist() == b.win_len_host and a.arch_len.tolist() == b.arch_len_host
         assert b.arch_len_host[1] > 0, "the archive must be in use"
 
@@ -80,13 +76,8 @@ def test_compiled_decode_step_matches_eager(kind):
         cap, runner = _run(model, keep, ids, am, n, capture=True, compile_decode=True)
     assert not [w for w in caught if "leank" in str(w.message)], [str(w.message) for w in caught]
     assert runner.compiled_steps >= n - 2, "decode steps must run the compiled forward"
-    assert torch.equal(cap.sequences, eager.sequences)
-    le, lc = torch.stack(eager.logits, 1), torch.stack(cap.logits, 1)
-    assert le.abs().max() > 1.0
-    assert (le - lc).abs().max() <= 1e-4
-    for a, b in zip(eager.past_key_values.layers, cap.past_key_values.layers):
-        assert a.win_len_host == b.win_len_host and a.arch_len_host == b.arch_len_host
-        assert a.arch_len_host[1] > 0, "the archive must be in use"
+    _assert_same_run(eager, cap, tol=1e-4)
+    assert all(layer.arch_len_host[1] > 0 for layer in cap.past_key_values.layers), "the archive must be in use"
 
 
 def test_emulated_capture_matches_float64_oracle():
@@ -126,9 +117,14 @@ def _continue_both_ways(lens, first_tokens, prepare):
     return outs[False][0], outs[True][0], outs[True][1]
 
 
-def _assert_same_run(eager, cap):
+def _assert_same_run(eager, cap, tol=1e-6):
+    """Same tokens, logits within ``tol`` (and not trivially small), same host lengths per layer."""
     assert torch.equal(cap.sequences, eager.sequences)
-    assert (torch.stack(eager.logits, 1) - torch.stack(cap.logits, 1)).abs().max() <= 1e-6
+    le, lc = torch.stack(eager.logits, 1), torch.stack(cap.logits, 1)
+    assert le.abs().max() > 1.0
+    assert (le - lc).abs().max() <= tol
+    for a, b in zip(eager.past_key_values.layers, cap.past_key_values.layers):
+        assert a.win_len_host == b.win_len_host and a.arch_len_host == b.arch_len_host
 
 
 def test_second_generate_continues_captured_cache():
@@ -254,5 +250,4 @@ def test_compiled_step_serves_another_batch_size():
     for lens, cap in zip(([11], [7, 25, 16], [19, 4]), outs):
         ids, am = _ragged(lens, seed=len(lens))
         eager, _ = _run(model, keep, ids, am, 9, capture=False)
-        assert torch.equal(cap.sequences, eager.sequences)
-        assert (torch.stack(cap.logits, 1) - torch.stack(eager.logits, 1)).abs().max() <= 1e-4
+        _assert_same_run(eager, cap, tol=1e-4)
