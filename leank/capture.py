@@ -33,6 +33,7 @@ import warnings
 from typing import Optional
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import LeanKCache
 from .diagnostics import log_once, warn_once
@@ -286,8 +287,6 @@ class DecodeGraphRunner:
 
     def _output(self, logits: Tensor, kwargs, cache: LeanKCache):
         """What the model's forward returns, with the cache under the name generate passed it."""
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         cname = next(k for k in CACHE_KWARGS if kwargs.get(k) is not None)
         return CausalLMOutputWithPast(logits=logits, **{cname: cache})
 

@@ -9,7 +9,8 @@ TileLang on its first call, never at import time.
 """
 
 from .capability import supports
-from .reference import decode_attention_reference, merge_states, validate_decode_inputs
+from .lse import merge_states
+from .reference import decode_attention_reference, validate_decode_inputs
 
 __all__ = ["decode_attention", "decode_attention_reference", "merge_states", "supports", "validate_decode_inputs"]
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .lse import merge_states, softmax_av  # noqa: F401 - merge_states is re-exported (kernels package API)
+from .lse import merge_states, softmax_av
 
 Tensor = torch.Tensor
 
