@@ -3,10 +3,12 @@
 A decode step of an 8B model costs ~4 ms of memory traffic on an H200; run eagerly,
 Python and ~1,600 kernel launches cost several times that. ``DecodeGraphRunner`` takes
 the place of ``model.__call__`` inside a patched ``generate`` (the decoding loop looks it
-up once, as it does for transformers' compiled forward). The step it runs is the model's
-forward without a cache argument in which each layer's LeanK work (window append at the
+up once, as it does for transformers' compiled forward). The step it runs is a forward
+without a cache argument in which each layer's LeanK work (window append at the
 device-side length, TileLang decode over window + archive) is one opaque custom op,
-``torch.ops.leank.decode_step``, reading the cache the runner makes active. Per cache it
+``torch.ops.leank.decode_step``, reading the cache the runner makes active: for Llama /
+Qwen2 ``leank.fused_decode.decode_logits`` (q/k/v and gate/up as one product each), else
+the model's own forward. Per cache it
 
 1. runs the first decode step eagerly (the backend is resolved, kernels and plans load),
 2. runs the next one through the step function, compiled by ``torch.compile`` when
@@ -35,6 +37,7 @@ from typing import Optional
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import fused_decode
 from .cache import LeanKCache
 from .diagnostics import log_once, warn_once
 
@@ -120,8 +123,9 @@ class DecodeGraphRunner:
     ``past_key_values``). ``attention_mask`` is not read at decode: LeanK never stores
     padding, so a step needs no mask.
 
-    The step it records is ``model(input_ids, position_ids, use_cache=False).logits`` with
-    each layer's attention replaced by ``torch.ops.leank.decode_step`` on the cache; with
+    The step it records is ``leank.fused_decode.decode_logits`` (``LeanKConfig.fuse_projections``,
+    Llama / Qwen2 with plain modules) or ``model(input_ids, position_ids, use_cache=False).logits``,
+    each layer's attention being ``torch.ops.leank.decode_step`` on the cache; with
     ``LeanKConfig.compile_decode`` that function is compiled by ``torch.compile`` first
     (norms, RoPE, activations and residuals fused by Inductor; the LeanK op stays opaque).
     """
@@ -134,6 +138,7 @@ class DecodeGraphRunner:
         self._disabled = False  # a capture failed: every later step runs eagerly
         self._compiled = None  # torch.compile of _forward_logits (built on first use)
         self._compile_failed = False
+        self.fused = False  # the step is leank.fused_decode.decode_logits (decided per traced / recorded step)
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
         self.captures = 0
         self.compiled_steps = 0  # decode steps whose forward ran compiled (warm-up, recording, emulated replays)
@@ -221,9 +226,29 @@ class DecodeGraphRunner:
 
     # ------------------------------------------------------------------ the step
     def _forward_logits(self, ids: Tensor, pos: Tensor) -> Tensor:
-        """The model's forward without a cache argument: attention goes to ``decode_step_attention``."""
+        """One decode step's logits; each layer's attention goes to ``decode_step_attention``.
+
+        ``leank.fused_decode.decode_logits`` (fused q/k/v and gate/up products) when
+        ``self.fused``, else the model's forward without a cache argument.
+        """
+        if self.fused:
+            return fused_decode.decode_logits(self.model, decode_step_attention, ids, pos)
         out = type(self.model).__call__(self.model, input_ids=ids, position_ids=pos, use_cache=False, return_dict=True)
         return out.logits
+
+    def _prepare_fused(self) -> None:
+        """Decide ``self.fused`` and keep the fused weight buffers current (before any trace or recording)."""
+        state = getattr(self.model, "_leank", None)
+        why = "LeanKConfig.fuse_projections=False" if state is None or not state.config.fuse_projections else \
+            fused_decode.unsupported_reason(self.model)
+        if why is not None:
+            if state is not None and state.config.fuse_projections:
+                log_once(__name__, f"leank: decode step runs transformers' forward, projections not fused: {why}")
+            self.fused = False
+            return
+        if fused_decode.fuse_projections(self.model):
+            logger.info("leank: fused q/k/v and gate/up projection weights (views of one buffer per layer)")
+        self.fused = True
 
     def _step_fn(self):
         """``_forward_logits``, compiled when ``LeanKConfig.compile_decode`` asks and compiling works."""
@@ -257,6 +282,7 @@ class DecodeGraphRunner:
 
     def _step(self, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
         """One decode step run now (not recorded): compiled when possible, else the plain forward."""
+        self._prepare_fused()
         fn = self._step_fn()
         if fn is not self._forward_logits:
             t0 = time.perf_counter()
@@ -296,6 +322,7 @@ class DecodeGraphRunner:
         ids, pos = kwargs["input_ids"], kwargs["position_ids"]
         g = _Graph(key, ids.clone(), pos.clone())
         self._graph = None  # release the previous graph's pool before recording a new one
+        self._prepare_fused()  # never inside the recording: a (re)fuse allocates and copies
         fn = self._step_fn()
         if self.emulate:
             g.graph = "emulated"
@@ -314,6 +341,7 @@ class DecodeGraphRunner:
         g.ids.copy_(kwargs["input_ids"])
         g.pos.copy_(kwargs["position_ids"])
         if self.emulate:
+            self._prepare_fused()
             fn = self._step_fn()
             logits = self._device_step(fn, g.ids, g.pos, cache)
             self.compiled_steps += fn is not self._forward_logits

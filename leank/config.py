@@ -29,6 +29,10 @@ class LeanKConfig:
             LeanK's attention op; the first decode step of a process pays the compile,
             tens of seconds for an 8B model). False records the plain forward. A failed
             compile falls back to the plain forward and says so once.
+        fuse_projections: in the captured decode step of a Llama / Qwen2 model, run each
+            layer's q/k/v and gate/up projections as one matrix product each over weights
+            made views of one buffer (``leank.fused_decode``; memory and ``state_dict``
+            unchanged). False records transformers' forward with its separate products.
 
     Buffers are sized by what a call needs (prompt + ``max_new_tokens``), never by these
     maxima alone, so a large ``recent`` costs nothing for short prompts.
@@ -41,6 +45,7 @@ class LeanKConfig:
     initial_archive_capacity: int = 512
     capture: bool = True
     compile_decode: bool = True
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
         for name in ("sink", "recent"):
@@ -49,7 +54,7 @@ class LeanKConfig:
                 raise ValueError(f"{name}: expected an int in [0, {MAX_ROWS}] (lengths are int32), got {v!r}")
         if not isinstance(self.flush_every, int) or isinstance(self.flush_every, bool) or not 1 <= self.flush_every <= MAX_ROWS:
             raise ValueError(f"flush_every: expected an int in [1, {MAX_ROWS}], got {self.flush_every!r}")
-        for name in ("capture", "compile_decode"):
+        for name in ("capture", "compile_decode", "fuse_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.sink + self.recent < 1:

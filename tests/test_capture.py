@@ -54,6 +54,7 @@ def test_emulated_capture_equals_eager_on_ragged_batch(kind):
     cap, runner = _run(model, keep, ids, am, n, capture=True)
     assert runner.replays >= n - 3, "the decode steps must be served by the runner"
     _assert_same_run(eager, cap)
+    assert runner.fused, "the tiny Llama / Qwen2 decode step runs leank.fused_decode"
     for a, b in zip(eager.past_key_values.layers, cap.past_key_values.layers):
         assert a.win_len.tolist() == b.win_len_host and a.arch_len.tolist() == b.arch_len_host
         assert b.arch_len_host[1] > 0, "the archive must be in use"
@@ -200,10 +201,12 @@ def test_crop_then_continue_under_capture_equals_eager():
     _assert_same_run(eager, cap)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_decode_step_traces_as_one_graph_without_breaks(kind):
-    """The function the runner compiles (the model's forward with LeanK's attention as one custom op per
-    layer) is a single graph with no graph break (issue 16: patched, model.forward gave 34 breaks)."""
+def test_decode_step_traces_as_one_graph_without_breaks(kind, fused):
+    """The function the runner compiles (fused decode forward, or the model's forward, with LeanK's attention
+    as one custom op per layer) is a single graph with no graph break (issue 16: patched, model.forward
+    gave 34 breaks)."""
     from leank.capture import DecodeGraphRunner, _ACTIVE, _decode_op
 
     model = tiny_model(kind)
@@ -214,6 +217,9 @@ def test_decode_step_traces_as_one_graph_without_breaks(kind):
         with torch.no_grad():
             model(input_ids=ids, attention_mask=am, use_cache=True, **{leank.patching.cache_kwarg(model): cache})
             runner = DecodeGraphRunner(model, emulate=True)
+            if fused:
+                runner._prepare_fused()
+                assert runner.fused
             _decode_op()
             _ACTIVE.append(cache)
             try:
@@ -251,3 +257,80 @@ def test_compiled_step_serves_another_batch_size():
         ids, am = _ragged(lens, seed=len(lens))
         eager, _ = _run(model, keep, ids, am, 9, capture=False)
         _assert_same_run(eager, cap, tol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fused projections
+def _views_of_one_buffer(*linears) -> bool:
+    ptrs = {m.weight.untyped_storage().data_ptr() for m in linears}
+    return len(ptrs) == 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_projections_equal_unfused_and_keep_the_weights(kind, tmp_path):
+    """q/k/v and gate/up as one product each: the same logits as transformers' forward in the runner,
+    the parameters become views of one buffer (no copy), the state_dict and a saved checkpoint are unchanged."""
+    model = tiny_model(kind)
+    if kind == "llama":  # biases on every projection (Qwen2 has them on q/k/v only)
+        model = tiny_model("llama")
+        model.config.attention_bias = model.config.mlp_bias = True
+        model = type(model)(model.config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([5, 26, 13], seed=3)
+    unfused, r0 = _run(model, keep, ids, am, 13, capture=True,
+                       cfg=LeanKConfig(**{**CFG.__dict__, "fuse_projections": False}))
+    assert not r0.fused and not _views_of_one_buffer(*[getattr(model.model.layers[0].self_attn, n)
+                                                        for n in ("q_proj", "k_proj", "v_proj")])
+    fused, r1 = _run(model, keep, ids, am, 13, capture=True)
+    assert r1.fused and r1.replays >= 10
+    _assert_same_run(unfused, fused, tol=1e-5)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert _views_of_one_buffer(attn.q_proj, attn.k_proj, attn.v_proj)
+        assert _views_of_one_buffer(mlp.gate_proj, mlp.up_proj)
+        assert isinstance(attn.q_proj.weight, torch.nn.Parameter)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fused_buffers_follow_a_moved_model():
+    """After ``model.to(float64)`` each parameter has its own storage again: the runner fuses anew
+    (never reads the stale float32 buffers) and stays equal to eager."""
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([7, 21], seed=4)
+    _, r = _run(model, keep, ids, am, 6, capture=True)
+    assert r.fused
+    model.to(torch.float64)
+    eager, _ = _run(model, keep, ids, am, 9, capture=False)
+    cap, r = _run(model, keep, ids, am, 9, capture=True)
+    assert r.fused and r.replays > 0
+    fused_weight = model.model.layers[1].self_attn._leank_fused[0]
+    assert fused_weight.dtype == torch.float64
+    assert fused_weight.data_ptr() == model.model.layers[1].self_attn.q_proj.weight.data_ptr()
+    _assert_same_run(eager, cap, tol=1e-10)
+
+
+def test_fused_decode_refuses_models_it_would_change():
+    """Hooks, non-Linear projections (quantized, LoRA) and other model types keep transformers' forward."""
+    from leank.fused_decode import unsupported_reason
+
+    model = tiny_model("llama")
+    assert unsupported_reason(model) is None
+    handle = model.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *a: None)
+    assert "hooks" in unsupported_reason(model)
+    handle.remove()
+    model.model.layers[0].mlp.up_proj = torch.nn.Sequential(model.model.layers[0].mlp.up_proj)
+    assert "not plain nn.Linear (Sequential)" in unsupported_reason(model)
+    ids, am = _ragged([6, 17], seed=5)
+    keep = sparse_keep(2, 4, 32)
+    eager, _ = _run(model, keep, ids, am, 7, capture=False)
+    cap, r = _run(model, keep, ids, am, 7, capture=True)
+    assert not r.fused and r.replays > 0
+    _assert_same_run(eager, cap)

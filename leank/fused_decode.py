@@ -1,0 +1,158 @@
+"""The captured decode step as one function of the model's modules, with fused projections.
+
+At batch 1-8 a decode step is a chain of matrix-vector products, and cuBLAS runs the small
+ones (k/v: 8 MB of weights each on an 8B model) at a third of the memory bandwidth plus a
+split-K reduction launch each. One product over ``[W_q; W_k; W_v]`` and one over
+``[W_gate; W_up]`` read the same bytes in two launches instead of five (the layout of
+gpt-fast's ``wqkv`` / ``w1``-``w3``). The weights are fused without a second copy: the
+projections' parameters become views of one contiguous buffer per layer, so the model's
+memory, its ``state_dict`` and its eager forward are unchanged.
+
+``decode_logits`` is the decode forward of a Llama / Qwen2 ``*ForCausalLM`` written with
+those fused products: embedding, RoPE from the model's own rotary module and
+``apply_rotary_pos_emb``, each layer's attention as ``torch.ops.leank.decode_step``, the
+model's norms, activation, ``o_proj``, ``down_proj`` and ``lm_head`` called as modules.
+``leank.capture.DecodeGraphRunner`` compiles and records it in place of
+``model(input_ids, position_ids, use_cache=False).logits`` when ``unsupported_reason``
+finds nothing in the way (``LeanKConfig.fuse_projections`` turns it off).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+FAMILIES = ("llama", "qwen2")
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
+MLP_PROJ = ("gate_proj", "up_proj")
+_FUSED = "_leank_fused"  # (weight [sum(out), in], bias [sum(out)] or None, out sizes) on the attention / MLP module
+_ROPE = "_leank_rope"  # the attention module's apply_rotary_pos_emb, looked up once (not while tracing)
+
+
+def unsupported_reason(model) -> Optional[str]:
+    """Why ``decode_logits`` cannot stand in for this model's forward, or None when it can.
+
+    It needs a Llama / Qwen2 decoder whose layers, attention and MLP modules are the plain
+    transformers ones: ``nn.Linear`` projections without hooks (not quantized, not LoRA),
+    no tensor-parallel sharding, one device.
+    """
+    from .tp import detect
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        return f"model type {model_type!r} (fused decode knows {FAMILIES})"
+    base = getattr(model, "model", None)
+    if base is None or not all(hasattr(base, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "the model has no embed_tokens / layers / norm / rotary_emb"
+    if detect(model) is not None:
+        return "tensor parallel (the sharded projections keep their own forward and collectives)"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        return f"parameters on {len(devices)} devices"
+    if len(base.layers) != model.config.num_hidden_layers:
+        return f"{len(base.layers)} layers built for num_hidden_layers={model.config.num_hidden_layers}"
+    for i, layer in enumerate(base.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not hasattr(mlp, "act_fn"):
+            return f"layer {i} has no self_attn / mlp.act_fn"
+        linears = [getattr(attn, n, None) for n in ATTN_PROJ + ("o_proj",)]
+        linears += [getattr(mlp, n, None) for n in MLP_PROJ + ("down_proj",)]
+        if any(type(m) is not nn.Linear for m in linears):
+            kinds = sorted({type(m).__name__ for m in linears if type(m) is not nn.Linear})
+            return f"layer {i} has projections that are not plain nn.Linear ({', '.join(kinds)})"
+        for m in (layer, attn, mlp, *linears):
+            if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None:
+                return f"layer {i}: {type(m).__name__} has forward hooks (they would be bypassed)"
+        for group in (linears[:3], linears[4:6]):
+            if len({m.bias is None for m in group}) > 1:
+                return f"layer {i}: some fused projections have a bias and some do not"
+    return None
+
+
+def _is_view_of(fused: tuple, linears: list) -> bool:
+    """True while each linear's weight (and bias) is still its slice of the fused buffers."""
+    weight, bias, _ = fused
+    row = 0
+    for m in linears:
+        w = m.weight
+        if (w.dtype != weight.dtype or w.device != weight.device
+                or w.data_ptr() != weight.data_ptr() + row * weight.stride(0) * weight.element_size()):
+            return False
+        if bias is not None and (m.bias is None or m.bias.data_ptr() != bias.data_ptr() + row * bias.element_size()):
+            return False
+        row += m.out_features
+    return True
+
+
+@torch.no_grad()
+def _fuse(owner: nn.Module, names: tuple) -> bool:
+    """Make ``owner``'s projections ``names`` views of one buffer; True when it (re)built it."""
+    linears = [getattr(owner, n) for n in names]
+    fused = owner.__dict__.get(_FUSED)
+    if fused is not None and _is_view_of(fused, linears):
+        return False
+    with torch.inference_mode(False):  # parameters must stay ordinary tensors after a generate in inference mode
+        weight = torch.cat([m.weight.detach() for m in linears])
+        bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+        sizes = [m.out_features for m in linears]
+        for m, w in zip(linears, weight.split(sizes)):
+            m.weight.data = w  # the same Parameter object (optimizers, hooks and tying see no change)
+        if bias is not None:
+            for m, b in zip(linears, bias.split(sizes)):
+                m.bias.data = b
+    owner.__dict__[_FUSED] = (weight, bias, sizes)
+    return True
+
+
+def fuse_projections(model) -> int:
+    """Fuse each layer's q/k/v and gate/up weights in place; returns how many groups were (re)built.
+
+    Cheap when nothing changed (a pointer comparison per projection), so the runner calls it
+    before every step it traces or records: a model moved or cast since (``.to()`` gives each
+    parameter its own storage again) is fused again rather than read from stale buffers.
+    Peak memory grows by one layer's q/k/v or gate/up weights while a group is rebuilt.
+    """
+    built = 0
+    for layer in model.model.layers:
+        layer.self_attn.__dict__[_ROPE] = inspect.getmodule(type(layer.self_attn)).apply_rotary_pos_emb
+        built += _fuse(layer.self_attn, ATTN_PROJ)
+        built += _fuse(layer.mlp, MLP_PROJ)
+    return built
+
+
+def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    """Logits ``[batch, 1, vocab]`` of one decode step of the fused model.
+
+    Args:
+        model: a Llama / Qwen2 ``*ForCausalLM`` after ``fuse_projections``.
+        decode_step_attention: ``(attn_module, q, k, v, scale) -> [batch, 1, heads, head_dim]``
+            (``leank.capture.decode_step_attention``: appends k/v to the active cache, attends).
+        input_ids, position_ids: int64 ``[batch, 1]``.
+    """
+    base = model.model
+    hidden = base.embed_tokens(input_ids)  # [batch, 1, hidden]
+    cos, sin = base.rotary_emb(hidden, position_ids)
+    batch = input_ids.shape[0]
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        x = layer.input_layernorm(hidden)
+        weight, bias, sizes = getattr(attn, _FUSED)
+        q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+        q = q.view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # [batch, heads, 1, head_dim]
+        k = k.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+        v = v.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+        q, k = getattr(attn, _ROPE)(q, k, cos, sin)
+        out = decode_step_attention(attn, q, k, v, attn.scaling)
+        hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
+        x = layer.post_attention_layernorm(hidden)
+        weight, bias, sizes = getattr(mlp, _FUSED)
+        gate, up = F.linear(x, weight, bias).split(sizes, dim=-1)
+        hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+    return model.lm_head(base.norm(hidden))
+
