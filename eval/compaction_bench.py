@@ -70,11 +70,12 @@ def prefill(model, ids, max_queries: int):
     from transformers import DynamicCache
 
     from leank.compaction import record_queries
+    from leank.patching import cache_kwarg
 
     cache = DynamicCache(config=model.config)
     rep = model.config.num_attention_heads // model.config.num_key_value_heads
     with record_queries(model, every=max(1, rep * ids.shape[1] // max_queries)) as rec:
-        model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model.model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     return cache, rec.queries()
 
 

@@ -44,8 +44,8 @@ TINY_SIZES = dict(lengths=[128], steps=12, sink=8, recent=16, flush_every=4)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval/memory.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--models", type=common.str_list, default=list(common.MODEL_SHAPES),
-                   help=f"model shapes from {list(common.MODEL_SHAPES)} (default: both)")
+    p.add_argument("--models", type=common.str_list, default=list(common.DEFAULT_SHAPES),
+                   help=f"model shapes from {list(common.MODEL_SHAPES)} (default: {','.join(common.DEFAULT_SHAPES)})")
     p.add_argument("--lengths", type=common.int_list, default=[8192, 32768], help="prompt lengths (default: 8K,32K)")
     p.add_argument("--batch", type=int, default=1, help="sequences (default: %(default)s)")
     p.add_argument("--steps", type=int, default=128, help="decode steps after the prefill (default: %(default)s)")
@@ -147,8 +147,10 @@ def allocator_blocks(ptrs, device) -> tuple[int, int]:
 def generate(model, ids, attention, new_tokens: int, cache=None):
     import torch
 
+    from leank.patching import cache_kwarg
+
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache,
+        out = model.generate(input_ids=ids, attention_mask=attention, **{cache_kwarg(model): cache},
                              max_new_tokens=new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, return_dict_in_generate=True, pad_token_id=0)
     return out.sequences, out.past_key_values

@@ -83,7 +83,7 @@ def _run(args) -> int:
     import leank
     from leank.compaction import record_queries
     from leank.config import LeanKConfig
-    from leank.patching import new_cache
+    from leank.patching import cache_kwarg, new_cache
 
     text = args.context_file.read_text() if args.context_file else args.context
     model, tok, device = _load(args)
@@ -96,7 +96,7 @@ def _run(args) -> int:
         rep = cfg.num_attention_heads // cfg.num_key_value_heads
         every = max(1, rep * ids.shape[1] // args.max_queries)  # the prefill's own queries, recorded for free
         with record_queries(model, every=every) as rec, torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
         before = cache.memory_report()
         print(f"prefill: {ids.shape[1]} tokens in {time.perf_counter() - t0:.2f} s, "
               f"KV {before['leank_bytes'] / 2**20:.1f} MiB")
@@ -111,7 +111,7 @@ def _run(args) -> int:
         q = tok(args.question, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         if q.shape[1] == 0:
             return 0
-        out = model.generate(torch.cat([ids, q], 1), past_key_values=cache, max_new_tokens=args.max_new_tokens,
+        out = model.generate(torch.cat([ids, q], 1), max_new_tokens=args.max_new_tokens, **{cache_kwarg(model): cache},
                              do_sample=False)
         print(tok.decode(out[0, ids.shape[1] + q.shape[1]:], skip_special_tokens=True))
     finally:

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention_switch import use_attention
+from .patching import cache_kwarg
 
 ORACLE = "leank_dense_oracle"
 
@@ -72,15 +73,16 @@ def oracle_logits(model, keep, sink, recent, flush_every, prompt_ids, continuati
     oracle = Oracle(keep, sink, recent, flush_every)
     with use_attention(model, ORACLE, oracle.attention):
         cache = DynamicCache(config=model.config)
+        kw = {cache_kwarg(model): cache}
         rows = []
         with torch.no_grad():
-            out = model(prompt_ids[None], past_key_values=cache, use_cache=True)
+            out = model(prompt_ids[None], use_cache=True, **kw)
             rows.append(out.logits[0, -1])
             i = 0
             starts = {s: e for s, e in chunks}
             while i < len(continuation_ids) - 1:
                 j = starts.get(i, i + 1)
-                out = model(continuation_ids[None, i:j], past_key_values=cache, use_cache=True)
+                out = model(continuation_ids[None, i:j], use_cache=True, **kw)
                 rows.extend(out.logits[0])
                 i = j
         return torch.stack(rows[: len(continuation_ids)])

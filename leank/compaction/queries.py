@@ -232,7 +232,7 @@ def record_queries(model, every: int = 8):
     unchanged. Undone in ``finally``.
 
         with leank.compaction.record_queries(model) as rec:
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, cache=cache, use_cache=True)  # past_key_values= before transformers 5.2x
         leank.compact(model, cache, input_ids=ids, context_queries=rec.queries())
     """
     import sys
