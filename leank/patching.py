@@ -184,6 +184,7 @@ def _generate(model, original_generate, *args, **kwargs):
     sync_sampling_rng(state.mask, model.device)  # tensor parallel: every rank samples what rank 0 samples
     if not (state.config.capture and isinstance(cache, LeanKCache)):
         return original_generate(model, *args, **kwargs)
+    _warn_speculative(model, state, kwargs)
     from .capture import DecodeGraphRunner
 
     if state.runner is None:
@@ -193,6 +194,18 @@ def _generate(model, original_generate, *args, **kwargs):
         return original_generate(model, *args, **kwargs)
     finally:
         model.__dict__.pop("__call__", None)
+
+
+def _warn_speculative(model, state, kwargs) -> None:
+    """Speculative decoding works, but its multi-token verification steps are not captured: say so."""
+    gen_cfg = kwargs.get("generation_config") or model.generation_config
+    asked = [k for k in ("assistant_model", "prompt_lookup_num_tokens")
+             if kwargs.get(k, getattr(gen_cfg, k, None)) is not None]
+    if asked and (model.device.type == "cuda" or state.emulate_capture):
+        warn_once(__name__, f"leank: {asked[0]}: speculative decoding is exact on a LeanK cache, but its verification "
+                  "steps (several tokens each) run eagerly, not as a captured CUDA graph; unless most drafted tokens "
+                  "are accepted it decodes slower than LeanK without speculation (eval/e2e_decode.py --speculative)",
+                  RuntimeWarning)
 
 
 # generate() features LeanK refuses, with what to do instead

@@ -191,6 +191,28 @@ def test_prompt_lookup_decoding_equals_unpatched(kind):
              max_new_tokens=20, min_new_tokens=20)
 
 
+def test_speculative_decoding_says_its_verification_steps_are_not_captured():
+    """Where decode steps are captured, speculative decoding warns once that its multi-token verification
+    steps run eagerly (measured on an H200: slower than LeanK without speculation); plain decoding does not."""
+    import warnings
+
+    from leank.diagnostics import warn_once
+
+    model = tiny_model("llama", init=0.06)
+    leank.patch(model, masks=_all_kept(model), config=CFG)
+    model._leank.emulate_capture = True  # what a CUDA model does, on the CPU
+    warn_once.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as plain:
+            warnings.simplefilter("always")
+            _gen(model, max_new_tokens=4, min_new_tokens=4)
+        assert not [w for w in plain if "speculative" in str(w.message)]
+        with pytest.warns(RuntimeWarning, match="prompt_lookup_num_tokens: speculative decoding is exact on a LeanK"):
+            _gen(model, prompt_lookup_num_tokens=3, max_new_tokens=4, min_new_tokens=4)
+    finally:
+        leank.unpatch(model)
+
+
 def test_assisted_decoding_with_a_draft_model_equals_unpatched():
     draft = tiny_model("llama", init=0.06, seed=1, layers=1)
     _compare("llama", assistant_model=draft, max_new_tokens=16, min_new_tokens=16)
