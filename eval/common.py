@@ -66,7 +66,12 @@ QWEN25_7B = dict(
     eos_token_id=151645,
     rope_parameters=dict(rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_max_position_embeddings=32768),
 )
-MODEL_SHAPES = {"llama3.1-8b": (LLAMA31_8B, "llama"), "qwen2.5-7b": (QWEN25_7B, "qwen")}
+# Llama-3.1-70B widths (80 layers; pass --layers to build fewer on a machine that cannot hold them all)
+LLAMA31_70B = dict(LLAMA31_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                   num_attention_heads=64, num_key_value_heads=8)
+MODEL_SHAPES = {"llama3.1-8b": (LLAMA31_8B, "llama"), "qwen2.5-7b": (QWEN25_7B, "qwen"),
+                "llama3.1-70b": (LLAMA31_70B, "llama")}
+DEFAULT_SHAPES = ["llama3.1-8b", "qwen2.5-7b"]  # what the scripts run when --models is not given
 # Tiny variants keep head_dim 128 (so the 32-aligned kept counts are the published ones)
 # and the GQA group sizes; only widths and depth shrink.
 TINY_OVERRIDES = {
@@ -74,6 +79,8 @@ TINY_OVERRIDES = {
                         num_attention_heads=8, num_key_value_heads=2, bos_token_id=1, eos_token_id=2),
     "qwen2.5-7b": dict(vocab_size=512, hidden_size=896, intermediate_size=1024, num_hidden_layers=2,
                        num_attention_heads=7, num_key_value_heads=1, bos_token_id=1, eos_token_id=2),
+    "llama3.1-70b": dict(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, bos_token_id=1, eos_token_id=2),
 }
 
 

@@ -13,15 +13,18 @@ not depend on the values). For each model, prompt length and batch size it runs
 - ``leank``: the same model after ``leank.patch(model, masks=<mix>, config=LeanKConfig(backend=...))``
   with the published kept-count mix (Llama: of 256 KV heads 47/120/67/22 keep 0/32/64/96
   channels; Qwen: 35/34/33/10 of 112) placed at random with ``--seed``; decode steps are
-  replayed from a CUDA graph (``leank.capture``);
-- ``leank-graph``: ``leank`` without ``torch.compile`` (the plain forward recorded in the graph);
+  compiled and replayed from a CUDA graph (``leank.capture``), q/k/v and gate/up products fused
+  (``leank.fused_decode``);
+- ``leank-unfused``: ``leank`` with ``fuse_projections=False`` (transformers' forward, separate products);
+- ``leank-graph``: ``leank`` without ``torch.compile`` (the fused forward recorded uncompiled);
 - ``leank-dense``: the same captured LeanK path with every channel kept (nothing pruned);
 - ``leank-eager``: ``leank`` with ``capture=False``.
 
 Every row also reports the byte floor of a decode step: (weight bytes + the K/V bytes the
 step reads) / the device-to-device copy bandwidth measured in the same run, and
 ``pct_of_floor`` = floor / measured time. ``speedup_vs_strongest_dense`` compares tokens/s
-with the fastest dense method of the same model, length and batch. ``--second-turn N`` times
+with the fastest dense method of the same model, length and batch (``dense-*``: transformers' own paths); ``speedup_vs_leank_dense``, when
+``leank-dense`` ran, isolates what the channel pruning gains on the same machinery. ``--second-turn N`` times
 a follow-up message of N tokens on each conversation cache; ``--speculative N`` times
 prompt-lookup speculative decoding (``prompt_lookup_num_tokens=N``) on a repetitive prompt
 against plain greedy decoding (dense-dynamic and leank, batch 1).
@@ -34,6 +37,15 @@ allocation still held by the returned cache. ``--max-batch`` finds, for each met
 largest batch whose decode phase (weights + caches + step; ``--budget-phase all``: the whole
 generate(), prefill included) fits ``--budget-gib`` at ``--budget-length`` and measures its
 throughput. Writes JSON, ``*.config.json``, a markdown table and a PNG.
+
+Tensor parallel: ``torchrun --nproc-per-node N eval/e2e_decode.py ...`` runs every row on N
+ranks (NCCL on CUDA, gloo on CPU). Each rank builds the random model from the same seed and
+transformers' own TP plan for the family shards it (q/k/v colwise, o rowwise, as
+``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`` does); LeanK slices
+the mask to each rank's KV heads. Every row records ``tp`` and ``kv_bytes_per_rank``, and its
+floor counts one rank's weight and K/V bytes; rank 0 prints and writes. Run without torchrun
+for ``tp`` 1 on one device. ``llama3.1-70b`` is the Llama-3.1-70B width (80 layers unless
+``--layers``), with the Llama kept-count mix in the same proportions.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import os
 import statistics
 import sys
 import time
@@ -54,15 +67,18 @@ if __package__ in (None, ""):  # `python eval/e2e_decode.py` from a checkout
 
 from eval import common  # noqa: E402
 
-METHODS = ("dense-static", "dense-dynamic", "leank", "leank-graph", "leank-dense", "leank-eager")
+METHODS = ("dense-static", "dense-dynamic", "leank", "leank-unfused", "leank-graph", "leank-dense", "leank-eager")
 # what each method is, for the JSON and the README
 METHOD_DOC = {
     "dense-static": "unpatched model, transformers' static cache; transformers compiles the decode step "
                     "(torch.compile, CUDA graphs) automatically on CUDA",
     "dense-dynamic": "unpatched model, transformers' dynamic cache, eager",
     "leank": "leank.patch with the kept-count mix; decode steps compiled (torch.compile around LeanK's attention op) "
-             "and replayed as one CUDA graph (LeanKConfig.capture, compile_decode)",
-    "leank-graph": "leank with compile_decode=False: the plain forward replayed as one CUDA graph",
+             "and replayed as one CUDA graph (LeanKConfig.capture, compile_decode), q/k/v and gate/up products fused "
+             "(LeanKConfig.fuse_projections)",
+    "leank-unfused": "leank with fuse_projections=False: transformers' forward (separate q/k/v, gate/up products) "
+                     "compiled and replayed",
+    "leank-graph": "leank with compile_decode=False: the fused forward replayed uncompiled as one CUDA graph",
     "leank-dense": "the same LeanK machinery (captured) with every channel kept: what LeanK costs without pruning",
     "leank-eager": "leank with capture=False (every decode step eager)",
 }
@@ -74,8 +90,8 @@ TINY_SIZES = dict(lengths=[96], batches=[1, 2], warmup=1, steps=6, dense_prefill
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval/e2e_decode.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--models", type=common.str_list, default=list(common.MODEL_SHAPES),
-                   help=f"model shapes from {list(common.MODEL_SHAPES)} (default: both)")
+    p.add_argument("--models", type=common.str_list, default=list(common.DEFAULT_SHAPES),
+                   help=f"model shapes from {list(common.MODEL_SHAPES)} (default: {','.join(common.DEFAULT_SHAPES)})")
     p.add_argument("--lengths", type=common.int_list, default=[8192, 32768, 65536, 131072],
                    help="prompt lengths in tokens, K suffix allowed (default: 8K,32K,64K,128K; "
                         "those that cannot fit are skipped)")
@@ -221,9 +237,10 @@ def leank_fraction(mask) -> float:
     return (k + v) / 2
 
 
-def estimate_gib(cfg, method: str, length: int, batch: int, new_tokens: int, mask, weight_bytes: int) -> float:
-    """Rough lower bound of generate()'s memory, used only to skip what cannot fit."""
-    kv = batch * (length + new_tokens) * kv_bytes_per_token(cfg) * kv_fraction(method, mask)
+def estimate_gib(cfg, method: str, length: int, batch: int, new_tokens: int, mask, weight_bytes: int,
+                 tp: int = 1) -> float:
+    """Rough lower bound of generate()'s memory on one rank, used only to skip what cannot fit."""
+    kv = batch * (length + new_tokens) * kv_bytes_per_token(cfg) * kv_fraction(method, mask) / tp
     return (weight_bytes + kv) / 2**30
 
 
@@ -252,6 +269,7 @@ def method_setups(model, family: str, args, need_mask: bool = True) -> tuple:
                                                          source="every channel kept")
     lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
     return mask, {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
+                  "leank-unfused": (mask, dataclasses.replace(lcfg, fuse_projections=False)),
                   "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
                   "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
 
@@ -263,13 +281,15 @@ def method_context(model, setups: dict, method: str):
 
 def kv_fraction(method: str, mask) -> float:
     """Archived K+V bytes of ``method`` relative to a dense cache (1 for dense and ``leank-dense``)."""
-    return leank_fraction(mask) if method in ("leank", "leank-graph", "leank-eager") else 1.0
+    return leank_fraction(mask) if method in ("leank", "leank-unfused", "leank-graph", "leank-eager") else 1.0
 
 
 def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0) -> dict:
     """One greedy ``generate`` with step timestamps and memory readings (model patched already for leank)."""
     import torch
     from transformers import LogitsProcessorList
+
+    from leank.patching import output_cache
 
     clock = StepClock(device)
     kwargs = greedy_kwargs(method, new_tokens, prefill_chunk, LogitsProcessorList([clock]))
@@ -292,7 +312,7 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
         res["prefill_peak_gib"] = clock.prefill_peak / 2**30
         res["decode_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         res["peak_gib"] = max(res["prefill_peak_gib"], res["decode_peak_gib"])
-    cache = out.past_key_values
+    cache = output_cache(out)
     runner = getattr(getattr(model, "_leank", None), "runner", None)
     if runner is not None:  # LeanK's captured path: graph recording, apart from prefill and decode
         res["capture_s_total"], res["captured_replays_total"] = runner.capture_s, runner.replays
@@ -329,9 +349,9 @@ def prefill_chunk_for(method: str, args) -> int:
 def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, mask, weight_bytes, total_gib) -> dict:
     import torch
 
-    row = {"method": method, "length": length, "batch": batch}
+    row = {"method": method, "tp": args.tp, "length": length, "batch": batch}
     new_tokens = args.warmup + args.steps + 1  # the first token comes from the prefill
-    est = estimate_gib(cfg, method, length, batch, new_tokens, mask, weight_bytes)
+    est = estimate_gib(cfg, method, length, batch, new_tokens, mask, weight_bytes, args.tp)
     row["estimated_min_gib"] = est
     if total_gib is not None and est > total_gib and not args.no_skip:
         row["status"] = f"skipped: needs at least {est:.1f} GiB of {total_gib:.1f}"
@@ -346,11 +366,12 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
                **{k: v for k, v in res.items() if k != "intervals_ms"})
     # K/V bytes one decode step reads, at the middle of the measured steps
     mid = length + args.warmup + args.steps // 2
-    if "report" in res:  # LeanK: the rows the cache holds (window at full width, archive compacted)
+    if "report" in res:  # LeanK: the rows the cache holds (window at full width, archive compacted), this rank's
         held = batch * (length + new_tokens - 1)  # the last token is never fed back
         row["kv_bytes"] = int(res["report"]["leank_bytes"] * batch * mid / held)
-    else:
-        row["kv_bytes"] = batch * mid * kv_bytes_per_token(cfg, next(model.parameters()).element_size())
+    else:  # dense: this rank's share of the KV heads
+        row["kv_bytes"] = batch * mid * kv_bytes_per_token(cfg, next(model.parameters()).element_size()) // args.tp
+    row["kv_bytes_per_rank"] = row["kv_bytes"]
     row["weight_bytes"] = weight_bytes
     if args.copy_gbps:
         row["floor_ms"] = (weight_bytes + row["kv_bytes"]) / (args.copy_gbps * 1e9) * 1e3
@@ -369,6 +390,8 @@ def second_turn(model, cfg, method: str, length: int, batch: int, followup: int,
     """
     import torch
 
+    from leank.patching import cache_kwarg, output_cache
+
     gen = torch.Generator().manual_seed(seed + length + batch)
     ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
     more = torch.randint(100, cfg.vocab_size, (batch, followup), generator=gen).to(device)
@@ -378,13 +401,13 @@ def second_turn(model, cfg, method: str, length: int, batch: int, followup: int,
     with torch.inference_mode():
         first = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                **({"cache_implementation": "dynamic"} if dense else {}), **kw)
-        cache = first.past_key_values
+        cache = output_cache(first)
         ids2 = torch.cat([first.sequences, more], 1)
         del first
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), past_key_values=cache, **kw)
+        model.generate(input_ids=ids2, attention_mask=torch.ones_like(ids2), **{cache_kwarg(model): cache}, **kw)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         ttft = time.perf_counter() - t0
@@ -500,11 +523,16 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 
 def add_comparisons(rows: list[dict]) -> None:
-    """Speedup of every method over the fastest dense method at the same model/length/batch, KV ratio."""
+    """Speedup of every method over the fastest dense method at the same model/length/batch, KV ratio,
+    and over ``leank-dense`` when it ran (what the channel pruning itself gains, same machinery)."""
     by = {}
     for r in rows:
         by.setdefault((r["model"], r["length"], r["batch"]), []).append(r)
     for group in by.values():
+        own = [r for r in group if r["method"] == "leank-dense" and r.get("status") == "ok"]
+        for r in group:
+            if own and r.get("status") == "ok":
+                r["speedup_vs_leank_dense"] = r["tokens_per_s"] / own[0]["tokens_per_s"]
         dense = [r for r in group if r["method"].startswith("dense") and r.get("status") == "ok"]
         if not dense:
             continue
@@ -568,12 +596,14 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
     cfg = common.model_config(shape, layers=args.layers, tiny=args.tiny)
     family = common.MODEL_SHAPES[shape][1]
     model = common.build_model(cfg, device, dtype, attn)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if args.tp > 1:
+        model = shard_tensor_parallel(model, args.tp)
+    weight_bytes = local_weight_bytes(model)
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     mask, setups = method_setups(model, family, args, need_mask=any(m.startswith("leank") for m in args.methods))
     context = functools.partial(method_context, model, setups)  # context(method): patched as method needs
 
-    info = {"model": shape, "layers": cfg.num_hidden_layers, "weights_gib": weight_bytes / 2**30,
+    info = {"model": shape, "tp": args.tp, "layers": cfg.num_hidden_layers, "weights_gib": weight_bytes / 2**30,
             "mask_k_sparsity": None if mask is None else 1 - mask.keep.float().mean().item(),
             "mask_v_sparsity": None if mask is None else mask.v_sparsity, "warmup_s": {},
             "leank_backend": _resolved_backend(args.backend, device), "methods": {m: METHOD_DOC[m] for m in args.methods}}
@@ -622,8 +652,8 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
             for method in args.methods:
                 bar.set_postfix_str(f"{shape} {method} max batch")
                 with context(method):
-                    maxb.append({"model": shape, **max_batch_search(model, cfg, method, args, device, budget_gib,
-                                                                    args.no_progress)})
+                    maxb.append({"model": shape, "tp": args.tp,
+                                 **max_batch_search(model, cfg, method, args, device, budget_gib, args.no_progress)})
     finally:
         del model
         gc.collect()
@@ -632,6 +662,50 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
     info["second_turn"] = turns
     info["speculative"] = specs
     return rows, maxb, info
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+def distributed_setup(args):
+    """``(rank, world_size, device)``: the process group of a torchrun launch (NCCL on CUDA, gloo on CPU),
+    or rank 0 of 1 on ``args.device`` without torchrun."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = common.resolve_device(args.device)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def shard_tensor_parallel(model, tp: int):
+    """``model`` sharded over ``tp`` ranks by transformers' own TP plan for its family (what
+    ``from_pretrained(..., distributed_config=DistributedConfig(tp_size=tp))`` applies after loading)."""
+    from transformers import PreTrainedModel
+    from transformers.distributed import DistributedConfig
+
+    if not (hasattr(PreTrainedModel, "prepare_distribute_model") and hasattr(PreTrainedModel, "maybe_distribute_model")):
+        raise SystemExit("torchrun: this transformers has no PreTrainedModel.prepare_distribute_model / "
+                         "maybe_distribute_model (tensor parallel needs transformers >= 5.13)")
+    cls = type(model)
+    dist_config, _, mesh = cls.prepare_distribute_model(DistributedConfig(tp_size=tp))
+    return cls.maybe_distribute_model(model, dist_config, mesh)
+
+
+def local_weight_bytes(model) -> int:
+    """Bytes of the parameters this rank holds (a sharded DTensor counts its local shard)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
 
 
 def _row_line(r: dict) -> str:
@@ -660,7 +734,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--methods leank: {why}")
     import torch
 
-    device = common.resolve_device(args.device)
+    rank, args.tp, device = distributed_setup(args)
+    if rank:  # every rank runs every row (collectives); rank 0 alone prints and writes
+        sys.stdout = open(os.devnull, "w")
+        args.no_progress = True
     dtype = common.resolve_dtype(args.dtype, device)
     attn = common.best_attention(args.attn)
     if args.backend is None:
@@ -691,6 +768,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               "copy_gbps": args.copy_gbps,
               "attn_implementation": attn, "dtype": str(dtype), "models": infos, "runs": rows, "max_batch": maxb,
               "table": table}
+    result["tp"] = args.tp
+    if rank:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return 0
     resolved = {**vars(args), "device": str(device), "dtype": str(dtype), "attn": attn, "budget_gib": budget}
     out, cfgp = common.write_results(args.out, result, resolved)
     png = plot(rows, args.plot, f"{result['device']}, {attn} vs LeanK ({args.backend}), random weights")
@@ -702,6 +784,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              "tokens_per_s", "throughput_vs_best_dense")}
                                    for m in maxb], floatfmt=".3g"))
     print(f"wrote {out}, {cfgp}" + (f", {png}" if png else ""))
+    if args.tp > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 

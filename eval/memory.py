@@ -147,13 +147,13 @@ def allocator_blocks(ptrs, device) -> tuple[int, int]:
 def generate(model, ids, attention, new_tokens: int, cache=None):
     import torch
 
-    from leank.patching import cache_kwarg
+    from leank.patching import cache_kwarg, output_cache
 
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=attention, **{cache_kwarg(model): cache},
                              max_new_tokens=new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences, out.past_key_values
+    return out.sequences, output_cache(out)
 
 
 def phase(model, ids, new_tokens: int, device, cache=None, prior: int = 0) -> tuple:

@@ -116,6 +116,7 @@ class _Progress:
 
 def run(args) -> int:
     import leank
+    from leank.patching import output_cache
     from leank.verify import oracle_logits
 
     progress = _Progress(4)
@@ -145,7 +146,7 @@ def run(args) -> int:
     ref = oracle_logits(model, mask.keep, cfg.sink, cfg.recent, cfg.flush_every, ids[0], cont).float().cpu()
     dev = (logits - ref).abs().max().item()
     progress.done()
-    cache = out.past_key_values
+    cache = output_cache(out)
     backend = cache.layers[0].resolved_backend or cfg.backend
     print(f"LeanK decode backend: {backend} (backend={cfg.backend!r})")
     mem = cache.memory_report()

@@ -143,6 +143,14 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def output_cache(out):
+    """The cache a ``generate`` / forward output returns (``out.cache`` on transformers >= 5.2x, else
+    ``out.past_key_values``), read without the deprecated name's warning; None when there is none."""
+    if "cache" in out:
+        return out["cache"]
+    return out["past_key_values"] if "past_key_values" in out else None
+
+
 def _generate(model, original_generate, *args, **kwargs):
     """``generate`` with a fresh ``LeanKCache`` unless the caller passes a cache.
 

@@ -244,3 +244,34 @@ def test_e2e_decode_speculative_rows(tmp_path):
     assert ids.shape == (1, 10) and torch.equal(ids[0, :4], ids[0, 4:8])
     with pytest.raises(SystemExit, match="speculative"):
         e2e_decode.main([*SMALL, "--speculative", "-1"])
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_e2e_decode_tensor_parallel_rows(tmp_path):
+    """``torchrun --nproc-per-node 2 eval/e2e_decode.py``: two gloo ranks shard the model with transformers'
+    TP plan; rows carry tp=2 and one rank's K/V bytes (dense: half of the single-process bytes)."""
+    import os
+    import subprocess
+    import sys
+
+    args = [*SMALL, "--models", "llama3.1-8b", "--methods", "dense-dynamic,leank", "--lengths", "64",
+            "--batches", "1", "--warmup", "1", "--steps", "3", "--no-max-batch"]
+    one = tmp_path / "tp1.json"
+    assert e2e_decode.main([*args, "--out", str(one)]) == 0
+    two = tmp_path / "tp2.json"
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(common.REPO_ROOT / "eval" / "e2e_decode.py"), *args, "--out", str(two)],
+                          env=env, cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| model") == 1, "rank 0 alone prints the table"
+    r1 = {r["method"]: r for r in json.loads(one.read_text())["runs"]}
+    res = json.loads(two.read_text())
+    r2 = {r["method"]: r for r in res["runs"]}
+    assert res["tp"] == 2 and all(r["tp"] == 2 and r["status"] == "ok" for r in r2.values())
+    assert all(r["tp"] == 1 for r in r1.values())
+    assert r2["dense-dynamic"]["kv_bytes_per_rank"] * 2 == r1["dense-dynamic"]["kv_bytes"]
+    report = r2["leank"]["report"]
+    assert (report["tp_rank"], report["tp_size"], report["kv_heads"]) == (0, 2, [0, 1])
+    assert 0 < r2["leank"]["kv_bytes_per_rank"] < r1["leank"]["kv_bytes"]
+    assert res["models"][0]["weights_gib"] < json.loads(one.read_text())["models"][0]["weights_gib"]
