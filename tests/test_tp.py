@@ -143,12 +143,13 @@ def _worker(out: str, variant: str) -> None:
         model = _tp_model(kind, variant, device)
         shard = detect(model)
         emulate = variant == "cpu" and kind == "qwen2"  # the captured step's path (decode op + host part) under TP
-        cfg = dataclasses.replace(_config(variant), compile_decode=False) if emulate else _config(variant)
+        cfg = _config(variant)  # emulated runner steps compile the decode forward (DTensor ops + the LeanK op)
         leank.patch(model, masks=_mask(kind, variant), config=cfg)
         model._leank.emulate_capture = emulate
         results[kind] = _run(model, device)
         runner = model._leank.runner
         results[kind]["replays"] = runner.replays if runner is not None else 0
+        results[kind]["compiled_steps"] = runner.compiled_steps if runner is not None else 0
         results[kind]["shard"] = shard.as_dict()
         results[kind]["local_keep"] = model._leank.mask.keep.clone()
         print(f"rank {rank}: {kind} ({variant}) done at {time.perf_counter() - t0:.1f} s: replays {results[kind]['replays']}, "
@@ -329,13 +330,15 @@ def test_tp2_gloo_equals_single_process(tmp_path):
             g = got[kind]
             for key in ("seq1", "seq2"):
                 assert torch.equal(g[key], want[key]), (kind, r, key)
+            tol = 1e-4 if kind == "qwen2" else 1e-5  # qwen2 ranks ran the Inductor-compiled step (as test_capture: 1e-4)
             for key in ("logits1", "logits2"):
                 err = (g[key] - want[key]).abs().max().item()
-                assert err <= 1e-5, (kind, r, key, err)
+                assert err <= tol, (kind, r, key, err)
             # rank 0's generator state is broadcast, and rank 0 was seeded like the single process
             assert torch.equal(g["sampled"], want["sampled"]), (kind, r)
-        if kind == "qwen2":  # those ranks ran decode through the capture runner (emulated), the reference eagerly
+        if kind == "qwen2":  # those ranks ran decode through the capture runner (emulated, compiled), the reference eagerly
             assert all(got[kind]["replays"] > 10 for got in ranks), [got[kind]["replays"] for got in ranks]
+            assert all(got[kind]["compiled_steps"] > 10 for got in ranks), [got[kind]["compiled_steps"] for got in ranks]
     assert time.perf_counter() - t0 < 60, "the two-rank CPU test must stay fast"
 
 
