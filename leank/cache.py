@@ -125,7 +125,7 @@ class LeanKLayer(CacheLayerMixin):
         self.version = 0  # bumped whenever a storage tensor is replaced (captured graphs must be rebuilt)
         self.resolved_backend: Optional[str] = None  # set by leank.attention on the first decode step
         self.capturing = False  # a CUDA graph is being recorded: device work only, no host bookkeeping
-        self._flush_index_cache: dict = {}  # device index tensors of batched flushes, by host state
+        self._flush_index_cache: dict = {}  # device index tensors of batched flushes, by due set
         self._rollback: dict = {}  # per sequence: what the last step moved to the archive (see crop)
 
     # ------------------------------------------------------------------ storage
@@ -288,6 +288,16 @@ class LeanKLayer(CacheLayerMixin):
         """Whether the next decode token fits the allocated window (a captured step cannot grow it)."""
         return self.is_initialized and max(self.win_len_host, default=0) < self.window_rows
 
+    def flush_due(self) -> list:
+        """``[(seq, sink_rows, move)]``: the sequences whose window must flush now (host state only)."""
+        due = []
+        for b in range(self.batch_size):
+            sink = self._sink_rows(b)
+            w = self.win_len_host[b]
+            if self.policy.flush_due(w - sink):
+                due.append((b, sink, self.policy.flush_rows(w - sink)))
+        return due
+
     def flush_if_due(self) -> None:
         """Move the oldest non-sink rows to the archive where ``recent + flush_every`` are held.
 
@@ -296,12 +306,7 @@ class LeanKLayer(CacheLayerMixin):
         gathers and scatters driven by device index tensors; other cases (after ``crop``)
         go sequence by sequence.
         """
-        due = []
-        for b in range(self.batch_size):
-            sink = self._sink_rows(b)
-            w = self.win_len_host[b]
-            if self.policy.flush_due(w - sink):
-                due.append((b, sink, self.policy.flush_rows(w - sink)))
+        due = self.flush_due()
         if not due:
             return
         if len({m for _, _, m in due}) == 1:
@@ -324,34 +329,38 @@ class LeanKLayer(CacheLayerMixin):
         self._rollback[b] = dict(kind="decode", tokens=1, moved=k.shape[1], k=k[:, -keep:].clone(),
                                  v=v[:, -keep:].clone())
 
-    def _flush_index(self, due: list) -> tuple:
-        """Device ``(seq [n], sink [n], arch_start [n])`` int64 for ``due``; one async copy, shared by layers."""
-        key = tuple((b, s, self.arch_len_host[b]) for b, s, _ in due)
+    def flush_index(self, due: list) -> tuple:
+        """Device ``(seq [n], sink [n])`` int64 of ``due``: one async copy per due set, shared by the layers
+        and kept while the set recurs (a recorded flush reads them by address)."""
+        key = tuple((b, s) for b, s, _ in due)
         hit = self._flush_index_cache.get(key)
         if hit is None:
             host = torch.tensor(list(zip(*key)), dtype=torch.long)
             if self.device.type == "cuda":
                 host = host.pin_memory()
             hit = host.to(self.device, non_blocking=True)
-            self._flush_index_cache.clear()  # shared by the layers of a cache: they flush the same state
             self._flush_index_cache[key] = hit
-        return hit[0], hit[1], hit[2]
+        return hit[0], hit[1]
 
-    def _flush_batched(self, due: list) -> None:
-        """Flush ``due = [(seq, sink_rows, move)]`` (one ``move`` for all) with batched indexing."""
-        move = due[0][2]
-        rest = self.policy.recent
-        self._grow_archive(max(self.arch_len_host[b] for b, _, _ in due) + move)
-        seq, sink, start = self._flush_index(due)
-        n = seq.shape[0]
+    def prepare_flush(self, due: list) -> None:
+        """Host part before a batched flush's device work: the archive holds the moved rows."""
+        self._grow_archive(max(self.arch_len_host[b] for b, _, _ in due) + due[0][2])
+
+    def flush_device(self, seq: Tensor, sink: Tensor, move: int) -> tuple:
+        """Device part of a batched flush of ``move`` rows of the sequences ``seq`` (sink rows ``sink``).
+
+        Reads lengths from the device (``arch_len``), reads and writes no host value and
+        allocates only temporaries, so a CUDA graph can record it once and replay it at
+        every flush of the same sequences. Returns the full-width rows that left the
+        window, last ``ROLLBACK_ROWS`` of them, ``k, v [n, rows, kvh, head_dim]`` (for crop).
+        """
         rows = seq[:, None]  # [n, 1]
         j = torch.arange(move, device=self.device)
         src = sink[:, None] + j  # window rows that leave, [n, move]
-        dst = start[:, None] + j  # their archive rows
+        dst = self.arch_len[seq].long()[:, None] + j  # their archive rows
         wk = self.win_k[rows, :, src]  # [n, move, kvh, head_dim]
         wv = self.win_v[rows, :, src]
-        for i, (b, _, _) in enumerate(due):
-            self._record_decode_flush(b, wk[i].transpose(0, 1), wv[i].transpose(0, 1))
+        n = seq.shape[0]
         for g in self.groups:
             kk = wk[:, :, g.heads]
             kk = torch.gather(kk, 3, g.chan[None, None].expand(n, move, -1, -1))
@@ -359,14 +368,28 @@ class LeanKLayer(CacheLayerMixin):
             g.values[rows, :, dst] = wv[:, :, g.heads]
             if g.bias is not None:
                 g.bias[rows, :, dst] = 0.0
-        r = sink[:, None] + torch.arange(rest, device=self.device)  # the `recent` rows that stay
+        r = sink[:, None] + torch.arange(self.policy.recent, device=self.device)  # the `recent` rows that stay
         self.win_k[rows, :, r] = self.win_k[rows, :, r + move]
         self.win_v[rows, :, r] = self.win_v[rows, :, r + move]
         self.win_len[seq] -= move
         self.arch_len[seq] += move
-        for b, _, _ in due:
+        keep = min(move, ROLLBACK_ROWS)
+        return wk[:, move - keep:], wv[:, move - keep:]
+
+    def finish_flush(self, due: list, rollback_k: Tensor, rollback_v: Tensor) -> None:
+        """Host part after a batched flush's device work: rollback records and host lengths."""
+        move = due[0][2]
+        for i, (b, _, _) in enumerate(due):
+            self._rollback[b] = dict(kind="decode", tokens=1, moved=move, k=rollback_k[i].transpose(0, 1),
+                                     v=rollback_v[i].transpose(0, 1))
             self.win_len_host[b] -= move
             self.arch_len_host[b] += move
+
+    def _flush_batched(self, due: list) -> None:
+        """Flush ``due = [(seq, sink_rows, move)]`` (one ``move`` for all) with batched indexing."""
+        self.prepare_flush(due)
+        seq, sink = self.flush_index(due)
+        self.finish_flush(due, *self.flush_device(seq, sink, due[0][2]))
 
     # ------------------------------------------------------------------ kernel view
     def kernel_args(self, host_heads: bool = False) -> dict:

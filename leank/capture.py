@@ -17,8 +17,9 @@ the model's own forward. Per cache it
 3. records the step after that in a CUDA graph: inputs from static buffers, the cache
    from preallocated tensors with device-side lengths, so no host value is baked in,
 4. replays that graph for every following step, then does the host part of the step
-   (lengths known on the host, the flush every ``flush_every`` tokens, which runs as a
-   few batched scatters outside the graph).
+   (lengths known on the host) and, every ``flush_every`` tokens, the flush of all layers:
+   a second graph per set of due sequences (recorded at its first flush: batched gathers and
+   scatters driven by device lengths) between host bookkeeping before and after.
 
 Everything that is not a plain decode step (prefill, chunks, ``inputs_embeds``,
 attention or hidden-state outputs, CPU) runs the ordinary forward; a decode step that
@@ -110,6 +111,13 @@ class _Graph:
         self.logits = None  # the recorded step's logits (the graph's static output buffer)
 
 
+class _FlushGraph:
+    """One recorded flush of every layer: the graph, its rollback rows per layer, the index tensors it reads."""
+
+    def __init__(self, graph, outs: list, index: tuple):
+        self.graph, self.outs, self.index = graph, outs, index
+
+
 class DecodeGraphRunner:
     """Callable standing in for ``model.__call__`` during a patched ``generate``.
 
@@ -139,6 +147,10 @@ class DecodeGraphRunner:
         self._compiled = None  # torch.compile of _forward_logits (built on first use)
         self._compile_failed = False
         self.fused = False  # the step is leank.fused_decode.decode_logits (decided per traced / recorded step)
+        self._flush_graphs: dict = {}  # (cache id, due set, storage version) -> _FlushGraph
+        self._flush_disabled = False  # a flush capture failed: flushes run eagerly
+        self.flush_captures = 0
+        self.flushes = 0  # flushes of all layers run by the runner (replayed, or emulated)
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
         self.captures = 0
         self.compiled_steps = 0  # decode steps whose forward ran compiled (warm-up, recording, emulated replays)
@@ -278,7 +290,56 @@ class DecodeGraphRunner:
         for layer in cache.layers:
             layer.advance_host()
             layer.seen_tokens += 1
-            layer.flush_if_due()
+        dues = [layer.flush_due() for layer in cache.layers]
+        due = dues[0]
+        if not due:
+            return
+        if self._flush_disabled or any(d != due for d in dues) or len({m for _, _, m in due}) != 1:
+            for layer in cache.layers:  # sequences due with different row counts (after a crop): eager
+                layer.flush_if_due()
+            return
+        self._flush(cache, due)
+
+    def _flush(self, cache: LeanKCache, due: list) -> None:
+        """The flush of every layer at once: its device part recorded as one CUDA graph per due set
+        (the first time) and replayed at the next flushes; host bookkeeping around it."""
+        for layer in cache.layers:
+            layer.prepare_flush(due)  # the archive holds the moved rows (a growth bumps the storage version)
+        seq, sink = cache.layers[0].flush_index(due)
+        move = due[0][2]
+        key = (id(cache), tuple(due), cache.storage_version)
+        fg = self._flush_graphs.get(key)
+        if fg is None:
+            if self.emulate:
+                outs = [layer.flush_device(seq, sink, move) for layer in cache.layers]
+            else:
+                try:
+                    fg = self._capture_flush(key, cache, seq, sink, move)
+                except Exception as e:  # noqa: BLE001 - a flush that cannot be recorded runs eagerly, and says so
+                    self._flush_disabled = True
+                    self._flush_graphs.clear()
+                    self._eager_reason(f"flush not captured ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                    outs = [layer.flush_device(seq, sink, move) for layer in cache.layers]
+        if fg is not None:
+            fg.graph.replay()
+            outs = fg.outs
+        for layer, (rk, rv) in zip(cache.layers, outs):
+            layer.finish_flush(due, rk, rv)
+        self.flushes += 1
+
+    def _capture_flush(self, key, cache: LeanKCache, seq: Tensor, sink: Tensor, move: int) -> "_FlushGraph":
+        # graphs of an earlier cache or of replaced storage can never replay again: release their pools
+        self._flush_graphs = {k: g for k, g in self._flush_graphs.items() if k[0] == key[0] and k[2] == key[2]}
+        t0 = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [layer.flush_device(seq, sink, move) for layer in cache.layers]
+        fg = _FlushGraph(graph, outs, (seq, sink))
+        self._flush_graphs[key] = fg
+        self.flush_captures += 1
+        self.capture_s += time.perf_counter() - t0
+        logger.info("leank: captured the flush of %d sequence(s) in a CUDA graph", seq.shape[0])
+        return fg
 
     def _step(self, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
         """One decode step run now (not recorded): compiled when possible, else the plain forward."""

@@ -55,6 +55,7 @@ def test_emulated_capture_equals_eager_on_ragged_batch(kind):
     assert runner.replays >= n - 3, "the decode steps must be served by the runner"
     _assert_same_run(eager, cap)
     assert runner.fused, "the tiny Llama / Qwen2 decode step runs leank.fused_decode"
+    assert runner.flushes >= 3, "the flushes of all layers ran through the runner (device part, then host part)"
     for a, b in zip(eager.past_key_values.layers, cap.past_key_values.layers):
         assert a.win_len.tolist() == b.win_len_host and a.arch_len.tolist() == b.arch_len_host
         assert b.arch_len_host[1] > 0, "the archive must be in use"
