@@ -18,6 +18,7 @@ compute attention; ``leank.attention`` does, right after ``update`` hands it the
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -33,6 +34,7 @@ from .window import WindowPolicy
 logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
+_CACHE_UIDS = itertools.count()
 ROLLBACK_ROWS = 64  # full-width rows per sequence and layer kept to undo the last step's flush (crop)
 _DECODE_NO_FLUSH = {"kind": "decode", "tokens": 1, "moved": 0}  # the common record: shared, never mutated
 
@@ -658,6 +660,8 @@ class LeanKCache(Cache):
             raise ValueError(f"mask: expected a ChannelMask or bool [layers, kv_heads, head_dim], got {type(mask)}")
         self.mask = mask
         self.config = config or LeanKConfig()
+        # with id(), names the cache of a recorded graph: a freed cache's id can be reused, its uid never
+        self.uid = next(_CACHE_UIDS)
         super().__init__(layers=[LeanKLayer(keep[i].bool(), self.config) for i in range(keep.shape[0])])
         shared: dict = {}
         for layer in self.layers:

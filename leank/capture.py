@@ -147,7 +147,7 @@ class DecodeGraphRunner:
         self._compiled = None  # torch.compile of _forward_logits (built on first use)
         self._compile_failed = False
         self.fused = False  # the step is leank.fused_decode.decode_logits (decided per traced / recorded step)
-        self._flush_graphs: dict = {}  # (cache id, due set, storage version) -> _FlushGraph
+        self._flush_graphs: dict = {}  # ((cache id, uid), due set, storage version) -> _FlushGraph
         self._flush_disabled = False  # a flush capture failed: flushes run eagerly
         self.flush_captures = 0
         self.flushes = 0  # flushes of all layers run by the runner (replayed, or emulated)
@@ -234,7 +234,7 @@ class DecodeGraphRunner:
         return None, cache
 
     def _key(self, kwargs, cache: LeanKCache) -> tuple:
-        return (id(cache), tuple(kwargs["input_ids"].shape), cache.storage_version)
+        return ((id(cache), cache.uid), tuple(kwargs["input_ids"].shape), cache.storage_version)
 
     # ------------------------------------------------------------------ the step
     def _forward_logits(self, ids: Tensor, pos: Tensor) -> Tensor:
@@ -295,7 +295,7 @@ class DecodeGraphRunner:
         if not due:
             return
         if self._flush_disabled or any(d != due for d in dues) or len({m for _, _, m in due}) != 1:
-            for layer in cache.layers:  # sequences due with different row counts (after a crop): eager
+            for layer in cache.layers:  # different row counts (after a crop), or flush capture failed: eager
                 layer.flush_if_due()
             return
         self._flush(cache, due)
@@ -307,7 +307,7 @@ class DecodeGraphRunner:
             layer.prepare_flush(due)  # the archive holds the moved rows (a growth bumps the storage version)
         seq, sink = cache.layers[0].flush_index(due)
         move = due[0][2]
-        key = (id(cache), tuple(due), cache.storage_version)
+        key = ((id(cache), cache.uid), tuple(due), cache.storage_version)
         fg = self._flush_graphs.get(key)
         if fg is None:
             if self.emulate:
