@@ -692,8 +692,11 @@ def shard_tensor_parallel(model, tp: int):
     from transformers.distributed import DistributedConfig
 
     if not (hasattr(PreTrainedModel, "prepare_distribute_model") and hasattr(PreTrainedModel, "maybe_distribute_model")):
-        raise SystemExit("torchrun: this transformers has no PreTrainedModel.prepare_distribute_model / "
-                         "maybe_distribute_model (tensor parallel needs transformers >= 5.13)")
+        import transformers
+
+        raise SystemExit(f"torchrun: transformers {transformers.__version__} has no PreTrainedModel."
+                         "prepare_distribute_model / maybe_distribute_model (its tensor-parallel API; 5.17 and "
+                         "5.24 have it, 5.13 does not)")
     cls = type(model)
     dist_config, _, mesh = cls.prepare_distribute_model(DistributedConfig(tp_size=tp))
     return cls.maybe_distribute_model(model, dist_config, mesh)

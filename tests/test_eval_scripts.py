@@ -246,7 +246,14 @@ def test_e2e_decode_speculative_rows(tmp_path):
         e2e_decode.main([*SMALL, "--speculative", "-1"])
 
 
+def _has_tp_api() -> bool:
+    from transformers import PreTrainedModel
+
+    return hasattr(PreTrainedModel, "prepare_distribute_model") and hasattr(PreTrainedModel, "maybe_distribute_model")
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.skipif(not _has_tp_api(), reason="this transformers has no tensor-parallel prepare/maybe_distribute_model")
 def test_e2e_decode_tensor_parallel_rows(tmp_path):
     """``torchrun --nproc-per-node 2 eval/e2e_decode.py``: two gloo ranks shard the model with transformers'
     TP plan; rows carry tp=2 and one rank's K/V bytes (dense: half of the single-process bytes)."""
