@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-per-sm", type=int, default=None,
                    help="split planning: thread blocks per SM the plan aims for (default: the kernel's rule, "
                         "2 at batch <= 2, else 4); a tuning experiment, recorded in the JSON")
+    p.add_argument("--block-h", type=int, choices=[16, 32, 64], default=None,
+                   help="query rows per split-kernel block (default: the kernel's 64, one wgmma tile; 16 and 32 "
+                        "use mma.sync tiles and pad a 4- or 7-head GQA group less); a tuning experiment, "
+                        "recorded in the JSON")
     p.add_argument("--dry-run", action="store_true", help="list shapes, masks and points, time nothing (CPU ok)")
     return p
 
@@ -374,6 +378,10 @@ def main(argv=None) -> int:
         from leank.tilelang_kernels import decode as _decode
 
         _decode.BLOCKS_PER_SM = args.blocks_per_sm
+    if args.block_h is not None:
+        from leank.tilelang_kernels import decode as _decode
+
+        _decode.TILE_CONFIG = {"block_H": args.block_h}
     if not cuda and not args.dry_run:
         print("kernel_bench needs a CUDA GPU (--dry-run lists the points without one)")
         return 2
@@ -434,7 +442,7 @@ def main(argv=None) -> int:
     out = dict(device=dev_name, device_name=label, dtype=args.dtype, copy_gbps=copy_gbps, torch=torch.__version__,
                python=platform.python_version(), graph=not args.no_graph, window=dict(sink=SINK, recent=RECENT,
                pending_cap=PENDING), timing="triton do_bench median, L2 flushed, warm-up excluded",
-               launches_per_layer_step=2, blocks_per_sm=args.blocks_per_sm, models=models, results=results,
+               launches_per_layer_step=2, blocks_per_sm=args.blocks_per_sm, block_h=args.block_h, models=models, results=results,
                fixed_cost_us=fixed_costs(results))
     try:
         import tilelang

@@ -100,3 +100,26 @@ def test_compile_sm90a(cache_dir, model, dtype, bias, kept):
     assert "combine" in csrc
     if head_dim < 128:  # 128 threads, the upper half only takes part in the reductions
         assert f"((int)threadIdx.x) < {head_dim}" in csrc
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b"])
+def test_compile_small_query_tile(cache_dir, model):
+    """``block_H=16`` (the ``--block-h`` experiment): mma.sync tiles, P exchanged through shared memory."""
+    from leank.tilelang_kernels import decode as dec
+
+    heads, kv = SHAPES[model]
+    head_dim = HEAD_DIM[model]
+    dec._kernels.clear()
+    split, _ = dec.get_kernels(heads, kv, head_dim, BF16, dec.default_slot_dims(head_dim, [32, 64]), False,
+                               config={"block_H": 16})
+    src = split.get_kernel_source()
+    assert "wgmma" not in src and "mma" in src and "tma_load" in src
+
+
+def test_block_h_is_checked():
+    from leank.tilelang_kernels import decode_kernels as dk
+
+    with pytest.raises(ValueError, match="block_H: expected 16, 32 or 64"):
+        dk.split_kernel(32, 8, 128, (32,), "bfloat16", False, block_H=8)
+    with pytest.raises(ValueError, match="at most block_H=16"):
+        dk.split_kernel(64, 2, 128, (32,), "bfloat16", False, block_H=16)

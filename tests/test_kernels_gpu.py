@@ -195,6 +195,20 @@ def test_gqa(heads, kv, head_dim, kept):
     check(case, BF16)
 
 
+SMALL_TILE = [(32, 8, 128, BF16), (28, 4, 128, FP16), (14, 2, 64, BF16)]
+
+
+@pytest.mark.parametrize("heads,kv,head_dim,dtype", SMALL_TILE,
+                         ids=[f"{h}q-{kv}kv-hd{hd}-{str(dt)[6:]}" for h, kv, hd, dt in SMALL_TILE])
+def test_small_query_tile(monkeypatch, heads, kv, head_dim, dtype):
+    """The ``--block-h 16`` experiment (mma.sync tiles of 16 query rows) against the float64 reference."""
+    monkeypatch.setattr(dec, "TILE_CONFIG", {"block_H": 16})
+    for wl, al in [(1, 0), (70, 300), (BLOCK_N + 1, 4097)]:
+        case = make_case(2, heads, kv, gqa_kept(head_dim, kv), [wl, max(1, wl // 2)], [al, al // 3], dtype,
+                         head_dim=head_dim, seed=heads + wl + al)
+        check(case, dtype)
+
+
 @pytest.mark.parametrize("batch,head_dim,dtype", RAGGED, ids=[f"b{b}-hd{hd}-{str(dt)[6:]}" for b, hd, dt in RAGGED])
 def test_batch_ragged(batch, head_dim, dtype):
     g = torch.Generator().manual_seed(batch + head_dim)

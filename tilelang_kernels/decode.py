@@ -154,6 +154,10 @@ def num_sms(device: torch.device) -> int:
 
 
 BLOCKS_PER_SM: Optional[int] = None  # measurement knob (eval/kernel_bench.py --blocks-per-sm); None: the rule below
+# measurement knob (eval/kernel_bench.py --block-h): tile config override of the split kernel, e.g.
+# {"block_H": 16} (query rows per block: 16 uses mma.sync tiles instead of a 64-row wgmma tile that
+# a 4- or 7-head GQA group mostly pads); None: decode_kernels.CONFIGS
+TILE_CONFIG: Optional[dict] = None
 
 
 def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], sms: int,
@@ -343,7 +347,7 @@ def decode_attention(
         plan = build_plan(b, kvh, d, wcap, [(dims[g], list(heads_key[g]), ks[g].shape[2]) for g in range(n)],
                           slot_dims, dev, num_sms(dev))
         _plans[key] = plan
-    split, combine = get_kernels(h, kvh, d, q.dtype, slot_dims, has_bias)
+    split, combine = get_kernels(h, kvh, d, q.dtype, slot_dims, has_bias, config=TILE_CONFIG)
 
     df = _dummy(dev, torch.float32, (1,))
     slot_args = []

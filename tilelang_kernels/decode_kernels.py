@@ -60,11 +60,15 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
     bad = [d for d in slot_dims if d % 16 or not 0 < d <= head_dim]
     if bad:
         raise ValueError(f"slot_dims: expected multiples of 16 in 16..{head_dim}, got {tuple(slot_dims)}")
+    if block_H not in (16, 32, 64):
+        raise ValueError(f"block_H: expected 16, 32 or 64 query rows per block, got {block_H}")
     rep = num_heads // num_kv_heads
     if rep > block_H:
         raise ValueError(f"num_heads: at most block_H={block_H} query heads per KV head, got {rep}")
     D = head_dim
     nslots = len(slot_dims)
+    # a 64-row tile is one wgmma per warpgroup (warps along rows); fewer rows split the columns over the warps
+    policy = T.GemmWarpPolicy.FullRow if block_H >= 64 else T.GemmWarpPolicy.FullCol
     accum = T.float32
     neg_inf = -T.infinity(accum)
 
@@ -137,7 +141,7 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
             n0 = start + k * block_N
             T.mbarrier_wait_parity(bars[st], (k // num_stages) % 2)
             T.clear(acc_s)
-            T.gemm(Q_sh, K_sh[st, :, :], acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            T.gemm(Q_sh, K_sh[st, :, :], acc_s, transpose_B=True, policy=policy)
             if Bt is None:
                 for i, j in T.Parallel(block_H, block_N):
                     acc_s[i, j] = T.if_then_else(n0 + j < end, acc_s[i, j] * qs, neg_inf)
@@ -146,7 +150,7 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
                     acc_s[i, j] = T.if_then_else(
                         n0 + j < end, acc_s[i, j] * qs + Bt[b, row, n0 + j] * LOG2E, neg_inf)
             online_tile(acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
-            T.gemm(acc_s_cast, V_sh[st, :, :], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            T.gemm(acc_s_cast, V_sh[st, :, :], acc_o, policy=policy)
             T.sync_threads()  # every warp is done with stage st before it is refilled
             if k + num_stages < n:
                 issue(Kt, Vt, b, row, n0 + num_stages * block_N, K_sh, V_sh, bars, st)
@@ -182,7 +186,10 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
         with T.Kernel(NI, B, threads=threads) as (bx, by):
             bars = T.alloc_barrier([1] * num_stages)
             acc_s = T.alloc_fragment([block_H, block_N], accum)
-            acc_s_cast = T.alloc_fragment([block_H, block_N], dtype)
+            if block_H >= 64:
+                acc_s_cast = T.alloc_fragment([block_H, block_N], dtype)
+            else:  # columns of P live in other warps than the rows P.V needs: exchange through shared memory
+                acc_s_cast = T.alloc_shared([block_H, block_N], dtype)
             acc_o = T.alloc_fragment([block_H, D], accum)
             m_run = T.alloc_fragment([block_H], accum)
             m_prev = T.alloc_fragment([block_H], accum)
