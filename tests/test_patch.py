@@ -8,6 +8,7 @@ import leank
 from leank import LeanKConfig
 from leank.cache import ROLLBACK_ROWS, LeanKCache
 from leank.masks import ChannelMask
+from leank.patching import cache_kwarg, output_cache
 from tests.oracle import oracle_logits, sparse_keep, tiny_model
 
 CFG = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference")
@@ -30,7 +31,7 @@ def _generate(model, ids, n, attention_mask=None, **kw):
             pad_token_id=0,
             **kw,
         )
-    return out.sequences, torch.stack(out.logits, 1), out.past_key_values
+    return out.sequences, torch.stack(out.logits, 1), output_cache(out)
 
 
 def _prompt(n, seed=3, vocab=96):
@@ -300,14 +301,14 @@ def test_leank_cache_on_unpatched_model_raises():
     model = tiny_model("llama")
     cache = LeanKCache(_mask(model, sparse_keep(2, 4, 32)), CFG)
     with pytest.raises(ValueError, match="leank.patch"), torch.no_grad():
-        model(_prompt(12)[None], past_key_values=cache, use_cache=True)
+        model(_prompt(12)[None], use_cache=True, **{cache_kwarg(model): cache})
     leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
     try:
         cache = leank.new_cache(model)
     finally:
         leank.unpatch(model)
     with pytest.raises(ValueError, match="leank.patch"), torch.no_grad():  # bound to a model that is now unpatched
-        model(_prompt(12)[None], past_key_values=cache, use_cache=True)
+        model(_prompt(12)[None], use_cache=True, **{cache_kwarg(model): cache})
 
 
 def test_base_model_patch_and_forward():
@@ -321,7 +322,7 @@ def test_base_model_patch_and_forward():
     try:
         assert "generate" not in base.__dict__
         with torch.no_grad():
-            out = base(_prompt(30)[None], past_key_values=leank.new_cache(base), use_cache=True)
+            out = base(_prompt(30)[None], use_cache=True, **{cache_kwarg(base): leank.new_cache(base)})
         assert out.last_hidden_state.shape == (1, 30, full.config.hidden_size)
     finally:
         leank.unpatch(base)
@@ -349,7 +350,7 @@ def test_patched_generate_uses_current_cache_keyword_without_deprecation_warning
                                  pad_token_id=0, return_dict_in_generate=True)
         assert not [w for w in seen if issubclass(w.category, FutureWarning | DeprecationWarning)], \
             [str(w.message) for w in seen]
-        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        cache = output_cache(out)
         assert isinstance(cache, LeanKCache)
     finally:
         leank.unpatch(model)
