@@ -262,6 +262,10 @@ class DecodeGraphRunner:
             logger.info("leank: fused q/k/v and gate/up projection weights (views of one buffer per layer)")
         self.fused = True
 
+    def _release_fused(self) -> None:
+        if self.fused:
+            fused_decode.release(self.model)
+
     def _step_fn(self):
         """``_forward_logits``, compiled when ``LeanKConfig.compile_decode`` asks and compiling works."""
         state = getattr(self.model, "_leank", None)
@@ -275,6 +279,7 @@ class DecodeGraphRunner:
     def _device_step(self, fn, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
         """The device part of a decode step (no host bookkeeping): what a graph records."""
         _decode_op()  # registered before any tracing (torch.compile cannot trace a registration)
+        self._prepare_fused()  # the fused weight views, noted for this trace / recording only
         for layer in cache.layers:
             layer.capturing = True
         _ACTIVE.append(cache)
@@ -284,6 +289,7 @@ class DecodeGraphRunner:
             _ACTIVE.pop()
             for layer in cache.layers:
                 layer.capturing = False
+            self._release_fused()
 
     def _host_step(self, cache: LeanKCache) -> None:
         """The host part of a decode step: lengths, seen tokens, then the flush if due."""
@@ -343,7 +349,6 @@ class DecodeGraphRunner:
 
     def _step(self, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
         """One decode step run now (not recorded): compiled when possible, else the plain forward."""
-        self._prepare_fused()
         fn = self._step_fn()
         if fn is not self._forward_logits:
             t0 = time.perf_counter()
@@ -402,7 +407,6 @@ class DecodeGraphRunner:
         g.ids.copy_(kwargs["input_ids"])
         g.pos.copy_(kwargs["position_ids"])
         if self.emulate:
-            self._prepare_fused()
             fn = self._step_fn()
             logits = self._device_step(fn, g.ids, g.pos, cache)
             self.compiled_steps += fn is not self._forward_logits

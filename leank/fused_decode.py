@@ -75,55 +75,69 @@ def unsupported_reason(model) -> Optional[str]:
     return None
 
 
-def _is_view_of(fused: tuple, linears: list) -> bool:
-    """True while each linear's weight (and bias) is still its slice of the fused buffers."""
-    weight, bias, _ = fused
-    row = 0
-    for m in linears:
-        w = m.weight
-        if (w.dtype != weight.dtype or w.device != weight.device
-                or w.data_ptr() != weight.data_ptr() + row * weight.stride(0) * weight.element_size()):
-            return False
-        if bias is not None and (m.bias is None or m.bias.data_ptr() != bias.data_ptr() + row * bias.element_size()):
-            return False
-        row += m.out_features
-    return True
+def _adjacent_view(tensors: list) -> Optional[Tensor]:
+    """The tensors as one ``[sum(rows), ...]`` view when they are consecutive rows of one storage, else None."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device
+                or t.shape[1:] != first.shape[1:] or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]),
+                                   first.stride())
 
 
 @torch.no_grad()
 def _fuse(owner: nn.Module, names: tuple) -> bool:
-    """Make ``owner``'s projections ``names`` views of one buffer; True when it (re)built it."""
+    """Make ``owner``'s projections ``names`` views of one buffer and note it on ``owner``; True when it
+    had to copy (first time, or the parameters have their own storage again)."""
     linears = [getattr(owner, n) for n in names]
-    fused = owner.__dict__.get(_FUSED)
-    if fused is not None and _is_view_of(fused, linears):
-        return False
-    with torch.inference_mode(False):  # parameters must stay ordinary tensors after a generate in inference mode
-        weight = torch.cat([m.weight.detach() for m in linears])
-        bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
-        sizes = [m.out_features for m in linears]
-        for m, w in zip(linears, weight.split(sizes)):
-            m.weight.data = w  # the same Parameter object (optimizers, hooks and tying see no change)
-        if bias is not None:
-            for m, b in zip(linears, bias.split(sizes)):
-                m.bias.data = b
+    sizes = [m.out_features for m in linears]
+    has_bias = linears[0].bias is not None
+    with torch.inference_mode(False):  # parameters and views stay ordinary tensors inside an inference-mode generate
+        weight = _adjacent_view([m.weight for m in linears])
+        bias = _adjacent_view([m.bias for m in linears]) if has_bias else None
+        copied = weight is None or (has_bias and bias is None)
+        if copied:
+            weight = torch.cat([m.weight.detach() for m in linears])
+            for m, w in zip(linears, weight.split(sizes)):
+                m.weight.data = w  # the same Parameter object (optimizers, hooks and tying see no change)
+            if has_bias:
+                bias = torch.cat([m.bias.detach() for m in linears])
+                for m, b in zip(linears, bias.split(sizes)):
+                    m.bias.data = b
     owner.__dict__[_FUSED] = (weight, bias, sizes)
-    return True
+    return copied
 
 
 def fuse_projections(model) -> int:
-    """Fuse each layer's q/k/v and gate/up weights in place; returns how many groups were (re)built.
+    """Fuse each layer's q/k/v and gate/up weights; returns how many groups had to be copied.
 
-    Cheap when nothing changed (a pointer comparison per projection), so the runner calls it
-    before every step it traces or records: a model moved or cast since (``.to()`` gives each
-    parameter its own storage again) is fused again rather than read from stale buffers.
-    Peak memory grows by one layer's q/k/v or gate/up weights while a group is rebuilt.
+    The first call copies each group into one buffer and points the parameters at their rows;
+    later calls only check that they still are (a pointer comparison per projection) and
+    rebuild the views, so a model moved or cast since (``.to()`` gives each parameter its own
+    storage again) is fused again. Peak memory grows by one layer's q/k/v or gate/up weights
+    while a group is copied. The views are noted on the modules for ``decode_logits`` until
+    ``release``: the buffers themselves belong to the parameters, so nothing outlives them.
     """
-    built = 0
+    copied = 0
     for layer in model.model.layers:
         layer.self_attn.__dict__[_ROPE] = inspect.getmodule(type(layer.self_attn)).apply_rotary_pos_emb
-        built += _fuse(layer.self_attn, ATTN_PROJ)
-        built += _fuse(layer.mlp, MLP_PROJ)
-    return built
+        copied += _fuse(layer.self_attn, ATTN_PROJ)
+        copied += _fuse(layer.mlp, MLP_PROJ)
+    return copied
+
+
+def release(model) -> None:
+    """Drop the views ``fuse_projections`` noted (after the step was traced or recorded): a model moved
+    or offloaded later keeps no reference to its old buffers (a recorded graph reads them by address,
+    and the parameters keep them alive for as long as they hold them)."""
+    for layer in model.model.layers:
+        layer.self_attn.__dict__.pop(_FUSED, None)
+        layer.mlp.__dict__.pop(_FUSED, None)
 
 
 def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids: Tensor) -> Tensor:

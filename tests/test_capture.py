@@ -139,7 +139,6 @@ def test_second_generate_continues_captured_cache():
 
 def test_flush_batched_equals_per_sequence():
     """Sequences due together are flushed by one batched scatter; the result equals one by one."""
-    model = tiny_model("llama", layers=1)
     keep = sparse_keep(1, 4, 32)
     cache_a = leank.LeanKCache(ChannelMask(keep=keep, align=8), CFG)
     cache_b = leank.LeanKCache(ChannelMask(keep=keep, align=8), CFG)
@@ -312,10 +311,21 @@ def test_fused_buffers_follow_a_moved_model():
     eager, _ = _run(model, keep, ids, am, 9, capture=False)
     cap, r = _run(model, keep, ids, am, 9, capture=True)
     assert r.fused and r.replays > 0
-    fused_weight = model.model.layers[1].self_attn._leank_fused[0]
-    assert fused_weight.dtype == torch.float64
-    assert fused_weight.data_ptr() == model.model.layers[1].self_attn.q_proj.weight.data_ptr()
+    attn = model.model.layers[1].self_attn
+    assert _views_of_one_buffer(attn.q_proj, attn.k_proj, attn.v_proj) and attn.q_proj.weight.dtype == torch.float64
     _assert_same_run(eager, cap, tol=1e-10)
+
+
+def test_fused_views_are_not_kept_after_the_step():
+    """The fused views are noted on the modules only while a step is traced or recorded: afterwards the
+    parameters alone hold the buffers, so moving or offloading the model frees them."""
+    model = tiny_model("llama")
+    ids, am = _ragged([9, 14], seed=6)
+    _, r = _run(model, sparse_keep(2, 4, 32), ids, am, 6, capture=True)
+    assert r.fused and r.replays > 0
+    for layer in model.model.layers:
+        assert "_leank_fused" not in layer.self_attn.__dict__ and "_leank_fused" not in layer.mlp.__dict__
+        assert _views_of_one_buffer(layer.mlp.gate_proj, layer.mlp.up_proj)
 
 
 def test_fused_decode_refuses_models_it_would_change():
