@@ -78,7 +78,7 @@ def layer_backend(layer: LeanKLayer, q: Tensor) -> str:
     return layer.resolved_backend
 
 
-def decode_attention(q: Tensor, layer: LeanKLayer, scale: float, backend: str) -> Tensor:
+def decode_attention(q: Tensor, layer: LeanKLayer, scale: float) -> Tensor:
     """One decode step over a layer's window + archive. ``q [batch, num_heads, head_dim]``."""
     if layer_backend(layer, q) == "tilelang":
         from leank.tilelang_kernels.decode import decode_attention as tilelang_decode
@@ -347,10 +347,9 @@ def leank_attention_forward(
         return plain_attention(query, key, value, mask2d, scale).transpose(1, 2), None
     layer = step.layer
     L = query.shape[2]
-    backend = layer.config.backend
     if L == 1 and layer.seen_tokens > 0:
         layer.append_decode(key, value)
-        out = decode_attention(query[:, :, 0], layer, scale, backend)[:, :, None]
+        out = decode_attention(query[:, :, 0], layer, scale)[:, :, None]
         layer.flush_if_due()
     else:
         valid = None if mask2d is None else mask2d[:, -L:].bool()

@@ -334,10 +334,10 @@ class LeanKLayer(CacheLayerMixin):
     def flush_index(self, due: list) -> tuple:
         """Device ``(seq [n], sink [n])`` int64 of ``due``: one async copy per due set, shared by the layers
         and kept while the set recurs (a recorded flush reads them by address)."""
-        key = tuple((b, s) for b, s, _ in due)
+        key = (self.device, tuple((b, s) for b, s, _ in due))  # layers may sit on different GPUs
         hit = self._flush_index_cache.get(key)
         if hit is None:
-            host = torch.tensor(list(zip(*key)), dtype=torch.long)
+            host = torch.tensor(list(zip(*key[1])), dtype=torch.long)
             if self.device.type == "cuda":
                 host = host.pin_memory()
             hit = host.to(self.device, non_blocking=True)
@@ -594,6 +594,8 @@ class LeanKLayer(CacheLayerMixin):
                 return False
         else:  # a decode step stored one token: without it, its flush never happened
             moved = 0
+        if r > self.win_len_host[b] - self._sink_rows(b):
+            return False  # the crop reaches past the window's non-sink rows: not a rollback of the last step
         d = rec["moved"] - moved  # rows to bring back from the end of the archive
         if d > (rec["k"].shape[1] if d else 0) or d > self.arch_len_host[b]:
             return False

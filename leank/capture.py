@@ -81,7 +81,7 @@ def _decode_op():
 
             layer = active_cache().layers[layer_idx]
             layer.append_decode(key, value)
-            return decode_attention(query[:, :, 0], layer, scale, layer.config.backend).contiguous()
+            return decode_attention(query[:, :, 0], layer, scale).contiguous()
 
         @decode_step.register_fake
         def _(query, key, value, layer_idx, scale):
@@ -97,7 +97,9 @@ def decode_step_attention(module, query: Tensor, key: Tensor, value: Tensor, sca
     Returns ``[batch, 1, heads, head_dim]`` as transformers' attention functions do.
     """
     if query.shape[2] != 1:
-        raise ValueError(f"query: a captured decode step has one token per sequence, got {query.shape[2]}")
+        raise ValueError(f"query: a captured decode step has one token per sequence, got {query.shape[2]} (do not "
+                         "wrap a patched model in torch.compile: LeanK compiles its own decode step, "
+                         "LeanKConfig.compile_decode)")
     return _decode_op()(query, key, value, module.layer_idx, scale)[:, None]
 
 
@@ -112,10 +114,11 @@ class _Graph:
 
 
 class _FlushGraph:
-    """One recorded flush of every layer: the graph, its rollback rows per layer, the index tensors it reads."""
+    """One recorded flush of every layer: the graph and its rollback rows per layer (the index tensors it
+    reads stay alive in the cache's ``flush_index`` store)."""
 
-    def __init__(self, graph, outs: list, index: tuple):
-        self.graph, self.outs, self.index = graph, outs, index
+    def __init__(self, graph, outs: list):
+        self.graph, self.outs = graph, outs
 
 
 class DecodeGraphRunner:
@@ -149,7 +152,6 @@ class DecodeGraphRunner:
         self.fused = False  # the step is leank.fused_decode.decode_logits (decided per traced / recorded step)
         self._flush_graphs: dict = {}  # ((cache id, uid), due set, storage version) -> _FlushGraph
         self._flush_disabled = False  # a flush capture failed: flushes run eagerly
-        self.flush_captures = 0
         self.flushes = 0  # flushes of all layers run by the runner (replayed, or emulated)
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
         self.captures = 0
@@ -340,9 +342,8 @@ class DecodeGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outs = [layer.flush_device(seq, sink, move) for layer in cache.layers]
-        fg = _FlushGraph(graph, outs, (seq, sink))
+        fg = _FlushGraph(graph, outs)
         self._flush_graphs[key] = fg
-        self.flush_captures += 1
         self.capture_s += time.perf_counter() - t0
         logger.info("leank: captured the flush of %d sequence(s) in a CUDA graph", seq.shape[0])
         return fg
@@ -388,7 +389,6 @@ class DecodeGraphRunner:
         ids, pos = kwargs["input_ids"], kwargs["position_ids"]
         g = _Graph(key, ids.clone(), pos.clone())
         self._graph = None  # release the previous graph's pool before recording a new one
-        self._prepare_fused()  # never inside the recording: a (re)fuse allocates and copies
         fn = self._step_fn()
         if self.emulate:
             g.graph = "emulated"

@@ -167,6 +167,19 @@ def test_flush_batched_equals_per_sequence():
     assert torch.equal(la.win_k[:, :, :w], lb.win_k[:, :, :w])
 
 
+def test_flush_index_follows_each_layers_device():
+    """The layers of a cache share the flush-index store; a model split over devices gets each layer's
+    indices on that layer's device (here a second device is the meta device)."""
+    cache = leank.LeanKCache(ChannelMask(keep=sparse_keep(2, 4, 32), align=8), CFG)
+    first, second = cache.layers
+    first.device, second.device = torch.device("cpu"), torch.device("meta")
+    due = [(0, 4, 4), (2, 4, 4)]
+    assert all(t.device.type == "cpu" for t in first.flush_index(due))
+    seq, sink = second.flush_index(due)
+    assert seq.device.type == "meta" and sink.device.type == "meta"
+    assert first.flush_index(due)[0].tolist() == [0, 2]
+
+
 def _due(layer):
     out = []
     for b in range(layer.batch_size):

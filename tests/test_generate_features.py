@@ -159,6 +159,29 @@ def test_crop_after_a_chunk_equals_storing_only_the_kept_tokens(drop):
     assert full.win_len.tolist() == full.win_len_host and full.arch_len.tolist() == full.arch_len_host
 
 
+def test_crop_deeper_than_the_window_after_a_chunk_is_inexact_not_a_crash():
+    """A small window (sink 2, recent 2): cropping more of the last chunk than the window's non-sink rows
+    hold cannot be an exact rollback; it drops tokens (warned) instead of failing on a negative slice."""
+    from leank.diagnostics import warn_once
+    from tests.oracle import sparse_keep
+
+    small = LeanKConfig(sink=2, recent=2, flush_every=2, backend="reference")
+    g = torch.Generator().manual_seed(4)
+    cache = LeanKCache(ChannelMask(keep=sparse_keep(1, 4, 32, seed=2), align=8), small)
+    layer = cache.layers[0]
+    k, v = torch.randn(1, 4, 20, 32, generator=g), torch.randn(1, 4, 10, 32, generator=g)
+    layer.lazy_initialization(k, k)
+    layer.store_chunk(k, k, None)
+    layer.seen_tokens = 20
+    layer.store_chunk(v, v, None)
+    layer.seen_tokens = 30
+    warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="crop\\(\\) removed more than the last step"):
+        layer.crop(-5)
+    assert layer.win_len_host[0] + layer.arch_len_host[0] == 25 and layer.seen_tokens == 25
+    assert layer.win_len.tolist() == layer.win_len_host and layer.arch_len.tolist() == layer.arch_len_host
+
+
 def test_crop_after_a_flushing_decode_step_restores_the_window():
     from tests.oracle import sparse_keep
 
