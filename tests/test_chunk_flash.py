@@ -76,7 +76,8 @@ def test_chunked_generate_bf16_fast_path_matches_reference_path(monkeypatch):
             monkeypatch.setattr(attn, "fast_path_reason", lambda q, layer: "forced for the test")
         calls = []
         real = attn.cached_attention_lse_flash
-        monkeypatch.setattr(attn, "cached_attention_lse_flash", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(attn, "cached_attention_lse_flash",
+                            lambda *a, _calls=calls, _real=real: _calls.append(1) or _real(*a))
         leank.patch(model, masks=ChannelMask(keep=keep, align=8), config=CFG)
         try:
             with torch.no_grad():

@@ -11,7 +11,7 @@ import leank
 from leank import LeanKConfig
 from leank.cache import LeanKCache
 from leank.masks import ChannelMask
-from leank.patching import cache_kwarg
+from leank.patching import cache_kwarg, output_cache
 from tests.oracle import tiny_model
 
 CFG = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference")
@@ -83,13 +83,13 @@ def test_continue_with_current_cache_keyword():
     leank.patch(model, masks=_all_kept(model), config=CFG)
     try:
         first = _gen(model)
-        cache = first.past_key_values if hasattr(first, "past_key_values") else first.cache
+        cache = output_cache(first)
         assert isinstance(cache, LeanKCache)
         seen = cache.get_seq_length()
         ids2 = torch.cat([first.sequences, torch.randint(3, 96, (1, 4))], 1)
         second = _gen(model, input_ids=ids2, attention_mask=torch.ones_like(ids2), max_new_tokens=3,
                       min_new_tokens=3, **{cache_kwarg(model): cache})
-        cache2 = second.past_key_values if hasattr(second, "past_key_values") else second.cache
+        cache2 = output_cache(second)
         assert cache2 is cache and cache.get_seq_length() == ids2.shape[1] + 2
     finally:
         leank.unpatch(model)

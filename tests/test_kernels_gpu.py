@@ -1,11 +1,11 @@
 """GPU tests of the TileLang decode kernels against the float64 reference (``-m gpu``).
 
 Every case draws fresh random data; rows past the lengths hold finite junk so masking
-is exercised; outputs are poisoned before the kernel writes them. Covered: head_dim 64
-and 128, fp16 and bf16, awkward lengths (1, 17, 97, block+1 = 65, 4097, ...), empty
+is exercised. Covered: head_dim 64 and 128, fp16 and bf16, awkward lengths (1, 17, 97, block+1 = 65, 4097, ...), empty
 archives, all-pruned heads, every kept count in steps of 16, ragged batches 1-32, GQA
 groups 1/4/7/8, the attention-matching bias, kept counts that need padding, no
-recompile as the context grows, and the capability errors.
+recompile as the context grows, the capability errors, and the 16-row query tile of the
+``--block-h 16`` experiment.
 
 Each distinct kernel variant (head shape, head_dim, dtype, slot set, bias) costs a cold
 compile (~25 s); the module compiles all of them in parallel processes first (TileLang's

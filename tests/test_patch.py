@@ -146,7 +146,8 @@ def test_cache_stores_compacted_k_and_drops_v_of_zero_channel_heads():
         cap = layer.capacity
         # the rows kept to undo the last step exactly (crop), at most ROLLBACK_ROWS per sequence
         rollback = sum(r[x].nbytes for r in layer._rollback.values() for x in ("k", "v") if x in r)
-        assert rollback <= 2 * ROLLBACK_ROWS * 4 * 32 * es
+        # the last decode step flushed flush_every rows of the one sequence: K and V of 4 heads each
+        assert rollback == 2 * min(CFG.flush_every, ROLLBACK_ROWS) * 4 * 32 * es
         expected = 2 * 1 * 4 * CFG.window_capacity * 32 * es + sum(cap * int(c) * es + cap * 32 * es for c in counts if c > 0)
         expected += rollback
         rep = layer.memory_report()

@@ -20,7 +20,6 @@ This file is also the worker script: ``torchrun --nproc_per_node 2 tests/test_tp
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -162,7 +161,6 @@ def _worker(out: str, variant: str) -> None:
         results["odd_error"] = None
     except ValueError as e:
         results["odd_error"] = str(e)
-    results["seconds"] = time.perf_counter() - t0
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -315,7 +313,8 @@ def _check_common(ranks: list, ref: dict, variant: str) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available() or not sys.platform.startswith("linux"),
                     reason="needs torch.distributed and fork (Linux)")
 def test_tp2_gloo_equals_single_process(tmp_path):
-    """Two gloo ranks under transformers' TP: logits <= 1e-5 and tokens equal to one process (fp32)."""
+    """Two gloo ranks under transformers' TP: logits within 1e-5 (1e-4 for the compiled Qwen2 ranks) and tokens
+    equal to one process (fp32)."""
     if not _has_tp_api():
         pytest.skip("this transformers has no PreTrainedModel.prepare_distribute_model/maybe_distribute_model")
     t0 = time.perf_counter()
