@@ -19,7 +19,8 @@ it reports
   ``attention``: LeanK's TileLang split/combine or flash/cuDNN attention, ``norm-elementwise``:
   PyTorch elementwise and reduction kernels, ``triton``: kernels torch.compile generated,
   ``copy``: memcpy/memset/copy kernels, ``other``);
-- the byte floor (weights + K/V read) / copy bandwidth measured in the same run.
+- the byte floor (weights read + K/V read) / copy bandwidth measured in the same run (the
+  input-embedding table counts one row per sequence, not whole: ``e2e_decode.step_weight_bytes``).
 
 It also lists the kernels that take the most time per step. Writes JSON (and ``*.config.json``).
 """
@@ -197,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["kv_bytes"] = int(batch * mid * e2e_decode.kv_bytes_per_token(cfg, dtype.itemsize)
                                       * e2e_decode.kv_fraction(method, mask))
                 if copy_gbps:
-                    row["floor_ms"] = (weight_bytes + row["kv_bytes"]) / (copy_gbps * 1e9) * 1e3
+                    read = e2e_decode.step_weight_bytes(model, batch)
+                    row["floor_ms"] = (read + row["kv_bytes"]) / (copy_gbps * 1e9) * 1e3
                 rows.append(row)
                 print(f"{args.model} {method} L={length} b={batch}: step {row['step_ms_median']:.2f} ms, "
                       f"GPU busy {row['gpu_busy_ms']:.2f} ms, {row['kernels_per_step']:.0f} kernels/step"

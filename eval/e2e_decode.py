@@ -20,8 +20,10 @@ not depend on the values). For each model, prompt length and batch size it runs
 - ``leank-dense``: the same captured LeanK path with every channel kept (nothing pruned);
 - ``leank-eager``: ``leank`` with ``capture=False``.
 
-Every row also reports the byte floor of a decode step: (weight bytes + the K/V bytes the
-step reads) / the device-to-device copy bandwidth measured in the same run, and
+Every row also reports the byte floor of a decode step: (the weight bytes the step reads + the
+K/V bytes it reads) / the device-to-device copy bandwidth measured in the same run (an
+input-embedding table not tied to the output head counts one row per sequence, not whole;
+results before 2026-11-30 counted it whole, which put their floors ~0.25 ms too high), and
 ``pct_of_floor`` = floor / measured time. ``speedup_vs_strongest_dense`` compares tokens/s
 with the fastest dense method of the same model, length and batch (``dense-*``: transformers' own paths); ``speedup_vs_leank_dense``, when
 ``leank-dense`` ran, isolates what the channel pruning gains on the same machinery. ``--second-turn N`` times
@@ -373,8 +375,9 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
         row["kv_bytes"] = batch * mid * kv_bytes_per_token(cfg, next(model.parameters()).element_size()) // args.tp
     row["kv_bytes_per_rank"] = row["kv_bytes"]
     row["weight_bytes"] = weight_bytes
+    row["weight_bytes_read"] = step_weight_bytes(model, batch)
     if args.copy_gbps:
-        row["floor_ms"] = (weight_bytes + row["kv_bytes"]) / (args.copy_gbps * 1e9) * 1e3
+        row["floor_ms"] = (row["weight_bytes_read"] + row["kv_bytes"]) / (args.copy_gbps * 1e9) * 1e3
         row["pct_of_floor"] = 100 * row["floor_ms"] / row["latency_ms_median"]
     row["ms_per_token"] = row["latency_ms_median"]
     return row
@@ -708,6 +711,18 @@ def local_weight_bytes(model) -> int:
     for p in model.parameters():
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel() * local.element_size()
+    return total
+
+
+def step_weight_bytes(model, batch: int) -> int:
+    """Weight bytes one decode step reads on this rank: every parameter, except an input-embedding table
+    that is not also the output head (one row per sequence is read, not the table)."""
+    total = local_weight_bytes(model)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not emb:
+        local = emb.to_local() if hasattr(emb, "to_local") else emb
+        total -= (local.shape[0] - batch) * local[0].numel() * local.element_size()
     return total
 
 

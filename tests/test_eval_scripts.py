@@ -286,3 +286,17 @@ def test_e2e_decode_tensor_parallel_rows(tmp_path):
     assert (report["tp_rank"], report["tp_size"], report["kv_heads"]) == (0, 2, [0, 1])
     assert 0 < r2["leank"]["kv_bytes_per_rank"] < r1["leank"]["kv_bytes"]
     assert res["models"][0]["weights_gib"] < json.loads(one.read_text())["models"][0]["weights_gib"]
+
+
+def test_step_weight_bytes_counts_one_embedding_row_per_sequence():
+    """The floor's weight bytes: an untied input embedding is read one row per sequence, a tied one whole
+    (it is the output head)."""
+    cfg = common.model_config("llama3.1-8b", tiny=True)
+    model = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+    every = e2e_decode.local_weight_bytes(model)
+    table = cfg.vocab_size * cfg.hidden_size * 4
+    assert e2e_decode.step_weight_bytes(model, 3) == every - table + 3 * cfg.hidden_size * 4
+    cfg.tie_word_embeddings = True
+    tied = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    assert e2e_decode.step_weight_bytes(tied, 3) == e2e_decode.local_weight_bytes(tied)
