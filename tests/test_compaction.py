@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from leank.patching import cache_kwarg
 from leank.compaction import (
     attention_targets,
     compact_heads,
@@ -220,26 +221,26 @@ def test_tiny_model_generates_after_compaction(kind):
         def prefilled():
             cache = new_cache(model)
             with torch.no_grad():
-                model(ids, past_key_values=cache, use_cache=True)
+                model(ids, **{cache_kwarg(model): cache}, use_cache=True)
             return cache
 
-        ref = model.generate(torch.cat([ids, nxt], 1), past_key_values=prefilled(), max_new_tokens=6, do_sample=False)
+        ref = model.generate(torch.cat([ids, nxt], 1), **{cache_kwarg(model): prefilled()}, max_new_tokens=6, do_sample=False)
         # budget = archived context: nothing changes, generation is identical
         cache = prefilled()
         arch = int(cache.layers[0].arch_len[0])
         cache = leank.compact(model, cache, budget=arch, input_ids=ids, progress=False)
-        same = model.generate(torch.cat([ids, nxt], 1), past_key_values=cache, max_new_tokens=6, do_sample=False)
+        same = model.generate(torch.cat([ids, nxt], 1), **{cache_kwarg(model): cache}, max_new_tokens=6, do_sample=False)
         assert torch.equal(same, ref)
         # 10x compaction of the archive, then generation continues at the original positions
         cache = leank.compact(model, prefilled(), ratio=0.1, input_ids=ids, queries="repeat+gaussian", progress=False)
         assert 1 <= int(cache.layers[0].arch_len[0]) <= math.ceil(0.1 * arch)
-        out = model.generate(torch.cat([ids, nxt], 1), past_key_values=cache, max_new_tokens=6, do_sample=False)
+        out = model.generate(torch.cat([ids, nxt], 1), **{cache_kwarg(model): cache}, max_new_tokens=6, do_sample=False)
         assert out.shape == (1, 157)
         # online: compact again later, carrying beta
         cache = leank.compact(model, cache, ratio=0.5, input_ids=out[:, :-1], method="omp", progress=False)
         bias = cache.layers[0].kernel_args()["arch_bias"]
         assert bias is not None and all(torch.isfinite(b[:, :, :1]).all() for b in bias)
-        out2 = model.generate(out, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        out2 = model.generate(out, **{cache_kwarg(model): cache}, max_new_tokens=3, do_sample=False)
         assert out2.shape == (1, 160)
     finally:
         leank.unpatch(model)
@@ -256,7 +257,7 @@ def test_compaction_matches_archive_attention_on_model_queries():
         ids = torch.randint(0, 97, (1, 300), generator=_gen(15))
         cache = new_cache(model)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **{cache_kwarg(model): cache}, use_cache=True)
         held = collect_queries(model, cache, ids, sources=("repeat_only",), max_queries_per_head=256, seed=99)
         k, v, b, al = (x.clone() for x in cache.layers[1].get_archive())
         L1 = int(al[0])
@@ -284,7 +285,7 @@ def test_plain_model_dynamic_cache_is_converted():
     ids = torch.randint(0, 97, (1, 1400), generator=_gen(16))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{cache_kwarg(model): cache}, use_cache=True)
     out = leank.compact(model, cache, ratio=0.25, input_ids=ids, queries="repeat_only", max_queries_per_head=256, progress=False)
     assert isinstance(out, LeanKCache)
     assert 1 <= int(out.layers[0].arch_len[0]) <= math.ceil(0.25 * (1400 - 128 - 1024))
@@ -301,7 +302,7 @@ def test_api_errors():
         ids = torch.randint(0, 97, (1, 60), generator=_gen(17))
         cache = new_cache(model)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **{cache_kwarg(model): cache}, use_cache=True)
         arch = int(cache.layers[0].arch_len[0])
         for kw, name in [(dict(ratio=0.0), "ratio"), (dict(ratio=1.5), "ratio"), (dict(budget=arch + 1), "budget"),
                          (dict(queries="nonsense"), "queries"), (dict(method="x"), "method"),
@@ -391,8 +392,8 @@ def test_record_queries_equal_self_pass_queries(patched):
         ids = torch.randint(0, 97, (1, 90), generator=_gen(23))
         cache = new_cache(model) if patched else DynamicCache(config=model.config)
         with record_queries(model, every=3) as rec, torch.no_grad():
-            model(ids[:, :50], past_key_values=cache, use_cache=True)  # two prefill chunks
-            model(ids[:, 50:], past_key_values=cache, use_cache=True)
+            model(ids[:, :50], **{cache_kwarg(model): cache}, use_cache=True)  # two prefill chunks
+            model(ids[:, 50:], **{cache_kwarg(model): cache}, use_cache=True)
         assert model.config._attn_implementation == ("leank" if patched else "sdpa")
         got = rec.queries()  # [1, KVH, rep * m, D]
         pos = torch.cat([torch.arange(0, 50, 3), torch.arange(50, 90, 3)])
@@ -444,7 +445,7 @@ def test_ragged_batch_with_left_padding():
         mask[1, :40] = 0
         cache = new_cache(model)
         with torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(ids, attention_mask=mask, **{cache_kwarg(model): cache}, use_cache=True)
         arch = cache.layers[0].arch_len.tolist()
         assert arch == [140, 100]
         cache = leank.compact(model, cache, ratio=0.1, input_ids=ids, attention_mask=mask, progress=False)
@@ -452,7 +453,7 @@ def test_ragged_batch_with_left_padding():
         assert 1 <= after[0] <= 14 and 1 <= after[1] <= 10
         nxt = torch.tensor([[7], [7]])
         out = model.generate(torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
-                             past_key_values=cache, max_new_tokens=3, do_sample=False)
+                             **{cache_kwarg(model): cache}, max_new_tokens=3, do_sample=False)
         assert out.shape == (2, 164)
     finally:
         leank.unpatch(model)

@@ -13,6 +13,7 @@ import torch
 import leank
 from leank import LeanKConfig
 from leank.mixes import mix_mask
+from leank.patching import cache_kwarg
 from tests.oracle import tiny_model
 
 STEPS = 40
@@ -58,13 +59,13 @@ def forced_logits(model, ids, am, continuation, backend):
         pos = (am.cumsum(-1) - 1).clamp(min=0)
         rows = []
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, attention_mask=am, position_ids=pos, **{cache_kwarg(model): cache}, use_cache=True)
             rows.append(out.logits[:, -1])
             nxt = pos[:, -1:] + 1
             for t in range(continuation.shape[1] - 1):
                 am = torch.cat([am, am.new_ones(am.shape[0], 1)], 1)
                 out = model(input_ids=continuation[:, t:t + 1], attention_mask=am, position_ids=nxt,
-                            past_key_values=cache, use_cache=True)
+                            **{cache_kwarg(model): cache}, use_cache=True)
                 rows.append(out.logits[:, -1])
                 nxt = nxt + 1
     finally:

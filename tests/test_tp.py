@@ -1,6 +1,7 @@
 """LeanK under transformers' tensor parallelism (``leank.tp``).
 
-CPU: two gloo processes (forked from the test, so they start in ~2 s) shard tiny Llama and Qwen2
+CPU: two gloo processes (started by ``torchrun``, ~20 s on two cores; forking them from the test
+hung in CI once the test process had compiled: the children inherited its Inductor compile pool) shard tiny Llama and Qwen2
 models with transformers' own TP API (the model's ``base_model_tp_plan`` applied by
 ``PreTrainedModel.prepare_distribute_model`` / ``maybe_distribute_model``, the calls
 ``from_pretrained(..., distributed_config=DistributedConfig(tp_size=2))`` makes; that
@@ -166,29 +167,6 @@ def _worker(out: str, variant: str) -> None:
     dist.destroy_process_group()
 
 
-def _forked_rank(rank: int, out: str) -> None:
-    """CPU rank forked from the test process (the imports are inherited: no 10 s of imports per rank)."""
-    import torch.distributed as dist
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'store')}", rank=rank, world_size=2)
-    _worker(out, "cpu")
-
-
-def _run_forked(out, timeout: float) -> None:
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_forked_rank, args=(str(out),), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the two gloo ranks did not finish in {timeout} s")
-
-
 def _launch(out, variant: str):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -310,16 +288,17 @@ def _check_common(ranks: list, ref: dict, variant: str) -> None:
         assert msg is not None and "num_key_value_heads" in msg and "tp=2" in msg and "=3" in msg, msg
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not sys.platform.startswith("linux"),
-                    reason="needs torch.distributed and fork (Linux)")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_tp2_gloo_equals_single_process(tmp_path):
     """Two gloo ranks under transformers' TP: logits within 1e-5 (1e-4 for the compiled Qwen2 ranks) and tokens
     equal to one process (fp32)."""
     if not _has_tp_api():
         pytest.skip("this transformers has no PreTrainedModel.prepare_distribute_model/maybe_distribute_model")
-    t0 = time.perf_counter()
-    _run_forked(tmp_path, timeout=120)
-    ref = _single_process("cpu", "cpu")
+    proc = _launch(tmp_path, "cpu")  # fresh processes: a fork would inherit this process's Inductor worker pool
+    try:
+        ref = _single_process("cpu", "cpu")
+    finally:
+        _wait(proc, timeout=300)
     ranks = _load_ranks(tmp_path)
     _check_common(ranks, ref, "cpu")
     for kind in KINDS:
@@ -338,7 +317,6 @@ def test_tp2_gloo_equals_single_process(tmp_path):
         if kind == "qwen2":  # those ranks ran decode through the capture runner (emulated, compiled), the reference eagerly
             assert all(got[kind]["replays"] > 10 for got in ranks), [got[kind]["replays"] for got in ranks]
             assert all(got[kind]["compiled_steps"] > 10 for got in ranks), [got[kind]["compiled_steps"] for got in ranks]
-    assert time.perf_counter() - t0 < 60, "the two-rank CPU test must stay fast"
 
 
 # ----------------------------------------------------------------------------- GPU, two CUDA ranks
