@@ -57,6 +57,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import json
 import os
 import statistics
 import sys
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and without speculation; 0 = off (default: %(default)s)")
     p.add_argument("--speculative-tokens", type=int, default=128,
                    help="new tokens of each speculative run (default: %(default)s)")
+    p.add_argument("--records-from", nargs="+", default=None, metavar="RESULT_JSON",
+                   help="write the chunked-prefill and second-turn records (LeanK vs dense) of these earlier runs "
+                        "to --out and exit; runs nothing")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
@@ -525,6 +529,56 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def multi_token_records(runs: list[dict], turns: list[dict], config: dict) -> list[dict]:
+    """One record per multi-token measurement, LeanK against the dense dynamic cache of the same run.
+
+    ``chunked_prefill`` (only when LeanK prefilled in chunks, ``leank_prefill_chunk`` > 0): the
+    prefill seconds of ``leank`` and ``dense-dynamic`` rows of the same model, length and batch.
+    ``second_turn``: the seconds to the first token of the follow-up message. ``ratio`` =
+    ``leank_s / dense_s`` (below 1: LeanK is faster). ``config`` is the run's resolved arguments
+    (``vars(args)``, or the ``config`` of a written ``.config.json``).
+    """
+    records = []
+    chunk = config.get("leank_prefill_chunk") or 0
+    if chunk:
+        ok = {(r["model"], r["method"], r["length"], r["batch"]): r for r in runs if r.get("status") == "ok"}
+        for (model, method, length, batch), r in ok.items():
+            dense = ok.get((model, "dense-dynamic", length, batch))
+            if method == "leank" and dense is not None:
+                records.append({"measure": "chunked_prefill", "model": model, "length": length, "batch": batch,
+                                "chunk": chunk, "dense_chunk": config.get("dense_prefill_chunk"),
+                                "leank_s": r["prefill_s"], "dense_s": dense["prefill_s"],
+                                "ratio": r["prefill_s"] / dense["prefill_s"]})
+    done = {(t["model"], t["method"], t["length"], t["batch"]): t for t in turns if t.get("status") == "ok"}
+    for (model, method, length, batch), t in done.items():
+        dense = done.get((model, "dense-dynamic", length, batch))
+        if method == "leank" and dense is not None:
+            records.append({"measure": "second_turn", "model": model, "length": length, "batch": batch,
+                            "followup": t["followup"], "leank_s": t["ttft_s"], "dense_s": dense["ttft_s"],
+                            "ratio": t["ttft_s"] / dense["ttft_s"]})
+    return records
+
+
+def records_from(paths: Sequence[str], out: str) -> int:
+    """``--records-from``: the multi-token records of runs written earlier, gathered into ``out``."""
+    records = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        config = json.loads(common.config_path_for(Path(path)).read_text())["config"]  # kept beside it when renamed
+        turns = [t for info in result["models"] for t in info.get("second_turn", [])]
+        for r in multi_token_records(result["runs"], turns, config):
+            records.append({**r, "device": result["device"], "source": Path(path).name})
+    if not records:
+        raise SystemExit(f"--records-from: no chunked-prefill or second-turn pair (leank and dense-dynamic) in {list(paths)}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    note = ("gathered by eval/e2e_decode.py --records-from from the runs named in each record's source "
+            "(their .config.json beside them); nothing was re-measured")
+    Path(out).write_text(json.dumps({"note": note, "records": records}, indent=2) + "\n")
+    print(common.format_table(records, floatfmt=".3g"))
+    print(f"wrote {out}")
+    return 0
+
+
 def add_comparisons(rows: list[dict]) -> None:
     """Speedup of every method over the fastest dense method at the same model/length/batch, KV ratio,
     and over ``leank-dense`` when it ran (what the channel pruning itself gains, same machinery)."""
@@ -747,6 +801,8 @@ def _resolved_backend(backend: str, device) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.records_from:
+        return records_from(args.records_from, args.out)
     resolve_args(args)
     if "leank" in args.methods and (why := common.leank_available()):
         raise SystemExit(f"--methods leank: {why}")
@@ -787,6 +843,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "attn_implementation": attn, "dtype": str(dtype), "models": infos, "runs": rows, "max_batch": maxb,
               "table": table}
     result["tp"] = args.tp
+    turns = [t for info in infos for t in info["second_turn"]]
+    result["multi_token"] = multi_token_records(rows, turns, vars(args))
     if rank:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -801,6 +859,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                              "decode_peak_gib", "prefill_peak_gib", "kv_held_gib",
                                                              "tokens_per_s", "throughput_vs_best_dense")}
                                    for m in maxb], floatfmt=".3g"))
+    if result["multi_token"]:
+        print()
+        print(common.format_table(result["multi_token"], floatfmt=".3g"))
     print(f"wrote {out}, {cfgp}" + (f", {png}" if png else ""))
     if args.tp > 1:
         torch.distributed.barrier()

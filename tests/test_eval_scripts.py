@@ -40,12 +40,30 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
 def test_e2e_decode_second_turn_and_row_fields(tmp_path):
     out = tmp_path / "e2e.json"
     rc = e2e_decode.main([*SMALL, "--models", "llama3.1-8b", "--lengths", "40", "--batches", "1", "--warmup", "1",
-                          "--steps", "3", "--methods", "leank,dense-dynamic", "--second-turn", "12", "--out", str(out)])
+                          "--steps", "3", "--methods", "leank,dense-dynamic", "--second-turn", "12",
+                          "--leank-prefill-chunk", "16", "--dense-prefill-chunk", "16", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     turns = res["models"][0]["second_turn"]
     assert {t["method"] for t in turns} == {"leank", "dense-dynamic"}
     assert all(t["status"] == "ok" and t["ttft_s"] > 0 and t["followup"] == 12 for t in turns)
+    # issue 13's records: one per measurement, ratio = leank_s / dense_s of this run's rows
+    recs = {r["measure"]: r for r in res["multi_token"]}
+    assert set(recs) == {"chunked_prefill", "second_turn"} and len(res["multi_token"]) == 2
+    rows = {r["method"]: r for r in res["runs"]}
+    pre = recs["chunked_prefill"]
+    assert (pre["length"], pre["batch"], pre["chunk"]) == (40, 1, 16)
+    assert (pre["leank_s"], pre["dense_s"]) == (rows["leank"]["prefill_s"], rows["dense-dynamic"]["prefill_s"])
+    ttft = {t["method"]: t["ttft_s"] for t in turns}
+    assert (recs["second_turn"]["leank_s"], recs["second_turn"]["dense_s"]) == (ttft["leank"], ttft["dense-dynamic"])
+    for r in recs.values():
+        assert r["ratio"] == pytest.approx(r["leank_s"] / r["dense_s"])
+    # the same records gathered later from the written file (and its .config.json)
+    again = tmp_path / "records.json"
+    assert e2e_decode.main(["--records-from", str(out), "--out", str(again)]) == 0
+    gathered = json.loads(again.read_text())["records"]
+    assert [{k: r[k] for k in pre} for r in gathered if r["measure"] == "chunked_prefill"] == [pre]
+    assert all(r["source"] == out.name for r in gathered) and len(gathered) == 2
     for r in res["runs"]:  # the fields the issue asks for (floor needs the CUDA copy bandwidth)
         assert {"ms_per_token", "tokens_per_s", "kv_bytes", "baseline", "speedup_vs_strongest_dense"} <= set(r)
     leank_row = next(r for r in res["runs"] if r["method"] == "leank")
