@@ -468,6 +468,24 @@ def speculative(model, cfg, method: str, length: int, lookup: int, new_tokens: i
 
 
 # ----------------------------------------------------------------------------- max batch
+def ranks_agree(res: dict | None, keys: Sequence[str], device) -> dict | None:
+    """Under tensor parallelism, one verdict for every rank: ``None`` (out of memory) if any rank
+    ran out, else ``res`` with ``keys`` raised to their largest value over the ranks. A search whose
+    ranks decided apart (one steps down, the other not) would leave them in different collectives.
+    Single process: ``res`` unchanged."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return res
+    vals = [0.0 if res is None else 1.0] + [0.0 if res is None else float(res[k]) for k in keys]
+    t = torch.tensor([-vals[0], *vals[1:]], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # max of -ok is 0 as soon as one rank failed
+    if res is None or t[0].item() == 0.0:
+        return None
+    return {**res, **{k: t[1 + i].item() for i, k in enumerate(keys)}}
+
+
 def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, quiet: bool) -> dict:
     """Largest batch whose generate() at ``--budget-length`` stays within ``budget_gib``, and its speed.
 
@@ -488,7 +506,7 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
         gen = torch.Generator().manual_seed(args.seed + b)
         ids = torch.randint(100, cfg.vocab_size, (b, L), generator=gen).to(device)
         res = oom_safe(run_generate, model, method, ids, new_tokens, device, chunk)
-        return None if isinstance(res, str) else res
+        return ranks_agree(None if isinstance(res, str) else res, ("decode_peak_gib", "peak_gib"), device)
 
     probes = {b: attempt(b) for b in (1, 4)}
     if any(r is None for r in probes.values()):

@@ -318,3 +318,40 @@ def test_step_weight_bytes_counts_one_embedding_row_per_sequence():
     tied = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
     assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
     assert e2e_decode.step_weight_bytes(tied, 3) == e2e_decode.local_weight_bytes(tied)
+
+
+_AGREE_WORKER = """
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, os.environ["REPO"])
+from eval import e2e_decode
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+dev = torch.device("cpu")
+peaks = [{"decode_peak_gib": 10.0, "peak_gib": 12.0}, {"decode_peak_gib": 11.5, "peak_gib": 11.0}][rank]
+both = e2e_decode.ranks_agree({**peaks, "other": rank}, ("decode_peak_gib", "peak_gib"), dev)
+one_oom = e2e_decode.ranks_agree(None if rank == 1 else dict(peaks), ("decode_peak_gib", "peak_gib"), dev)
+json.dump({"both": both, "one_oom": one_oom}, open(os.path.join(sys.argv[1], f"r{rank}.json"), "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_max_batch_ranks_agree(tmp_path):
+    """Under TP the max-batch search takes one verdict on every rank: the largest peak of any rank, and
+    out of memory if any rank ran out (ranks that decided apart would wait in different collectives)."""
+    import os
+    import subprocess
+    import sys
+
+    assert e2e_decode.ranks_agree({"peak_gib": 3.0}, ("peak_gib",), torch.device("cpu")) == {"peak_gib": 3.0}
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREE_WORKER)
+    env = {**os.environ, "REPO": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"r{rank}.json").read_text())
+        assert got["both"] == {"decode_peak_gib": 11.5, "peak_gib": 12.0, "other": rank}
+        assert got["one_oom"] is None
