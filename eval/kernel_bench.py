@@ -115,8 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query rows per split-kernel block (default: the kernel's 64, one wgmma tile; 16 and 32 "
                         "use mma.sync tiles and pad a 4- or 7-head GQA group less); a tuning experiment, "
                         "recorded in the JSON")
+    p.add_argument("--num-stages", type=int, choices=[2, 3], default=None,
+                   help="K/V tiles in flight per split-kernel block (default: the kernel's 2, 80 KiB of shared "
+                        "memory at head_dim 128; 3 takes 112 KiB, still two blocks per SM; 4 would leave one); "
+                        "a tuning experiment, recorded in the JSON")
+    p.add_argument("--combine-vector", type=int, choices=[1, 4], default=None,
+                   help="combine kernel: channels per thread (default: the kernel's 1; 4 reads float4 and sums "
+                        "the parts in 4 or 8 lanes side by side); a tuning experiment, recorded in the JSON")
     p.add_argument("--dry-run", action="store_true", help="list shapes, masks and points, time nothing (CPU ok)")
     return p
+
+
+def tile_config(args) -> dict | None:
+    """The kernels' tile-config override the tuning flags ask for (None: the kernels' defaults)."""
+    cfg = {k: v for k, v in (("block_H", args.block_h), ("num_stages", args.num_stages),
+                             ("combine_vector", args.combine_vector)) if v is not None}
+    return cfg or None
 
 
 def device_label(name: str) -> str:
@@ -378,10 +392,10 @@ def main(argv=None) -> int:
         from leank.tilelang_kernels import decode as _decode
 
         _decode.BLOCKS_PER_SM = args.blocks_per_sm
-    if args.block_h is not None:
+    if tile_config(args) is not None:
         from leank.tilelang_kernels import decode as _decode
 
-        _decode.TILE_CONFIG = {"block_H": args.block_h}
+        _decode.TILE_CONFIG = tile_config(args)
     if not cuda and not args.dry_run:
         print("kernel_bench needs a CUDA GPU (--dry-run lists the points without one)")
         return 2
@@ -442,7 +456,7 @@ def main(argv=None) -> int:
     out = dict(device=dev_name, device_name=label, dtype=args.dtype, copy_gbps=copy_gbps, torch=torch.__version__,
                python=platform.python_version(), graph=not args.no_graph, window=dict(sink=SINK, recent=RECENT,
                pending_cap=PENDING), timing="triton do_bench median, L2 flushed, warm-up excluded",
-               launches_per_layer_step=2, blocks_per_sm=args.blocks_per_sm, block_h=args.block_h, models=models, results=results,
+               launches_per_layer_step=2, blocks_per_sm=args.blocks_per_sm, block_h=args.block_h, tile_config=tile_config(args), models=models, results=results,
                fixed_cost_us=fixed_costs(results))
     try:
         import tilelang

@@ -116,6 +116,24 @@ def test_compile_small_query_tile(cache_dir, model):
     assert "wgmma" not in src and "mma" in src and "tma_load" in src
 
 
+@pytest.mark.parametrize("model", ["qwen2.5-7b", "qwen2.5-0.5b"])
+def test_compile_deeper_pipeline_and_vector_combine(cache_dir, model):
+    """``--num-stages 3 --combine-vector 4``: three K/V stages still fit two blocks per SM, and the
+    combine reads float4 and sums parts in lanes side by side (4 lanes at head_dim 128, 8 at 64)."""
+    from leank.tilelang_kernels import decode as dec
+
+    heads, kv = SHAPES[model]
+    head_dim = HEAD_DIM[model]
+    dec._kernels.clear()
+    split, combine = dec.get_kernels(heads, kv, head_dim, BF16, dec.default_slot_dims(head_dim, [32, 64]), False,
+                                     config={"num_stages": 3, "combine_vector": 4})
+    src = split.get_kernel_source()
+    assert "wgmma" in src and "bars[(k % 3)]" in src, "expected a 3-stage TMA ring"
+    csrc = combine.get_kernel_source()
+    lanes = 128 // (head_dim // 4)
+    assert "*(float4*)(OPART" in csrc and f"for (int r = 0; r < {lanes}; ++r)" in csrc
+
+
 def test_block_h_is_checked():
     from leank.tilelang_kernels import decode_kernels as dk
 
@@ -123,3 +141,5 @@ def test_block_h_is_checked():
         dk.split_kernel(32, 8, 128, (32,), "bfloat16", False, block_H=8)
     with pytest.raises(ValueError, match="at most block_H=16"):
         dk.split_kernel(64, 2, 128, (32,), "bfloat16", False, block_H=16)
+    with pytest.raises(ValueError, match="vector: expected 1 or 4"):
+        dk.combine_kernel(32, 8, 128, "bfloat16", vector=2)

@@ -4,8 +4,8 @@ Every case draws fresh random data; rows past the lengths hold finite junk so ma
 is exercised. Covered: head_dim 64 and 128, fp16 and bf16, awkward lengths (1, 17, 97, block+1 = 65, 4097, ...), empty
 archives, all-pruned heads, every kept count in steps of 16, ragged batches 1-32, GQA
 groups 1/4/7/8, the attention-matching bias, kept counts that need padding, no
-recompile as the context grows, the capability errors, and the 16-row query tile of the
-``--block-h 16`` experiment.
+recompile as the context grows, the capability errors, and the tuning experiments of
+``eval/kernel_bench.py`` (``--block-h 16``, ``--num-stages 3``, ``--combine-vector 4``).
 
 Each distinct kernel variant (head shape, head_dim, dtype, slot set, bias) costs a cold
 compile (~25 s); the module compiles all of them in parallel processes first (TileLang's
@@ -78,6 +78,12 @@ def variant(heads, kv, head_dim, dtype, kept, bias=False):
     return heads, kv, head_dim, str(dtype).replace("torch.", ""), dec.call_slot_dims(head_dim, dims), bias
 
 
+# the kernel_bench tuning experiments (decode.TILE_CONFIG), each on the shapes of SMALL_TILE
+SMALL_TILE = [(32, 8, 128, BF16), (28, 4, 128, FP16), (14, 2, 64, BF16)]
+TUNING = [{"block_H": 16}, {"num_stages": 3}, {"combine_vector": 4}]
+TUNED = {variant(h, kv, hd, dt, gqa_kept(hd, kv)) + (tuple(sorted(c.items())),) for h, kv, hd, dt in SMALL_TILE
+         for c in TUNING}
+
 VARIANTS = sorted(
     {variant(32, 8, hd, dt, mix(hd)) for hd, dt in HD_DTYPES}
     | {variant(32, 8, hd, dt, every_step(hd)) for hd, dt in EVERY}
@@ -85,7 +91,8 @@ VARIANTS = sorted(
     | {variant(32, 8, hd, dt, mix(hd)) for _, hd, dt in RAGGED}
     | {variant(32, 8, hd, dt, [0] * 8) for hd, dt in PRUNED}
     | {variant(32, 8, hd, dt, mix(hd), True) for hd, dt in BIAS}
-    | {variant(32, 8, 128, FP16, [24, 8])},
+    | {variant(32, 8, 128, FP16, [24, 8])}
+    | TUNED,
     key=repr)
 
 
@@ -96,8 +103,8 @@ def precompile():
     the test that needs the variant compiles it itself and reports what went wrong."""
     code = ("import sys, torch; sys.path.insert(0, sys.argv[1]);"
             "from leank.tilelang_kernels.decode import get_kernels;"
-            "h, kv, hd, dt, slots, bias = eval(sys.argv[2]);"
-            "get_kernels(h, kv, hd, getattr(torch, dt), slots, bias)")
+            "h, kv, hd, dt, slots, bias, *cfg = eval(sys.argv[2]);"
+            "get_kernels(h, kv, hd, getattr(torch, dt), slots, bias, config=dict(cfg[0]) if cfg else None)")
     t0 = time.time()
     todo = list(VARIANTS)
     running, failed = [], []
@@ -195,14 +202,13 @@ def test_gqa(heads, kv, head_dim, kept):
     check(case, BF16)
 
 
-SMALL_TILE = [(32, 8, 128, BF16), (28, 4, 128, FP16), (14, 2, 64, BF16)]
-
-
+@pytest.mark.parametrize("config", TUNING, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in TUNING])
 @pytest.mark.parametrize("heads,kv,head_dim,dtype", SMALL_TILE,
                          ids=[f"{h}q-{kv}kv-hd{hd}-{str(dt)[6:]}" for h, kv, hd, dt in SMALL_TILE])
-def test_small_query_tile(monkeypatch, heads, kv, head_dim, dtype):
-    """The ``--block-h 16`` experiment (mma.sync tiles of 16 query rows) against the float64 reference."""
-    monkeypatch.setattr(dec, "TILE_CONFIG", {"block_H": 16})
+def test_tuning_variants(monkeypatch, heads, kv, head_dim, dtype, config):
+    """The kernel_bench tuning experiments (``--block-h 16``: mma.sync tiles of 16 query rows;
+    ``--num-stages 3``; ``--combine-vector 4``) against the float64 reference."""
+    monkeypatch.setattr(dec, "TILE_CONFIG", config)
     for wl, al in [(1, 0), (70, 300), (BLOCK_N + 1, 4097)]:
         case = make_case(2, heads, kv, gqa_kept(head_dim, kv), [wl, max(1, wl // 2)], [al, al // 3], dtype,
                          head_dim=head_dim, seed=heads + wl + al)

@@ -115,11 +115,12 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
         raise ValueError(f"dtype: expected float16 or bfloat16, got {dtype}")
     tgt = dict(target or _TARGET)
     cfg = {**dk.default_config(head_dim), **(config or {})}
+    vector = cfg.pop("combine_vector", 1)
     name = _DTYPES[dtype]
     split = tilelang.compile(
         dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
         target=tgt, pass_configs=dk.PASS_CONFIGS)
-    combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name),
+    combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector),
                                target=tgt, pass_configs=dk.PASS_CONFIGS)
     with _lock:
         _kernels[key] = (split, combine)
@@ -154,9 +155,10 @@ def num_sms(device: torch.device) -> int:
 
 
 BLOCKS_PER_SM: Optional[int] = None  # measurement knob (eval/kernel_bench.py --blocks-per-sm); None: the rule below
-# measurement knob (eval/kernel_bench.py --block-h): tile config override of the split kernel, e.g.
-# {"block_H": 16} (query rows per block: 16 uses mma.sync tiles instead of a 64-row wgmma tile that
-# a 4- or 7-head GQA group mostly pads); None: decode_kernels.CONFIGS
+# measurement knob (eval/kernel_bench.py --block-h / --num-stages / --combine-vector): tile config
+# override, e.g. {"block_H": 16} (query rows per block: 16 uses mma.sync tiles instead of a 64-row
+# wgmma tile that a 4- or 7-head GQA group mostly pads), {"num_stages": 3} (K/V tiles in flight per
+# block), {"combine_vector": 4} (the combine's lanes over parts); None: decode_kernels.CONFIGS
 TILE_CONFIG: Optional[dict] = None
 
 

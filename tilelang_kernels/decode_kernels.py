@@ -235,19 +235,29 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
     return split
 
 
-def combine_kernel(num_heads, num_kv_heads, head_dim, dtype):
+def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1):
     """Build the combine pass: LSE-merge of ``nparts[kv_head]`` (at most 128) float32 parts.
 
     One block of 128 threads per (query head, sequence): thread ``t`` loads part ``t``'s
-    LSE, the block reduces max and sum with warp shuffles, then thread ``j < head_dim``
-    sums channel ``j`` over parts (independent loads, unrolled). For head_dim 64 the upper
-    half of the block only takes part in the reductions.
+    LSE, the block reduces max and sum with warp shuffles, then the weighted sum over parts:
+
+    * ``vector=1``: thread ``j < head_dim`` sums channel ``j`` over all parts (independent
+      loads, unrolled). For head_dim 64 the upper half of the block only takes part in the
+      reductions.
+    * ``vector=4`` (experiment, ``eval/kernel_bench.py --combine-vector 4``): a thread reads 4
+      channels at once and the block's ``128 / (head_dim / 4)`` lanes of threads take every
+      lane-th part, so each thread issues a quarter (head_dim 128) or an eighth (64) of the
+      dependent-latency rounds; the lanes' sums meet in shared memory.
     """
     rep = num_heads // num_kv_heads
     D = head_dim
     NT = COMBINE_THREADS
     if D not in HEAD_DIMS or D > NT:
         raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {D}")
+    if vector not in (1, 4):
+        raise ValueError(f"vector: expected 1 or 4 channels per thread, got {vector}")
+    cols = D // vector  # threads across the channels of one part
+    lanes = NT // cols  # parts summed side by side (1 when vector=1 and D=128)
     accum = T.float32
     neg_inf = -T.infinity(accum)
     B = T.dynamic("batch")
@@ -286,11 +296,31 @@ def combine_kernel(num_heads, num_kv_heads, head_dim, dtype):
                 red[NW + tx // 32] = tot
             T.sync_threads()
             tot = red[NW] + red[NW + 1] + red[NW + 2] + red[NW + 3]
-            acc = T.alloc_var(accum, init=0.0)
-            if tx < D:
-                for p in T.unroll(n, unroll_factor=8):
-                    acc = acc + wts[p] * OPART[b, h, p, tx]
-                O[b, h, tx] = T.if_then_else(tot > 0, acc / tot, 0.0)
+            if vector == 1:
+                acc = T.alloc_var(accum, init=0.0)
+                if tx < D:
+                    for p in T.unroll(n, unroll_factor=8):
+                        acc = acc + wts[p] * OPART[b, h, p, tx]
+                    O[b, h, tx] = T.if_then_else(tot > 0, acc / tot, 0.0)
+            else:
+                lane = tx // cols
+                c0 = (tx % cols) * vector
+                acc4 = T.alloc_local([vector], accum)
+                lane_sum = T.alloc_shared([lanes, D], accum)
+                for v in T.vectorized(vector):
+                    acc4[v] = 0.0
+                for i in T.unroll((n + lanes - 1) // lanes, unroll_factor=4):
+                    if i * lanes + lane < n:
+                        for v in T.vectorized(vector):
+                            acc4[v] = acc4[v] + wts[i * lanes + lane] * OPART[b, h, i * lanes + lane, c0 + v]
+                for v in T.vectorized(vector):
+                    lane_sum[lane, c0 + v] = acc4[v]
+                T.sync_threads()
+                if tx < D:
+                    s = T.alloc_var(accum, init=0.0)
+                    for r in T.unroll(lanes):
+                        s = s + lane_sum[r, tx]
+                    O[b, h, tx] = T.if_then_else(tot > 0, s / tot, 0.0)
             if tx == 0:
                 LSE[b, h] = T.if_then_else(tot > 0, (T.log2(tot) + m) * LN2, neg_inf)
 
