@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=common.int_list, default=[32768], help="prompt lengths, K suffix allowed (default: 32K)")
     p.add_argument("--batches", type=common.int_list, default=[1], help="batch sizes (default: 1)")
     p.add_argument("--methods", type=common.str_list, default=["leank", "dense-static"],
-                   help=f"subset of {list(e2e_decode.METHODS)} (default: leank,dense-static)")
+                   help=f"subset of {list(e2e_decode.METHODS + e2e_decode.EXTRA_METHODS)} (default: leank,dense-static)")
     p.add_argument("--layers", type=int, default=None, help="use only this many decoder layers (default: all)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny widths, 96-token prompt, small window")
     p.add_argument("--warmup", type=int, default=6, help="untraced decode steps first (default: %(default)s)")
@@ -165,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bad = [m for m in args.methods if m not in e2e_decode.METHODS]
+    bad = [m for m in args.methods if m not in e2e_decode.METHODS + e2e_decode.EXTRA_METHODS]
     if bad:
-        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {list(e2e_decode.METHODS)}")
+        raise SystemExit(f"--methods: unknown {bad}; expected a subset of "
+                         f"{list(e2e_decode.METHODS + e2e_decode.EXTRA_METHODS)}")
     if args.steps < 1 or args.warmup < 1:
         raise SystemExit(f"--steps and --warmup: expected >= 1, got {args.steps} and {args.warmup}")
     import torch

@@ -18,7 +18,9 @@ not depend on the values). For each model, prompt length and batch size it runs
 - ``leank-unfused``: ``leank`` with ``fuse_projections=False`` (transformers' forward, separate products);
 - ``leank-graph``: ``leank`` without ``torch.compile`` (the fused forward recorded uncompiled);
 - ``leank-dense``: the same captured LeanK path with every channel kept (nothing pruned);
-- ``leank-eager``: ``leank`` with ``capture=False``.
+- ``leank-eager``: ``leank`` with ``capture=False``;
+- ``leank-autotune`` (only when named in ``--methods``): ``leank`` compiled with
+  ``compile_mode="max-autotune-no-cudagraphs"``.
 
 Every row also reports the byte floor of a decode step: (the weight bytes the step reads + the
 K/V bytes it reads) / the device-to-device copy bandwidth measured in the same run (an
@@ -71,6 +73,8 @@ if __package__ in (None, ""):  # `python eval/e2e_decode.py` from a checkout
 from eval import common  # noqa: E402
 
 METHODS = ("dense-static", "dense-dynamic", "leank", "leank-unfused", "leank-graph", "leank-dense", "leank-eager")
+# run only when named in --methods (Inductor autotuning costs minutes of compile per batch size)
+EXTRA_METHODS = ("leank-autotune",)
 # what each method is, for the JSON and the README
 METHOD_DOC = {
     "dense-static": "unpatched model, transformers' static cache; transformers compiles the decode step "
@@ -84,6 +88,8 @@ METHOD_DOC = {
     "leank-graph": "leank with compile_decode=False: the fused forward replayed uncompiled as one CUDA graph",
     "leank-dense": "the same LeanK machinery (captured) with every channel kept: what LeanK costs without pruning",
     "leank-eager": "leank with capture=False (every decode step eager)",
+    "leank-autotune": "leank with compile_mode='max-autotune-no-cudagraphs': Inductor benchmarks Triton "
+                      "matrix-product templates against cuBLAS for the step's products",
 }
 # --tiny: every code path in about a minute on a 2-core CPU (the window is small so the archive fills)
 TINY_SIZES = dict(lengths=[96], batches=[1, 2], warmup=1, steps=6, dense_prefill_chunk=32, sink=8, recent=16,
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "those that cannot fit are skipped)")
     p.add_argument("--batches", type=common.int_list, default=[1, 8], help="batch sizes (default: 1,8)")
     p.add_argument("--methods", type=common.str_list, default=list(METHODS),
-                   help=f"subset of {list(METHODS)} (default: all)")
+                   help=f"subset of {list(METHODS + EXTRA_METHODS)} (default: all but {list(EXTRA_METHODS)})")
     p.add_argument("--layers", type=int, default=None, help="use only this many decoder layers (default: all)")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke test: tiny widths (2 layers, head_dim 128) and, for options left at their "
@@ -157,9 +163,9 @@ def resolve_args(args) -> None:
         common.apply_smoke_sizes(args, build_parser(), TINY_SIZES)
     if args.quick:
         args.layers, args.lengths, args.batches, args.max_batch = args.layers or 8, [8192, 32768], [1, 8], False
-    bad = [m for m in args.methods if m not in METHODS]
+    bad = [m for m in args.methods if m not in METHODS + EXTRA_METHODS]
     if bad:
-        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {list(METHODS)}")
+        raise SystemExit(f"--methods: unknown {bad}; expected a subset of {list(METHODS + EXTRA_METHODS)}")
     bad = [m for m in args.models if m not in common.MODEL_SHAPES]
     if bad:
         raise SystemExit(f"--models: unknown {bad}; expected a subset of {list(common.MODEL_SHAPES)}")
@@ -277,7 +283,8 @@ def method_setups(model, family: str, args, need_mask: bool = True) -> tuple:
     return mask, {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
                   "leank-unfused": (mask, dataclasses.replace(lcfg, fuse_projections=False)),
                   "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
-                  "leank-eager": (mask, dataclasses.replace(lcfg, capture=False))}
+                  "leank-eager": (mask, dataclasses.replace(lcfg, capture=False)),
+                  "leank-autotune": (mask, dataclasses.replace(lcfg, compile_mode="max-autotune-no-cudagraphs"))}
 
 
 def method_context(model, setups: dict, method: str):
@@ -287,7 +294,7 @@ def method_context(model, setups: dict, method: str):
 
 def kv_fraction(method: str, mask) -> float:
     """Archived K+V bytes of ``method`` relative to a dense cache (1 for dense and ``leank-dense``)."""
-    return leank_fraction(mask) if method in ("leank", "leank-unfused", "leank-graph", "leank-eager") else 1.0
+    return 1.0 if method.startswith("dense") or method == "leank-dense" else leank_fraction(mask)
 
 
 def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0) -> dict:

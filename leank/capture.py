@@ -275,7 +275,7 @@ class DecodeGraphRunner:
             return self._forward_logits
         if self._compiled is None:
             # dynamic=None: a second batch size recompiles once with a dynamic batch, later sizes reuse it
-            self._compiled = torch.compile(self._forward_logits, fullgraph=True)
+            self._compiled = torch.compile(self._forward_logits, fullgraph=True, mode=state.config.compile_mode)
         return self._compiled
 
     def _device_step(self, fn, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:

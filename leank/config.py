@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "reference", "tilelang")
+# torch.compile modes of the captured decode step: the modes that record CUDA graphs of their own
+# ("reduce-overhead", "max-autotune") cannot run inside LeanK's graph
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 MAX_ROWS = 2**30  # window sizes and lengths are int32 on the device
 
 
@@ -29,6 +32,10 @@ class LeanKConfig:
             LeanK's attention op; the first decode step of a process pays the compile,
             tens of seconds for an 8B model). False records the plain forward. A failed
             compile falls back to the plain forward and says so once.
+        compile_mode: the ``torch.compile`` mode of that step, one of ``COMPILE_MODES``:
+            ``"default"``, or ``"max-autotune-no-cudagraphs"`` (Inductor benchmarks Triton
+            matrix-product templates against cuBLAS for the step's small-batch products;
+            minutes of compile instead of tens of seconds).
         fuse_projections: in the captured decode step of a Llama / Qwen2 model, run each
             layer's q/k/v and gate/up projections as one matrix product each over weights
             made views of one buffer (``leank.fused_decode``; memory and ``state_dict``
@@ -45,6 +52,7 @@ class LeanKConfig:
     initial_archive_capacity: int = 512
     capture: bool = True
     compile_decode: bool = True
+    compile_mode: str = "default"
     fuse_projections: bool = True
 
     def __post_init__(self) -> None:
@@ -59,6 +67,8 @@ class LeanKConfig:
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.sink + self.recent < 1:
             raise ValueError(f"sink + recent: expected >= 1, got sink={self.sink}, recent={self.recent}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.initial_archive_capacity, int) or self.initial_archive_capacity < 1:

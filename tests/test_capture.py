@@ -392,3 +392,29 @@ def test_fused_decode_refuses_models_it_would_change():
     cap, r = _run(model, keep, ids, am, 7, capture=True)
     assert not r.fused and r.replays > 0
     _assert_same_run(eager, cap)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """LeanKConfig.compile_mode is the mode the decode step is compiled with; modes that record CUDA
+    graphs of their own (they cannot run inside LeanK's graph) are refused by name."""
+    import leank.capture as capture_mod
+
+    seen = []
+
+    def fake_compile(fn, **kw):  # records the call; runs the step uncompiled (no minutes of autotuning)
+        seen.append(kw)
+        return fn
+
+    monkeypatch.setattr(capture_mod.torch, "compile", fake_compile)
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([5, 12], seed=3)
+    cfg = LeanKConfig(**{**CFG.__dict__, "compile_mode": "max-autotune-no-cudagraphs"})
+    eager, _ = _run(model, keep, ids, am, 7, capture=False)
+    cap, runner = _run(model, keep, ids, am, 7, capture=True, cfg=cfg, compile_decode=True)
+    assert seen == [{"fullgraph": True, "mode": "max-autotune-no-cudagraphs"}]
+    assert runner.compiled_steps > 0
+    _assert_same_run(eager, cap)
+    for mode in ("reduce-overhead", "max-autotune", "fast"):
+        with pytest.raises(ValueError, match=f"compile_mode: expected one of .* got '{mode}'"):
+            LeanKConfig(compile_mode=mode)

@@ -423,7 +423,6 @@ def compact_heads(
 def _solve(q, k_sel, v_sel, b_sel, targets: Targets, scale, active, ridge, nnls_tol, beta_ridge):
     """beta by NNLS on the mass, C_v by ridge LS on the outputs, for all problems at once."""
     a = _selected_weights(q, k_sel, b_sel, targets.lse, scale, active)  # [G, n, t]
-    ones = torch.ones(a.shape[:2], dtype=a.dtype, device=a.device)
     gram = a.transpose(1, 2) @ a
     rhs = a.sum(1)
     if beta_ridge > 0:
