@@ -477,9 +477,12 @@ def speculative(model, cfg, method: str, length: int, lookup: int, new_tokens: i
 # ----------------------------------------------------------------------------- max batch
 def ranks_agree(res: dict | None, keys: Sequence[str], device) -> dict | None:
     """Under tensor parallelism, one verdict for every rank: ``None`` (out of memory) if any rank
-    ran out, else ``res`` with ``keys`` raised to their largest value over the ranks. A search whose
-    ranks decided apart (one steps down, the other not) would leave them in different collectives.
-    Single process: ``res`` unchanged."""
+    ran out, else ``res`` with ``keys`` raised to their largest value over the ranks, so that ranks
+    whose peaks straddle the budget do not step down apart (they would then wait in different
+    collectives). It cannot save a run where one rank alone runs out of memory inside ``generate``:
+    the other rank then waits in the model's all-reduce, and the run hangs until the process group
+    times out (the ranks are symmetric, so they normally run out together). Single process: ``res``
+    unchanged."""
     import torch
     import torch.distributed as dist
 
@@ -584,12 +587,21 @@ def multi_token_records(runs: list[dict], turns: list[dict], config: dict) -> li
     return records
 
 
-def records_from(paths: Sequence[str], out: str) -> int:
+def records_from(paths: Sequence[str], out: str | None) -> int:
     """``--records-from``: the multi-token records of runs written earlier, gathered into ``out``."""
+    if out is None:
+        raise SystemExit("--records-from: expected --out FILE for the records (no default: it would overwrite a run)")
+    if any(Path(out).resolve() == Path(p).resolve() for p in paths):
+        raise SystemExit(f"--out: expected a file other than the --records-from inputs, got {out}")
     records = []
     for path in paths:
         result = json.loads(Path(path).read_text())
-        config = json.loads(common.config_path_for(Path(path)).read_text())["config"]  # kept beside it when renamed
+        cfg_file = common.config_path_for(Path(path))  # kept beside it under its name (renamed when committed)
+        if not cfg_file.is_file():
+            raise SystemExit(f"--records-from: expected {cfg_file} beside {path} (written with it), not found")
+        if "runs" not in result or "models" not in result:
+            raise SystemExit(f"--records-from: expected an eval/e2e_decode.py result in {path}, got keys {sorted(result)}")
+        config = json.loads(cfg_file.read_text())["config"]
         turns = [t for info in result["models"] for t in info.get("second_turn", [])]
         for r in multi_token_records(result["runs"], turns, config):
             records.append({**r, "device": result["device"], "source": Path(path).name})
@@ -827,7 +839,8 @@ def _resolved_backend(backend: str, device) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.records_from:
-        return records_from(args.records_from, args.out)
+        explicit = any(a == "--out" or a.startswith("--out=") for a in (sys.argv[1:] if argv is None else argv))
+        return records_from(args.records_from, args.out if explicit else None)
     resolve_args(args)
     if "leank" in args.methods and (why := common.leank_available()):
         raise SystemExit(f"--methods leank: {why}")

@@ -351,7 +351,7 @@ class DecodeGraphRunner:
     def _step(self, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
         """One decode step run now (not recorded): compiled when possible, else the plain forward."""
         fn = self._step_fn()
-        if fn is not self._forward_logits:
+        if fn is self._compiled:  # (a bound method is a new object per access: compare with the compiled fn)
             t0 = time.perf_counter()
             if not self.compiled_steps:
                 logger.info("leank: compiling the decode step with torch.compile (once per process and model; "
@@ -400,7 +400,7 @@ class DecodeGraphRunner:
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
         logger.info("leank: captured the decode step of batch %d in a CUDA graph%s", ids.shape[0],
-                    "" if fn is self._forward_logits else " (compiled)")
+                    " (compiled)" if fn is self._compiled else "")
         return g
 
     def _replay(self, g: _Graph, kwargs, cache: LeanKCache):
@@ -409,7 +409,7 @@ class DecodeGraphRunner:
         if self.emulate:
             fn = self._step_fn()
             logits = self._device_step(fn, g.ids, g.pos, cache)
-            self.compiled_steps += fn is not self._forward_logits
+            self.compiled_steps += fn is self._compiled
         else:
             g.graph.replay()
             logits = g.logits

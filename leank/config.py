@@ -68,7 +68,9 @@ class LeanKConfig:
         if self.sink + self.recent < 1:
             raise ValueError(f"sink + recent: expected >= 1, got sink={self.sink}, recent={self.recent}")
         if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {self.compile_mode!r}")
+            raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {self.compile_mode!r} "
+                             "('reduce-overhead' and 'max-autotune' record CUDA graphs of their own, which cannot "
+                             "run inside LeanK's captured step)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.initial_archive_capacity, int) or self.initial_archive_capacity < 1:

@@ -121,13 +121,15 @@ CHUNKS = [1, 2, 17, SELF_BLOCK + 1]
 
 
 def _chunked_generate(model, ids, am, n, chunk, cache=None):
+    """``chunk=None``: no prefill chunking (the new tokens go in as one step)."""
     from leank.patching import cache_kwarg, output_cache
 
     kw = {cache_kwarg(model): cache} if cache is not None else {}
+    if chunk is not None:
+        kw["prefill_chunk_size"] = chunk
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             prefill_chunk_size=chunk, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=0, **kw)
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
     return out.sequences, torch.stack(out.logits, 1).float(), output_cache(out)
 
 
@@ -168,8 +170,10 @@ def test_chunked_prefill_sizes_equal_the_leank_function(monkeypatch, chunk):
 
 def test_chunked_ragged_batch_and_second_call_equal_the_leank_function(monkeypatch):
     """fp32: a left-padded batch (40 and 27 tokens) prefilled in chunks of 17, 5 tokens decoded, then a
-    second ``generate`` on the returned cache with a 5-token follow-up: every row equals the LeanK
-    function of that row alone, fed the chunks transformers formed on the padded batch."""
+    second ``generate`` on the returned cache with a 5-token follow-up (its 6 uncached tokens one
+    multi-token step; not chunked: transformers 5.13's chunked prefill re-feeds the whole prompt
+    even with a cache): every row equals the LeanK function of that row alone, fed the chunks
+    transformers formed on the padded batch."""
     monkeypatch.setattr(attn, "QUERY_BLOCK", SELF_BLOCK)
     model = tiny_model("qwen2")
     keep = sparse_keep(2, 4, 32, seed=8)
@@ -186,7 +190,7 @@ def test_chunked_ragged_batch_and_second_call_equal_the_leank_function(monkeypat
         seq1, logits1, cache = _chunked_generate(model, ids, am, new1, chunk)
         ids2 = torch.cat([seq1, follow], 1)
         am2 = torch.cat([am, torch.ones(2, new1 + 5, dtype=am.dtype)], 1)
-        seq2, logits2, cache2 = _chunked_generate(model, ids2, am2, new2, chunk, cache=cache)
+        seq2, logits2, cache2 = _chunked_generate(model, ids2, am2, new2, None, cache=cache)
     finally:
         leank.unpatch(model)
     assert cache2 is cache

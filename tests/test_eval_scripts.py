@@ -64,6 +64,10 @@ def test_e2e_decode_second_turn_and_row_fields(tmp_path):
     gathered = json.loads(again.read_text())["records"]
     assert [{k: r[k] for k in pre} for r in gathered if r["measure"] == "chunked_prefill"] == [pre]
     assert all(r["source"] == out.name for r in gathered) and len(gathered) == 2
+    with pytest.raises(SystemExit, match="expected --out FILE"):  # never the default: it would overwrite a run
+        e2e_decode.main(["--records-from", str(out)])
+    with pytest.raises(SystemExit, match="other than the --records-from inputs"):
+        e2e_decode.main(["--records-from", str(out), "--out", str(out)])
     for r in res["runs"]:  # the fields the issue asks for (floor needs the CUDA copy bandwidth)
         assert {"ms_per_token", "tokens_per_s", "kv_bytes", "baseline", "speedup_vs_strongest_dense"} <= set(r)
     leank_row = next(r for r in res["runs"] if r["method"] == "leank")

@@ -129,6 +129,10 @@ def test_compile_deeper_pipeline_and_vector_combine(cache_dir, model):
                                      config={"num_stages": 3, "combine_vector": 4})
     src = split.get_kernel_source()
     assert "wgmma" in src and "bars[(k % 3)]" in src, "expected a 3-stage TMA ring"
+    # dynamic shared memory (the launch argument in the host code): q tile + 3 stages of K and V tiles,
+    # 112 KiB at head_dim 128 (two blocks fit an SM's 228 KiB), 56 KiB at 64
+    smem = 2 * (64 * head_dim + 3 * 64 * 2 * head_dim)
+    assert smem <= 114688 and f"((int64_t){smem})" in split.get_host_source(), smem
     csrc = combine.get_kernel_source()
     lanes = 128 // (head_dim // 4)
     assert "*(float4*)(OPART" in csrc and f"for (int r = 0; r < {lanes}; ++r)" in csrc
@@ -141,5 +145,5 @@ def test_block_h_is_checked():
         dk.split_kernel(32, 8, 128, (32,), "bfloat16", False, block_H=8)
     with pytest.raises(ValueError, match="at most block_H=16"):
         dk.split_kernel(64, 2, 128, (32,), "bfloat16", False, block_H=16)
-    with pytest.raises(ValueError, match="vector: expected 1 or 4"):
+    with pytest.raises(ValueError, match="combine_vector.*expected 1 or 4"):
         dk.combine_kernel(32, 8, 128, "bfloat16", vector=2)

@@ -99,7 +99,9 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     """Compiled ``(split, combine)`` kernels for one layout class (in-process + disk cache).
 
     ``target`` defaults to SM90 (``{"kind": "cuda", "arch": "sm_90a"}``); compiling needs
-    nvcc but no GPU. ``config`` overrides the tile config (``decode_kernels.default_config``).
+    nvcc but no GPU. ``config`` overrides the split kernel's tile config
+    (``decode_kernels.default_config``: ``block_N``, ``block_H``, ``num_stages``, ``threads``)
+    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread.
     """
     key = (num_heads, num_kv_heads, head_dim, dtype, tuple(slot_dims), bool(has_bias),
            tuple(sorted((config or {}).items())))

@@ -255,7 +255,8 @@ def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1):
     if D not in HEAD_DIMS or D > NT:
         raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {D}")
     if vector not in (1, 4):
-        raise ValueError(f"vector: expected 1 or 4 channels per thread, got {vector}")
+        raise ValueError(f"vector (config combine_vector, kernel_bench --combine-vector): expected 1 or 4 "
+                         f"channels per thread, got {vector}")
     cols = D // vector  # threads across the channels of one part
     lanes = NT // cols  # parts summed side by side (1 when vector=1 and D=128)
     accum = T.float32
