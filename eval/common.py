@@ -164,6 +164,18 @@ def add_leank_args(parser: argparse.ArgumentParser, sink: int | None = None, rec
                    help="LeanK attention backend (default: %(default)s)")
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Raise torch.compile's per-function recompile limit for a benchmark process (default 8).
+
+    Every patched model (method, shape, dtype) compiles LeanK's decode step once more in the same
+    process; past the limit the step would run uncompiled and the rows would not measure the
+    compiled path. A script's global setting, never done by the library."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+
+
 def copy_bandwidth_gbps(rep_ms: float = 200) -> float:
     """Device-to-device copy GB/s of a 1 GiB buffer on the current CUDA device, counting bytes
     read + written (the bandwidth the benchmarks' byte floors use); median of ``do_bench``."""

@@ -173,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--steps and --warmup: expected >= 1, got {args.steps} and {args.warmup}")
     import torch
 
+    common.allow_recompiles()
     device = common.resolve_device(args.device)
     dtype = common.resolve_dtype(args.dtype, device)
     attn = common.best_attention(args.attn)

@@ -329,6 +329,7 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
     runner = getattr(getattr(model, "_leank", None), "runner", None)
     if runner is not None:  # LeanK's captured path: graph recording, apart from prefill and decode
         res["capture_s_total"], res["captured_replays_total"] = runner.capture_s, runner.replays
+        res["decode_compiled"] = runner.compiled_steps > 0 and not runner._compile_failed  # False: ran uncompiled
     del out
     if cuda:
         gc.collect()
@@ -846,6 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--methods leank: {why}")
     import torch
 
+    common.allow_recompiles()
     rank, args.tp, device = distributed_setup(args)
     if rank:  # every rank runs every row (collectives); rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")

@@ -124,6 +124,7 @@ class LeanKLayer(CacheLayerMixin):
         self.seen_tokens = 0  # columns processed, left padding included (what generate() counts)
         self.batch_size = 0
         self.reserve = 0  # rows to add at the next growth (expected new tokens per sequence)
+        self.decode_reserve = 0  # archive room the first decode step makes sure of (LeanKCache.reserve)
         self.version = 0  # bumped whenever a storage tensor is replaced (captured graphs must be rebuilt)
         self.resolved_backend: Optional[str] = None  # set by leank.attention on the first decode step
         self.capturing = False  # a CUDA graph is being recorded: device work only, no host bookkeeping
@@ -152,13 +153,29 @@ class LeanKLayer(CacheLayerMixin):
         self.capacity = 0
         for g in self.groups:
             g.heads, g.chan = g.heads.to(self.device), g.chan.to(self.device)
-        reserve, self.reserve = self.reserve, 0  # kept for the first real growth
-        self._grow_archive(self.config.initial_archive_capacity)
+        # what the call needs if its prompt comes in one piece: the prompt's rows past the window plus
+        # the reserved new tokens (``LeanKCache.reserve``), so that decoding never grows the archive
+        # (a growth replaces storage: a captured decode step is then recorded again); a chunked prompt
+        # grows it once more, by its later chunks plus the reservation, which is kept for that growth
+        expected = max(0, key_states.shape[2] - self.policy.sink - self.policy.recent) + self.reserve
+        reserve, self.reserve = self.reserve, 0
+        self._grow_archive(max(self.config.initial_archive_capacity, expected))
         self.reserve = reserve
         self.is_initialized = True
 
-    def _grow_archive(self, needed: int) -> None:
-        """Grow the archive capacity geometrically (all groups share it).
+    def ensure_decode_room(self) -> None:
+        """Before the first decode step of a call: archive room for the ``decode_reserve`` tokens the
+        call may still add, so that decoding never grows the archive (a growth replaces storage, and
+        a captured decode step must then be recorded again). Host values only; grows at most once."""
+        if not self.decode_reserve:
+            return
+        needed = max(self.arch_len_host, default=0) + self.decode_reserve
+        self.decode_reserve = 0
+        if needed > self.capacity:
+            self._grow_archive(needed, exact=True)
+
+    def _grow_archive(self, needed: int, exact: bool = False) -> None:
+        """Grow the archive capacity geometrically (all groups share it); ``exact``: to ``needed`` rows.
 
         Growth by 1/8 (at least ``initial_archive_capacity`` rows) keeps the spare
         memory small for long contexts while each row is still copied O(1) times on average.
@@ -166,7 +183,7 @@ class LeanKLayer(CacheLayerMixin):
         if needed <= self.capacity:
             return
         step = max(self.capacity // 8, self.config.initial_archive_capacity)
-        new_cap = max(needed + self.reserve, self.capacity + step)
+        new_cap = needed if exact else max(needed + self.reserve, self.capacity + step)
         self.reserve = 0
         self.version += 1
         for g in self.groups:
@@ -277,6 +294,7 @@ class LeanKLayer(CacheLayerMixin):
         """
         if not self.capturing:
             self._ensure_window(max(self.win_len_host) + 1)
+            self.ensure_decode_room()
         append_rows_(self.win_k, self.win_v, self.win_len, key, value)  # one launch on CUDA
         if not self.capturing:
             self.advance_host()
@@ -664,6 +682,7 @@ class LeanKCache(Cache):
         self.config = config or LeanKConfig()
         # with id(), names the cache of a recorded graph: a freed cache's id can be reused, its uid never
         self.uid = next(_CACHE_UIDS)
+        self.decode_room_pending = False  # reserve() asked for archive room the next decode step makes sure of
         super().__init__(layers=[LeanKLayer(keep[i].bool(), self.config) for i in range(keep.shape[0])])
         shared: dict = {}
         for layer in self.layers:
@@ -705,13 +724,23 @@ class LeanKCache(Cache):
     def reserve(self, new_tokens: int) -> None:
         """Size the next archive growth for ``new_tokens`` more tokens per sequence.
 
-        ``generate()`` after ``leank.patch`` calls this with ``max_new_tokens``, so the
-        archive is allocated once at prefill and never grows (or over-allocates) while decoding.
+        ``generate()`` after ``leank.patch`` calls this with ``max_new_tokens`` (or
+        ``max_length`` minus the prompt), so the archive is allocated at prefill (once for a
+        prompt in one piece) and never grows (or over-allocates) while decoding.
         """
         if not isinstance(new_tokens, int) or new_tokens < 0:
             raise ValueError(f"new_tokens: expected an int >= 0, got {new_tokens!r}")
         for layer in self.layers:
             layer.reserve = new_tokens
+            layer.decode_reserve = new_tokens
+        self.decode_room_pending = new_tokens > 0
+
+    def ensure_decode_room(self) -> None:
+        """Every layer's ``LeanKLayer.ensure_decode_room`` (the capture runner calls this before its
+        first decode step of a call; an eager decode step does it per layer)."""
+        for layer in self.layers:
+            layer.ensure_decode_room()
+        self.decode_room_pending = False
 
     def memory_report(self, all_ranks: bool = False) -> dict:
         """Bytes held vs a dense bf16/fp16 cache of the same tokens, in total and per layer.

@@ -158,6 +158,13 @@ class DecodeGraphRunner:
         self.compiled_steps = 0  # decode steps whose forward ran compiled (warm-up, recording, emulated replays)
         self.capture_s = 0.0  # host seconds spent compiling and recording (reported apart from prefill and decode)
 
+    def __deepcopy__(self, memo):
+        """A copied model (``copy.deepcopy`` of a patched model) gets a fresh runner: recorded graphs and
+        the compiled step belong to the original model's tensors."""
+        import copy
+
+        return type(self)(copy.deepcopy(self.model, memo), emulate=self.emulate)
+
     # ------------------------------------------------------------------ dispatch
     def __call__(self, *args, **kwargs):
         why, cache = self._why_not(args, kwargs)
@@ -166,6 +173,8 @@ class DecodeGraphRunner:
         if why is not None:
             self._eager_reason(why)
             return self._eager(*args, **kwargs)
+        if cache.decode_room_pending:  # the call's first decode step: archive room for all its tokens
+            cache.ensure_decode_room()
         if any(not layer.decode_ready() for layer in cache.layers):
             return self._eager(*args, **kwargs)  # the window grows first (eager), then it is recaptured
         key = self._key(kwargs, cache)
@@ -369,7 +378,12 @@ class DecodeGraphRunner:
                     layer.win_len.copy_(torch.tensor(layer.win_len_host, dtype=layer.win_len.dtype))
                 msg = (f"leank: torch.compile of the decode step failed, capturing the uncompiled forward "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
-                warn_once(__name__, msg, RuntimeWarning)
+                if "RecompileLimit" in type(e).__name__ or "recompile_limit" in str(e):
+                    msg += ("; each patched model (shape, dtype) compiles the step once more in a process, and "
+                            "torch._dynamo.config.recompile_limit caps that: raise it to compile more models")
+                # once per runner (a runner compiles at most once): every model that runs uncompiled is told
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                logger.warning(msg)
                 logger.debug("leank: compile failure", exc_info=True)
                 logits = self._device_step(self._forward_logits, ids, pos, cache)
             self.capture_s += time.perf_counter() - t0

@@ -21,6 +21,8 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .config import LeanKConfig
 from .diagnostics import warn_once
 
@@ -170,12 +172,7 @@ def _generate(model, original_generate, *args, **kwargs):
             raise ValueError(f"{name}: pass the cache once, got both '{name}' and '{other}'")
         kwargs[name] = kwargs.pop(other)
     _refuse_unsupported(model, kwargs)
-    if kwargs.get("cache_implementation") is not None and kwargs.get(name) is None:
-        raise ValueError(
-            f"cache_implementation: a LeanK-patched model decodes with its own LeanKCache, got "
-            f"cache_implementation={kwargs['cache_implementation']!r}; drop the argument (LeanK's decode is already "
-            "static and CUDA-graph captured) or call leank.unpatch(model) first"
-        )
+    _cache_implementation(model, kwargs, name)
     if kwargs.get("use_cache", True) is False:
         warn_once(__name__, "leank: generate(use_cache=False) runs exact dense attention without a cache: no LeanK saving")
     elif kwargs.get(name) is None:
@@ -185,9 +182,8 @@ def _generate(model, original_generate, *args, **kwargs):
         warn_once(__name__, f"leank: generate() got a {type(cache).__name__}, not a LeanKCache: it runs exact dense attention "
                    "with no LeanK saving (pass leank.new_cache(model) or no cache)")
     if isinstance(cache, LeanKCache):
-        gen_cfg = kwargs.get("generation_config") or model.generation_config
-        new_tokens = kwargs.get("max_new_tokens", getattr(gen_cfg, "max_new_tokens", None))
-        if isinstance(new_tokens, int) and new_tokens > 0:
+        new_tokens = _new_tokens(model, args, kwargs)
+        if new_tokens is not None and new_tokens > 0:
             cache.reserve(new_tokens + 1)
     sync_sampling_rng(state.mask, model.device)  # tensor parallel: every rank samples what rank 0 samples
     if not (state.config.capture and isinstance(cache, LeanKCache)):
@@ -202,6 +198,44 @@ def _generate(model, original_generate, *args, **kwargs):
         return original_generate(model, *args, **kwargs)
     finally:
         model.__dict__.pop("__call__", None)
+
+
+def _cache_implementation(model, kwargs, name: str) -> None:
+    """A cache implementation the caller asks for (argument, or their ``generation_config``) is refused by
+    name; one the checkpoint's ``model.generation_config`` sets is overridden for this call, with a warning
+    (transformers would otherwise refuse it next to LeanK's cache, naming a cache the user never passed)."""
+    asked = kwargs.get("cache_implementation")
+    where = "cache_implementation"
+    if asked is None and kwargs.get("generation_config") is not None:
+        asked = getattr(kwargs["generation_config"], "cache_implementation", None)
+        where = "generation_config.cache_implementation"
+    if asked is not None:
+        if kwargs.get(name) is None:
+            raise ValueError(
+                f"{where}: a LeanK-patched model decodes with its own LeanKCache, got {asked!r}; drop it (LeanK's "
+                "decode is already static and CUDA-graph captured) or call leank.unpatch(model) first")
+        return
+    default = getattr(model.generation_config, "cache_implementation", None)
+    if default is not None and "cache_implementation" not in kwargs and kwargs.get("generation_config") is None:
+        warn_once(__name__, f"leank: the model's generation_config sets cache_implementation={default!r}; a LeanK-"
+                            "patched model decodes with its own LeanKCache, so generate() runs without it")
+        kwargs["cache_implementation"] = None
+
+
+def _new_tokens(model, args, kwargs) -> Optional[int]:
+    """The tokens this ``generate`` call may add per sequence: ``max_new_tokens``, else ``max_length``
+    minus the prompt's length (arguments first, then the generation config); None if neither is known."""
+    gen_cfg = kwargs.get("generation_config") or model.generation_config
+    new_tokens = kwargs.get("max_new_tokens", getattr(gen_cfg, "max_new_tokens", None))
+    if isinstance(new_tokens, int):
+        return new_tokens
+    max_length = kwargs.get("max_length", getattr(gen_cfg, "max_length", None))
+    prompt = kwargs.get("input_ids", args[0] if args else None)
+    if prompt is None:
+        prompt = kwargs.get("inputs_embeds")
+    if isinstance(max_length, int) and isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
+        return max_length - prompt.shape[1]
+    return None
 
 
 def _warn_speculative(model, state, kwargs) -> None:

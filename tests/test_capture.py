@@ -419,3 +419,63 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     for mode in ("reduce-overhead", "max-autotune", "fast"):
         with pytest.raises(ValueError, match=f"compile_mode: expected one of .* got '{mode}'"):
             LeanKConfig(compile_mode=mode)
+
+
+def test_compile_failure_is_told_for_every_model_with_the_recompile_hint(monkeypatch):
+    """A step that cannot compile runs uncompiled (same tokens) and says so for every patched model, not
+    once per process; torch's recompile limit (8 per function: one per model shape/dtype in a process)
+    gets a hint how to raise it."""
+    import warnings
+
+    import leank.capture as capture_mod
+
+    class FailOnRecompileLimitHit(RuntimeError):  # what torch._dynamo raises past recompile_limit
+        pass
+
+    def fake_compile(fn, **kw):
+        def compiled(*a, **k):
+            raise FailOnRecompileLimitHit("Hard failure due to fail_on_recompile_limit_hit")
+        return compiled
+
+    monkeypatch.setattr(capture_mod.torch, "compile", fake_compile)
+    ids, am = _ragged([5, 12], seed=4)
+    eager, _ = _run(tiny_model("llama"), sparse_keep(2, 4, 32), ids, am, 6, capture=False)
+    for _ in range(2):  # two models, each told
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            cap, runner = _run(tiny_model("llama"), sparse_keep(2, 4, 32), ids, am, 6, capture=True,
+                               compile_decode=True)
+        told = [str(w.message) for w in seen if "torch.compile of the decode step failed" in str(w.message)]
+        assert len(told) == 1 and "recompile_limit" in told[0] and "FailOnRecompileLimitHit" in told[0], told
+        assert runner._compile_failed and runner.compiled_steps == 0 and runner.replays > 0
+        _assert_same_run(eager, cap)
+
+
+def test_deepcopy_of_a_patched_model_after_generate_compiles_its_own_step():
+    """A copy made after a compiled generate gets a fresh runner (no graphs or compiled step of the original)
+    and decodes compiled, equal to the original."""
+    import copy
+    import warnings
+
+    model = tiny_model("qwen2")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([7, 11], seed=5)
+    leank.patch(model, masks=ChannelMask(keep=keep, align=8),
+                config=LeanKConfig(**{**CFG.__dict__, "capture": True, "compile_decode": True}))
+    model._leank.emulate_capture = True
+    try:
+        def gen(m):
+            with torch.no_grad():
+                return m.generate(input_ids=ids, attention_mask=am, max_new_tokens=6, min_new_tokens=6,
+                                  do_sample=False, pad_token_id=0)
+        first = gen(model)
+        twin = copy.deepcopy(model)
+        assert twin._leank.runner is not model._leank.runner and twin._leank.runner.model is twin
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            again = gen(twin)
+        assert not [w for w in seen if "torch.compile of the decode step failed" in str(w.message)]
+        assert twin._leank.runner.compiled_steps > 0 and not twin._leank.runner._compile_failed
+        assert torch.equal(first, again)
+    finally:
+        leank.unpatch(model)

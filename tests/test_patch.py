@@ -1,5 +1,7 @@
 """End-to-end LeanK decoding on tiny Llama / Qwen2 models (CPU, fp32)."""
 
+import functools
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -168,6 +170,78 @@ def test_generate_reserves_archive_for_new_tokens():
     layer = cache.layers[0]
     assert layer.arch_len_host[0] > 100 - 12  # decode flushed into the archive
     assert layer.capacity == (100 - 12) + 41  # sized once at prefill: no growth, no slack beyond the reservation
+
+
+@pytest.mark.parametrize("prompt_len,how", [(6, "max_new_tokens"), (6, "max_length"), (100, "max_length"),
+                                            (100, "chunked")])
+def test_decoding_never_grows_the_archive(prompt_len, how):
+    """A growth replaces the archive's storage (on CUDA the captured decode step is then recorded again):
+    the archive is sized for the whole call by the first decode step at the latest - a prompt shorter
+    than the window (nothing archived at prefill), ``max_length`` instead of ``max_new_tokens``, a
+    prompt prefilled in chunks."""
+    model = tiny_model("llama")
+    cfg = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference", initial_archive_capacity=16)
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=cfg)
+    versions = []
+    real_step = type(model).forward
+
+    @functools.wraps(real_step)  # keeps forward's signature (LeanK reads the cache argument's name from it)
+    def spy(self, *a, **kw):  # the layer's storage version after every forward (prefill chunks, decode steps)
+        out = real_step(self, *a, **kw)
+        cache = kw.get("cache", kw.get("past_key_values"))
+        versions.append(cache.layers[0].version)
+        return out
+
+    n = 60  # far more than initial_archive_capacity rows reach the archive while decoding
+    kw = {"max_length": prompt_len + n} if how == "max_length" else {"max_new_tokens": n}
+    if how == "chunked":
+        kw["prefill_chunk_size"] = 32
+    try:
+        type(model).forward = spy
+        with torch.no_grad():
+            out = model.generate(input_ids=_prompt(prompt_len)[None], min_new_tokens=n, do_sample=False,
+                                 return_dict_in_generate=True, pad_token_id=0, **kw)
+    finally:
+        type(model).forward = real_step
+        leank.unpatch(model)
+    layer = leank.patching.output_cache(out).layers[0]
+    assert layer.arch_len_host[0] >= prompt_len + n - 12 - 4 > cfg.initial_archive_capacity
+    prefill_steps = 4 if how == "chunked" else 1  # 100 tokens in chunks of 32
+    assert len(versions) == prefill_steps + n - 1
+    # a prompt in one piece is sized at prefill; a chunked one grows once more at the first decode step
+    # (before anything is recorded: a captured step is recorded from the second decode step on)
+    grown = 1 if how == "chunked" else 0
+    assert versions[prefill_steps] == versions[prefill_steps - 1] + grown, versions
+    assert len(set(versions[prefill_steps:])) == 1, f"the archive grew while decoding: versions {versions}"
+    assert layer.capacity <= max(0, prompt_len - 12) + n + 1 + (32 if how == "chunked" else 0)
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_chunked_prompt_archive_grows_by_the_first_decode_step_at_the_latest(monkeypatch, emulate):
+    """The same through the capture runner (emulated on the CPU): no archive growth after the first
+    decode step, whichever path decodes."""
+    from leank.cache import LeanKLayer
+
+    grew = []
+    real = LeanKLayer._grow_archive
+
+    def spy(self, needed, *args, **kwargs):
+        before = self.capacity
+        real(self, needed, *args, **kwargs)
+        if self.capacity != before:
+            grew.append(self.seen_tokens)
+    monkeypatch.setattr(LeanKLayer, "_grow_archive", spy)
+    model = tiny_model("qwen2")
+    cfg = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference", initial_archive_capacity=16)
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=cfg)
+    model._leank.emulate_capture = emulate
+    try:
+        seq, _, _ = _generate(model, _prompt(90)[None], 50, prefill_chunk_size=20)
+        runner = model._leank.runner
+    finally:
+        leank.unpatch(model)
+    assert not emulate or runner.replays > 40
+    assert grew and max(grew) <= 90 + 1, f"archive growths at seen_tokens {grew} (prompt 90): one while decoding"
 
 
 def test_unpatch_restores_model_exactly():
@@ -358,11 +432,59 @@ def test_patched_generate_uses_current_cache_keyword_without_deprecation_warning
 
 
 def test_static_cache_implementation_refused_by_name():
+    """Asked for by the caller (argument or their GenerationConfig): refused by name. Set by the checkpoint's
+    generation_config: overridden for the call, with a warning, and LeanK decodes as without it."""
+    import copy
+    import warnings
+
+    from transformers import GenerationConfig
+
     model = tiny_model("llama")
+    ids = _prompt(20)[None]
     leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
     try:
-        with pytest.raises(ValueError, match="LeanK"):
-            model.generate(input_ids=_prompt(20)[None], max_new_tokens=2, cache_implementation="static",
-                           pad_token_id=0)
+        with pytest.raises(ValueError, match="^cache_implementation: a LeanK-patched model .* got 'static'"):
+            model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+        with pytest.raises(ValueError, match="^generation_config.cache_implementation: a LeanK-patched .* 'static'"):
+            model.generate(input_ids=ids, generation_config=GenerationConfig(cache_implementation="static",
+                                                                             max_new_tokens=2, pad_token_id=0))
+        plain, _, _ = _generate(model, ids, 6)
+        saved = copy.deepcopy(model.generation_config)
+        model.generation_config.cache_implementation = "dynamic"  # as a checkpoint's generation_config.json may
+        from leank import diagnostics
+
+        diagnostics.warn_once.cache_clear()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            again, _, cache = _generate(model, ids, 6)
+        assert any("generation_config sets cache_implementation='dynamic'" in str(w.message) for w in seen)
+        assert isinstance(cache, LeanKCache) and torch.equal(again, plain)
+        model.generation_config = saved
+    finally:
+        leank.unpatch(model)
+
+
+def test_right_padding_is_warned():
+    """Right padding (transformers warns about it on decoder-only models too): LeanK does not store padded
+    positions, so a row ending in padding generates from a padding position and its logits differ from
+    transformers'; LeanK says so. Left padding stays silent."""
+    import warnings
+
+    from leank import diagnostics
+
+    model = tiny_model("llama")
+    ids = torch.stack([_prompt(12, seed=1), _prompt(12, seed=2)])
+    left, right = torch.ones_like(ids), torch.ones_like(ids)
+    left[1, :4] = 0
+    right[1, 8:] = 0
+    leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=CFG)
+    try:
+        for am, told in ((left, False), (right, True)):
+            diagnostics.warn_once.cache_clear()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                _generate(model, ids, 3, attention_mask=am)
+            hits = [w for w in seen if "padding that is not left padding" in str(w.message)]
+            assert bool(hits) == told, [str(w.message) for w in seen]
     finally:
         leank.unpatch(model)
