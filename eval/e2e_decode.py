@@ -163,6 +163,12 @@ def resolve_args(args) -> None:
         common.apply_smoke_sizes(args, build_parser(), TINY_SIZES)
     if args.quick:
         args.layers, args.lengths, args.batches, args.max_batch = args.layers or 8, [8192, 32768], [1, 8], False
+    for name in ("models", "methods", "lengths", "batches"):
+        if not getattr(args, name):
+            raise SystemExit(f"--{name}: expected at least one value, got none")
+    bad = [x for x in args.lengths + args.batches if x < 1]
+    if bad:
+        raise SystemExit(f"--lengths and --batches: expected values >= 1, got {bad}")
     bad = [m for m in args.methods if m not in METHODS + EXTRA_METHODS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; expected a subset of {list(METHODS + EXTRA_METHODS)}")
@@ -270,13 +276,19 @@ def greedy_kwargs(method: str, new_tokens: int, prefill_chunk: int = 0, logits_p
 
 
 def method_setups(model, family: str, args, need_mask: bool = True) -> tuple:
-    """``(mask, {method: (mask, LeanKConfig)})`` of the LeanK methods: the kept-count mix of ``family``
-    at random heads (``args.seed``), every channel kept for ``leank-dense``, the window of ``args``."""
+    """``(mask, {method: (mask, LeanKConfig)})`` of the LeanK methods: ``--mask`` (default ``mix``: the
+    kept-count mix of ``family`` at random heads, ``args.seed``), every channel kept for ``leank-dense``,
+    the window of ``args``."""
     import torch
 
     import leank
+    from leank.masks import resolve_mask
 
-    mask = common.build_mask(f"mix:{family}", model, args.seed) if need_mask else None
+    mask = None
+    if need_mask:
+        mask = common.build_mask(args.mask if args.mask != "mix" else f"mix:{family}", model, args.seed)
+        if isinstance(mask, str):  # a mask file or a model id: the registry resolves it
+            mask = resolve_mask(mask, model.config)
     dense_mask = None if mask is None else type(mask)(keep=torch.ones_like(mask.keep), align=mask.align,
                                                          source="every channel kept")
     lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)

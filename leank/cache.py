@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .append_kernel import append_rows_
-from .config import LeanKConfig
+from .config import MAX_ROWS, LeanKConfig
 from .diagnostics import warn_once
 from .window import WindowPolicy
 
@@ -571,6 +571,8 @@ class LeanKLayer(CacheLayerMixin):
         rows, then from the end of the archive, then from the sink; tokens already archived
         then stay compacted (warned once).
         """
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise ValueError(f"max_length: expected an int (< 0: tokens to drop, > 0: tokens to keep), got {max_length!r}")
         if max_length == 0:  # current transformers: "remove 0 tokens" (older ones never pass 0 while decoding)
             return
         remove = -max_length if max_length < 0 else self.seen_tokens - max_length
@@ -678,6 +680,10 @@ class LeanKCache(Cache):
         keep = mask.keep if hasattr(mask, "keep") else mask
         if not isinstance(keep, Tensor) or keep.dim() != 3:
             raise ValueError(f"mask: expected a ChannelMask or bool [layers, kv_heads, head_dim], got {type(mask)}")
+        if keep.dtype != torch.bool and not bool(((keep == 0) | (keep == 1)).all()):
+            raise ValueError(f"mask: expected a bool (or 0/1) keep tensor, got {keep.dtype} values other than 0 and 1")
+        if config is not None and not isinstance(config, LeanKConfig):
+            raise ValueError(f"config: expected a LeanKConfig or None, got {type(config).__name__}")
         self.mask = mask
         self.config = config or LeanKConfig()
         # with id(), names the cache of a recorded graph: a freed cache's id can be reused, its uid never
@@ -718,6 +724,9 @@ class LeanKCache(Cache):
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != layer.batch_size:
+            raise ValueError(f"key_states: this cache holds {layer.batch_size} sequence(s), the input has "
+                             f"{key_states.shape[0]}; use a new cache (leank.new_cache(model)) for another batch")
         _PENDING.set(PendingStep(layer, layer_idx, key_states, value_states))
         return key_states, value_states
 
@@ -728,8 +737,8 @@ class LeanKCache(Cache):
         ``max_length`` minus the prompt), so the archive is allocated at prefill (once for a
         prompt in one piece) and never grows (or over-allocates) while decoding.
         """
-        if not isinstance(new_tokens, int) or new_tokens < 0:
-            raise ValueError(f"new_tokens: expected an int >= 0, got {new_tokens!r}")
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or not 0 <= new_tokens <= MAX_ROWS:
+            raise ValueError(f"new_tokens: expected an int in [0, {MAX_ROWS}] (lengths are int32), got {new_tokens!r}")
         for layer in self.layers:
             layer.reserve = new_tokens
             layer.decode_reserve = new_tokens

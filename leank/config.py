@@ -73,10 +73,10 @@ class LeanKConfig:
                              "run inside LeanK's captured step)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
-        if not isinstance(self.initial_archive_capacity, int) or self.initial_archive_capacity < 1:
-            raise ValueError(
-                f"initial_archive_capacity: expected an int >= 1, got {self.initial_archive_capacity!r}"
-            )
+        cap = self.initial_archive_capacity
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_ROWS:
+            raise ValueError(f"initial_archive_capacity: expected an int in [1, {MAX_ROWS}] (lengths are int32), "
+                             f"got {cap!r}")
 
     @property
     def window_capacity(self) -> int:

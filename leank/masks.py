@@ -242,6 +242,8 @@ class ChannelMask:
         from safetensors.torch import save_file
 
         path = Path(path)
+        if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+            raise ValueError(f"path: expected a file name ending in .safetensors (the format written), got {str(path)!r}")
         data = self.keep.to(torch.uint8).contiguous()
         header = {
             "format": FORMAT_NAME,

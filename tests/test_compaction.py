@@ -313,6 +313,22 @@ def test_api_errors():
             leank.compact(model, cache, progress=False)
         with pytest.raises(ValueError, match="past_key_values"):
             leank.compact(model, object(), input_ids=ids, progress=False)
+        # silent before: the wrong context's queries, an emptied archive, a cache full of NaN
+        L, kvh, d = len(cache.layers), cache.layers[0].num_kv_heads, cache.layers[0].head_dim
+        for kw, msg in [(dict(input_ids=ids[:, :30]), r"input_ids: expected the integer tokens the cache holds, \[1, 60\]"),
+                        (dict(input_ids=ids.float()), "input_ids: expected the integer tokens"),
+                        (dict(input_ids=ids, attention_mask=torch.ones(1, 5)), "attention_mask: expected the shape"),
+                        (dict(input_ids=ids, ridge=float("nan")), "ridge: expected a finite number"),
+                        (dict(input_ids=ids, beta_ridge=float("inf")), "beta_ridge: expected a finite number"),
+                        (dict(queries=[torch.zeros(1, kvh, 0, d)] * L), "queries: expected .* n >= 1"),
+                        (dict(queries=[torch.full((1, kvh, 3, d), float("nan"))] * L), "queries: expected finite")]:
+            with pytest.raises(ValueError, match=msg):
+                leank.compact(model, cache, progress=False, **kw)
+        short = new_cache(model)
+        with torch.no_grad():
+            model(ids[:, :8], **{cache_kwarg(model): short}, use_cache=True)
+        with pytest.warns(UserWarning, match="the archive is empty"):
+            leank.compact(model, short, input_ids=ids[:, :8], progress=False)
     finally:
         leank.unpatch(model)
     from transformers import GPT2Config, GPT2LMHeadModel

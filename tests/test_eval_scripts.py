@@ -359,3 +359,18 @@ def test_max_batch_ranks_agree(tmp_path):
         got = json.loads((tmp_path / f"r{rank}.json").read_text())
         assert got["both"] == {"decode_peak_gib": 11.5, "peak_gib": 12.0, "other": rank}
         assert got["one_oom"] is None
+
+
+def test_e2e_decode_uses_the_mask_it_is_given(tmp_path):
+    """--mask is the mask the LeanK rows run (it was parsed, recorded and ignored: the mix ran instead)."""
+    out = tmp_path / "e2e.json"
+    args = [*SMALL, "--models", "llama3.1-8b", "--lengths", "40", "--batches", "1", "--warmup", "1", "--steps", "2",
+            "--methods", "leank", "--no-max-batch"]
+    assert e2e_decode.main([*args, "--mask", "rope:0.5", "--out", str(out)]) == 0
+    info = json.loads(out.read_text())["models"][0]
+    assert info["mask_k_sparsity"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="--mask"):
+        e2e_decode.main([*args, "--mask", "rope:lots", "--out", str(out)])
+    for bad in (["--models", ""], ["--methods", ""], ["--lengths", "0"], ["--batches", "0"]):
+        with pytest.raises(SystemExit, match="expected"):
+            e2e_decode.main([*args, *bad, "--out", str(out)])

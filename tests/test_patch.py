@@ -488,3 +488,37 @@ def test_right_padding_is_warned():
             assert bool(hits) == told, [str(w.message) for w in seen]
     finally:
         leank.unpatch(model)
+
+
+def test_cache_and_config_inputs_are_checked():
+    """Silent or deep-traceback cases found by an API probe: a non-binary raw keep tensor (was read as
+    'keep everything'), a config dict, a fractional crop (became a fractional length), a batch other than
+    the cache's (a shape error inside the append), sizes past int32, bools for counts."""
+    from leank.masks import ChannelMask
+
+    keep = sparse_keep(2, 4, 32)
+    with pytest.raises(ValueError, match="mask: expected a bool"):
+        LeanKCache(torch.rand(2, 4, 32), CFG)
+    assert LeanKCache(keep.int(), CFG).layers[0].keep.dtype == torch.bool  # 0/1 integers are fine
+    with pytest.raises(ValueError, match="config: expected a LeanKConfig or None, got dict"):
+        LeanKCache(keep, {"sink": 4})
+    for bad in (2**40, True, 0):
+        with pytest.raises(ValueError, match="initial_archive_capacity"):
+            LeanKConfig(initial_archive_capacity=bad)
+    model = tiny_model("llama")
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    try:
+        _, _, cache = _generate(model, _prompt(20)[None], 3)
+        for bad in (2.5, True, "5"):
+            with pytest.raises(ValueError, match="max_length: expected an int"):
+                cache.crop(bad)
+        for bad in (2**40, True, -1):
+            with pytest.raises(ValueError, match="new_tokens"):
+                cache.reserve(bad)
+        with pytest.raises(ValueError, match="this cache holds 1 sequence.*the input has 2"):
+            with torch.no_grad():
+                model(torch.stack([_prompt(4), _prompt(4)]), **{cache_kwarg(model): cache}, use_cache=True)
+    finally:
+        leank.unpatch(model)
+    with pytest.raises(ValueError, match="path: expected a file name ending in .safetensors"):
+        ChannelMask(keep=keep, align=8).save("mask.pth")

@@ -3,8 +3,6 @@ the saved mask through leank.patch, and FSDP2 with two gloo processes."""
 
 from __future__ import annotations
 
-import math
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -283,3 +281,9 @@ def test_cli_parser_has_train():
 
     args = build_parser().parse_args(["train", "r.yaml", "--ratio", "0.5", "--max-steps", "3"])
     assert args.recipe == "r.yaml" and args.ratio == 0.5 and args.max_steps == 3 and callable(args.func)
+
+
+def test_recipe_output_must_be_safetensors(tmp_path):
+    """Checked when the recipe is read, not when the mask is written at the end of training."""
+    with pytest.raises(ValueError, match="output: expected a path ending in .safetensors"):
+        _recipe(tmp_path / "mask.pth")

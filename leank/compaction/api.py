@@ -9,7 +9,9 @@ archive part is matched.
 from __future__ import annotations
 
 import logging
+import math
 import time
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -314,6 +316,11 @@ def compact(
     B, KVH, D = layer0.batch_size, layer0.num_kv_heads, layer0.head_dim
     dev = layer0.device
     arch_len = [int(x) for x in layer0.arch_len.tolist()]
+    if max(arch_len, default=0) == 0:
+        msg = (f"leank.compact: the archive is empty (the {layer0.seen_tokens} tokens held fit the full-precision "
+               f"window of sink {cache.config.sink} + recent {cache.config.recent}): nothing to compact")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        logger.warning(msg)
     budgets = _budgets(arch_len, L, KVH, ratio, budget, per_head_budget)
     clock = Stopwatch(dev, start=t_start)
     phases = {"convert": clock()}
@@ -363,10 +370,9 @@ def compact(
 def _check_args(method, ridge, beta_ridge, max_queries_per_head, queries, ratio, budget, per_head_budget):
     """``compact``'s argument checks (``ValueError`` naming the argument); returns the parsed ``queries``."""
     get_selection(method)  # ValueError listing the registered methods
-    if ridge < 0:
-        raise ValueError(f"ridge: expected >= 0, got {ridge}")
-    if beta_ridge < 0:
-        raise ValueError(f"beta_ridge: expected >= 0, got {beta_ridge}")
+    for name, value in (("ridge", ridge), ("beta_ridge", beta_ridge)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
     if not isinstance(max_queries_per_head, int) or max_queries_per_head < 1:
         raise ValueError(f"max_queries_per_head: expected an int >= 1, got {max_queries_per_head!r}")
     parsed = _parse_queries(queries)
@@ -384,17 +390,36 @@ def _reference_queries(model, cache, parsed, context_queries, input_ids, attenti
     L, B, KVH, D, dev = len(cache.layers), layer0.batch_size, layer0.num_kv_heads, layer0.head_dim, layer0.device
 
     def bad(qs) -> bool:
-        return len(qs) != L or any(q.dim() != 4 or q.shape[:2] != (B, KVH) or q.shape[3] != D for q in qs)
+        return len(qs) != L or any(q.dim() != 4 or q.shape[:2] != (B, KVH) or q.shape[3] != D or q.shape[2] < 1
+                                   for q in qs)
+
+    def not_finite(qs) -> bool:
+        return any(not bool(torch.isfinite(q).all()) for q in qs)
 
     if isinstance(parsed[0], Tensor):
         if bad(parsed):
-            raise ValueError(f"queries: expected {L} tensors [{B}, {KVH}, n, {D}], got {[tuple(q.shape) for q in parsed]}")
+            raise ValueError(f"queries: expected {L} tensors [{B}, {KVH}, n >= 1, {D}], got "
+                             f"{[tuple(q.shape) for q in parsed]}")
+        if not_finite(parsed):
+            raise ValueError("queries: expected finite values, got NaN or inf")
         return parsed
     if context_queries is not None and bad(context_queries):
-        raise ValueError(f"context_queries: expected {L} tensors [{B}, {KVH}, m, {D}] (record_queries), got "
+        raise ValueError(f"context_queries: expected {L} tensors [{B}, {KVH}, m >= 1, {D}] (record_queries), got "
                          f"{[tuple(q.shape) for q in context_queries]}")
+    if context_queries is not None and not_finite(context_queries):
+        raise ValueError("context_queries: expected finite values, got NaN or inf")
     if input_ids is None:
         raise ValueError(f"input_ids: the {'+'.join(parsed)!r} queries re-read the context; pass the tokens the cache holds")
+    held = layer0.seen_tokens
+    if (not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != B
+            or input_ids.shape[1] != held or input_ids.dtype.is_floating_point):
+        got = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"input_ids: expected the integer tokens the cache holds, [{B}, {held}], got {got}")
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor)
+                                       or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got {got}")
     prompt_ids = None
     if tokenizer is not None and repeat_prompt:
         prompt_ids = torch.tensor(tokenizer(repeat_prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)

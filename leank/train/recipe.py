@@ -88,6 +88,8 @@ class TrainRecipe:
         for name in ("model", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name}: expected a non-empty str, got {getattr(self, name)!r}")
+        if not self.output.lower().endswith(".safetensors"):  # checked now, not when the mask is written at the end
+            raise ValueError(f"output: expected a path ending in .safetensors (the mask format), got {self.output!r}")
         _check_float(self, "ratio", 0.0, 1.0, hi_open=True)
         for name in ("lr", "reg"):
             _check_float(self, name, 0.0, float("inf"))
