@@ -762,6 +762,8 @@ class LeanKCache(Cache):
         rank's (its KV heads only); ``all_ranks=True`` sums them over the tensor-parallel group
         (a collective: call it on every rank). See ``leank.tp``.
         """
+        if not isinstance(all_ranks, bool):
+            raise ValueError(f"all_ranks: expected True or False, got {all_ranks!r}")
         layers = [layer.memory_report() for layer in self.layers]
         tot = {k: sum(r[k] for r in layers) for k in ("k_bytes", "v_bytes", "dense_k_bytes", "dense_v_bytes", "allocated_bytes")}
         tot["leank_bytes"] = tot["k_bytes"] + tot["v_bytes"]

@@ -80,6 +80,8 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
 
     if is_patched(model):
         raise ValueError("model: already patched by leank; call leank.unpatch(model) first")
+    if not isinstance(allow_fallback, bool):
+        raise ValueError(f"allow_fallback: expected True or False, got {allow_fallback!r}")
     cfg = getattr(model, "config", None)
     if cfg is None:
         raise ValueError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
@@ -173,6 +175,10 @@ def _generate(model, original_generate, *args, **kwargs):
         kwargs[name] = kwargs.pop(other)
     _refuse_unsupported(model, kwargs)
     _cache_implementation(model, kwargs, name)
+    am = kwargs.get("attention_mask")
+    if isinstance(am, torch.Tensor) and am.dim() == 2 and am.numel() and not bool(am.bool().any(1).all()):
+        warn_once(__name__, "leank: a row of attention_mask is all zeros: that sequence has no tokens, LeanK stores "
+                            "none and its output is not transformers' (drop the row)")
     if kwargs.get("use_cache", True) is False:
         warn_once(__name__, "leank: generate(use_cache=False) runs exact dense attention without a cache: no LeanK saving")
     elif kwargs.get(name) is None:
@@ -182,6 +188,10 @@ def _generate(model, original_generate, *args, **kwargs):
         warn_once(__name__, f"leank: generate() got a {type(cache).__name__}, not a LeanKCache: it runs exact dense attention "
                    "with no LeanK saving (pass leank.new_cache(model) or no cache)")
     if isinstance(cache, LeanKCache):
+        layers = getattr(model.config, "num_hidden_layers", len(cache.layers))
+        if len(cache.layers) != layers:
+            raise ValueError(f"{name}: expected a LeanKCache of this model's {layers} layers (leank.new_cache(model)), "
+                             f"got one of {len(cache.layers)}")
         new_tokens = _new_tokens(model, args, kwargs)
         if new_tokens is not None and new_tokens > 0:
             cache.reserve(new_tokens + 1)

@@ -65,11 +65,32 @@ class Oracle:
 
 
 def oracle_logits(model, keep, sink, recent, flush_every, prompt_ids, continuation_ids, chunks=()):
-    """Logits ``[len(continuation), vocab]`` the LeanK function gives, feeding ``continuation``.
+    """Logits ``[len(continuation), vocab]`` (the model's dtype) the LeanK function gives, feeding ``continuation``.
 
-    ``chunks`` lists (start, end) ranges of ``continuation`` fed as one multi-token step.
+    Args:
+        model: a Llama / Qwen2 ``*ForCausalLM`` (not patched).
+        keep: bool (or 0/1) ``[num_layers, num_kv_heads, head_dim]`` kept K channels, or a ``ChannelMask``.
+        sink, recent, flush_every: the window (as ``LeanKConfig``).
+        prompt_ids, continuation_ids: int64 ``[n]`` (one sequence: batch 1), ``n >= 1``.
+        chunks: ``(start, end)`` ranges of ``continuation`` fed as one multi-token step.
+
     Row ``i`` is the prediction made after seeing ``prompt + continuation[:i]``.
     """
+    from .patches import model_dims
+    from .window import WindowPolicy
+
+    keep = keep.keep if hasattr(keep, "keep") else keep
+    dims = tuple(model_dims(model.config))
+    if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != dims:
+        raise ValueError(f"keep: expected [layers, kv_heads, head_dim] = {list(dims)} for this model, got "
+                         f"{tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__}")
+    if keep.dtype != torch.bool and not bool(((keep == 0) | (keep == 1)).all()):
+        raise ValueError(f"keep: expected bool or 0/1 values, got {keep.dtype} values other than 0 and 1")
+    WindowPolicy(sink=sink, recent=recent, flush_every=flush_every)  # ValueError naming a bad size
+    for name, ids in (("prompt_ids", prompt_ids), ("continuation_ids", continuation_ids)):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() < 1 or ids.is_floating_point():
+            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{name}: expected integer token ids [n >= 1] (one sequence), got {got}")
     oracle = Oracle(keep, sink, recent, flush_every)
     with use_attention(model, ORACLE, oracle.attention):
         cache = DynamicCache(config=model.config)

@@ -522,3 +522,54 @@ def test_cache_and_config_inputs_are_checked():
         leank.unpatch(model)
     with pytest.raises(ValueError, match="path: expected a file name ending in .safetensors"):
         ChannelMask(keep=keep, align=8).save("mask.pth")
+
+
+def test_more_inputs_are_checked():
+    """The rest of the API probe's silent cases: an unvalidated oracle (it described another function), an
+    all-zero attention_mask row, bools taken as flags, a cache built for another layer count."""
+    import warnings
+
+    from leank import diagnostics
+    from leank.verify import oracle_logits
+
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    p, c = _prompt(10), _prompt(5, seed=4)
+    for bad_keep, msg in ((torch.rand(2, 4, 32), "keep: expected bool or 0/1"),
+                          (sparse_keep(3, 4, 32), r"keep: expected \[layers, kv_heads, head_dim\] = \[2, 4, 32\]")):
+        with pytest.raises(ValueError, match=msg):
+            oracle_logits(model, bad_keep, 4, 8, 4, p, c)
+    for sizes, msg in (((-1, 8, 4), "sink"), ((4, 8, 0), "flush_every")):
+        with pytest.raises(ValueError, match=msg):
+            oracle_logits(model, keep, *sizes, p, c)
+    for args, msg in (((p.float(), c), "prompt_ids"), ((p, c[:0]), "continuation_ids")):
+        with pytest.raises(ValueError, match=msg):
+            oracle_logits(model, keep, 4, 8, 4, *args)
+    assert oracle_logits(model, _mask(model, keep), 4, 8, 4, p, c).shape == (5, 96)  # a ChannelMask is fine
+    with pytest.raises(ValueError, match="allow_fallback: expected True or False"):
+        leank.patch(model, masks=_mask(model, keep), config=CFG, allow_fallback="no")
+    leank.patch(model, masks=_mask(model, keep), config=CFG)
+    try:
+        diagnostics.warn_once.cache_clear()
+        ids = torch.stack([_prompt(8), _prompt(8, seed=5)])
+        am = torch.ones_like(ids)
+        am[1] = 0
+        with pytest.warns(UserWarning, match="a row of attention_mask is all zeros"):
+            _generate(model, ids, 2, attention_mask=am)
+        _, _, cache = _generate(model, _prompt(12)[None], 2)
+        with pytest.raises(ValueError, match="all_ranks: expected True or False"):
+            cache.memory_report(all_ranks="x")
+        other = LeanKCache(_mask(model, sparse_keep(5, 4, 32)), CFG)
+        with pytest.raises(ValueError, match="this model's 2 layers .* got one of 5"):
+            model.generate(input_ids=_prompt(6)[None], max_new_tokens=2, pad_token_id=0,
+                           **{cache_kwarg(model): other})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for kw, msg in ((dict(max_queries_per_head=True), "max_queries_per_head"),
+                            (dict(workspace_bytes=-5), "workspace_bytes"),
+                            (dict(per_head_budget=torch.ones(2, 4, dtype=torch.bool)), "per_head_budget: .* bool")):
+                with pytest.raises(ValueError, match=msg):
+                    leank.compact(model, cache, input_ids=torch.ones(1, cache.layers[0].seen_tokens, dtype=torch.long),
+                                  progress=False, **kw)
+    finally:
+        leank.unpatch(model)

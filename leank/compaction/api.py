@@ -310,6 +310,10 @@ def compact(
     t_start = time.perf_counter()
     _check_model(model)
     parsed = _check_args(method, ridge, beta_ridge, max_queries_per_head, queries, ratio, budget, per_head_budget)
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes < 1:
+        raise ValueError(f"workspace_bytes: expected an int >= 1, got {workspace_bytes!r}")
+    if isinstance(per_head_budget, Tensor) and per_head_budget.dtype == torch.bool:
+        raise ValueError("per_head_budget: expected token counts (int) or ratios (float), got a bool tensor")
     cache = _as_leank_cache(past_key_values, config)
     L = len(cache.layers)
     layer0 = cache.layers[0]
@@ -373,7 +377,7 @@ def _check_args(method, ridge, beta_ridge, max_queries_per_head, queries, ratio,
     for name, value in (("ridge", ridge), ("beta_ridge", beta_ridge)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-    if not isinstance(max_queries_per_head, int) or max_queries_per_head < 1:
+    if isinstance(max_queries_per_head, bool) or not isinstance(max_queries_per_head, int) or max_queries_per_head < 1:
         raise ValueError(f"max_queries_per_head: expected an int >= 1, got {max_queries_per_head!r}")
     parsed = _parse_queries(queries)
     if budget is None and per_head_budget is None and (
