@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 
 import torch
 
 from .diagnostics import log_once
 
-logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 

@@ -278,15 +278,10 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, valid: Optional[Tensor], la
     ``chunk_self_attention_lse_flash``); float32/float64 chunks, attention-matching bias and
     non-left padding take the exact reference in bounded blocks.
     """
-    left = _suffix_padding(valid)
-    if not left:  # right padding: transformers warns too, but LeanK's result for such rows differs from its
-        warn_once(__name__, "leank: padding that is not left padding (e.g. right padding): padded positions are "
-                            "not stored, and a row whose last position is padding generates from that position "
-                            "(its logits differ from transformers'); pad on the left (tokenizer.padding_side='left')")
     if sum(layer.win_len_host) + sum(layer.arch_len_host) == 0:
         return prefill_attention(q, k, v, valid, scale)
     why = fast_path_reason(q, layer)
-    if why is None and not left:
+    if why is None and not _suffix_padding(valid):
         why = "padding that is not left padding"
     if why is None:
         out_c, lse_c = cached_attention_lse_flash(q, layer, scale)

@@ -169,8 +169,11 @@ class LeanKLayer(CacheLayerMixin):
         a captured decode step must then be recorded again). Host values only; grows at most once."""
         if not self.decode_reserve:
             return
-        needed = max(self.arch_len_host, default=0) + self.decode_reserve
-        self.decode_reserve = 0
+        # rows the archive holds, plus the window rows past sink + recent (a flush moves them), plus the call's tokens
+        needed = max((a + max(0, w - self._sink_rows(b) - self.policy.recent)
+                      for b, (w, a) in enumerate(zip(self.win_len_host, self.arch_len_host))), default=0)
+        needed += self.decode_reserve
+        self.decode_reserve = self.reserve = 0  # sized for the whole call: a later growth adds no reservation
         if needed > self.capacity:
             self._grow_archive(needed, exact=True)
 
@@ -677,11 +680,11 @@ class LeanKCache(Cache):
     """
 
     def __init__(self, mask, config: Optional[LeanKConfig] = None):
-        keep = mask.keep if hasattr(mask, "keep") else mask
-        if not isinstance(keep, Tensor) or keep.dim() != 3:
+        from .masks import _as_bool_mask
+
+        if not hasattr(mask, "keep") and not isinstance(mask, Tensor):
             raise ValueError(f"mask: expected a ChannelMask or bool [layers, kv_heads, head_dim], got {type(mask)}")
-        if keep.dtype != torch.bool and not bool(((keep == 0) | (keep == 1)).all()):
-            raise ValueError(f"mask: expected a bool (or 0/1) keep tensor, got {keep.dtype} values other than 0 and 1")
+        keep = mask.keep if hasattr(mask, "keep") else _as_bool_mask(mask)  # ValueError for non-binary values
         if config is not None and not isinstance(config, LeanKConfig):
             raise ValueError(f"config: expected a LeanKConfig or None, got {type(config).__name__}")
         self.mask = mask
@@ -694,6 +697,18 @@ class LeanKCache(Cache):
         for layer in self.layers:
             layer._flush_index_cache = shared
         self._model_config = None
+
+    def __deepcopy__(self, memo):
+        """A deep copy is a new cache with its own ``uid`` (captured graphs are keyed by it: a copy must never
+        replay the graph recorded for the original, whose tensors it does not share)."""
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            setattr(new, k, copy.deepcopy(v, memo))
+        new.uid = next(_CACHE_UIDS)
+        return new
 
     def bind(self, model_config) -> None:
         """Remember the model this cache serves, so ``update`` can refuse an unpatched one."""

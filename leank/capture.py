@@ -152,6 +152,7 @@ class DecodeGraphRunner:
         self.fused = False  # the step is leank.fused_decode.decode_logits (decided per traced / recorded step)
         self._flush_graphs: dict = {}  # ((cache id, uid), due set, storage version) -> _FlushGraph
         self._flush_disabled = False  # a flush capture failed: flushes run eagerly
+        self._flush_warm: set = set()  # flush keys run once eagerly (recorded at their next flush)
         self.flushes = 0  # flushes of all layers run by the runner (replayed, or emulated)
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
         self.captures = 0
@@ -237,6 +238,8 @@ class DecodeGraphRunner:
             return "prefill", cache
         if ids.shape[0] != layer.batch_size:
             return f"batch {ids.shape[0]} != cache batch {layer.batch_size}", cache
+        if any(other.device != layer.device for other in cache.layers):
+            return "cache layers on several devices (a CUDA graph records one device)", cache
         backend = layer.resolved_backend  # decided by the first decode step (eager), None before it
         if backend is None:
             return "backend not resolved yet", cache
@@ -245,7 +248,10 @@ class DecodeGraphRunner:
         return None, cache
 
     def _key(self, kwargs, cache: LeanKCache) -> tuple:
-        return ((id(cache), cache.uid), tuple(kwargs["input_ids"].shape), cache.storage_version)
+        # the output head's address stands for the weights: a model moved away and back gets new ones
+        head = self.model.get_output_embeddings()
+        weights = head.weight.data_ptr() if head is not None else None
+        return ((id(cache), cache.uid), tuple(kwargs["input_ids"].shape), cache.storage_version, weights)
 
     # ------------------------------------------------------------------ the step
     def _forward_logits(self, ids: Tensor, pos: Tensor) -> Tensor:
@@ -327,7 +333,8 @@ class DecodeGraphRunner:
         key = ((id(cache), cache.uid), tuple(due), cache.storage_version)
         fg = self._flush_graphs.get(key)
         if fg is None:
-            if self.emulate:
+            if self.emulate or key not in self._flush_warm:  # the first flush of a due set runs eagerly (warm-up)
+                self._flush_warm = {k for k in self._flush_warm if k[0] == key[0] and k[2] == key[2]} | {key}
                 outs = [layer.flush_device(seq, sink, move) for layer in cache.layers]
             else:
                 try:
@@ -404,6 +411,9 @@ class DecodeGraphRunner:
         g = _Graph(key, ids.clone(), pos.clone())
         self._graph = None  # release the previous graph's pool before recording a new one
         fn = self._step_fn()
+        self._prepare_fused()  # (re)fusing copies weights: never inside the recording
+        # flush graphs of an earlier cache can never replay again: release their pools now
+        self._flush_graphs = {k: v for k, v in self._flush_graphs.items() if k[0] == key[0]}
         if self.emulate:
             g.graph = "emulated"
         else:

@@ -175,10 +175,7 @@ def _generate(model, original_generate, *args, **kwargs):
         kwargs[name] = kwargs.pop(other)
     _refuse_unsupported(model, kwargs)
     _cache_implementation(model, kwargs, name)
-    am = kwargs.get("attention_mask")
-    if isinstance(am, torch.Tensor) and am.dim() == 2 and am.numel() and not bool(am.bool().any(1).all()):
-        warn_once(__name__, "leank: a row of attention_mask is all zeros: that sequence has no tokens, LeanK stores "
-                            "none and its output is not transformers' (drop the row)")
+    _check_padding(kwargs.get("attention_mask"))
     if kwargs.get("use_cache", True) is False:
         warn_once(__name__, "leank: generate(use_cache=False) runs exact dense attention without a cache: no LeanK saving")
     elif kwargs.get(name) is None:
@@ -208,6 +205,23 @@ def _generate(model, original_generate, *args, **kwargs):
         return original_generate(model, *args, **kwargs)
     finally:
         model.__dict__.pop("__call__", None)
+
+
+def _check_padding(attention_mask) -> None:
+    """Warn (once per process) about padding LeanK serves differently from transformers: a row with no
+    token, and padding that is not left padding (transformers warns about right padding too)."""
+    from .attention import _suffix_padding
+
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or not attention_mask.numel():
+        return
+    valid = attention_mask.bool()
+    if not bool(valid.any(1).all()):
+        warn_once(__name__, "leank: a row of attention_mask is all zeros: that sequence has no tokens, LeanK stores "
+                            "none and its output is not transformers' (drop the row)")
+    if not _suffix_padding(valid):
+        warn_once(__name__, "leank: padding that is not left padding (e.g. right padding): padded positions are "
+                            "not stored, and a row whose last position is padding generates from that position "
+                            "(its logits differ from transformers'); pad on the left (tokenizer.padding_side='left')")
 
 
 def _cache_implementation(model, kwargs, name: str) -> None:

@@ -79,13 +79,13 @@ def oracle_logits(model, keep, sink, recent, flush_every, prompt_ids, continuati
     from .patches import model_dims
     from .window import WindowPolicy
 
-    keep = keep.keep if hasattr(keep, "keep") else keep
+    from .masks import _as_bool_mask
+
+    keep = keep.keep if hasattr(keep, "keep") else _as_bool_mask(keep)  # ValueError for non-binary values
     dims = tuple(model_dims(model.config))
-    if not isinstance(keep, torch.Tensor) or tuple(keep.shape) != dims:
+    if tuple(keep.shape) != dims:
         raise ValueError(f"keep: expected [layers, kv_heads, head_dim] = {list(dims)} for this model, got "
-                         f"{tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__}")
-    if keep.dtype != torch.bool and not bool(((keep == 0) | (keep == 1)).all()):
-        raise ValueError(f"keep: expected bool or 0/1 values, got {keep.dtype} values other than 0 and 1")
+                         f"{tuple(keep.shape)}")
     WindowPolicy(sink=sink, recent=recent, flush_every=flush_every)  # ValueError naming a bad size
     for name, ids in (("prompt_ids", prompt_ids), ("continuation_ids", continuation_ids)):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() < 1 or ids.is_floating_point():

@@ -46,6 +46,9 @@ def test_kernel_equals_reference_and_replays_in_a_graph(dtype, b, h, d):
         pytest.skip("needs CUDA")
     a = _state(b, h, 40, d, dtype, "cuda", seed=b + h + d)
     r = [t.clone() for t in a]
+    from leank.append_kernel import _triton_kernel, _triton_ok
+
+    assert _triton_kernel() is not None and _triton_ok(*a), "the Triton kernel must run here, not the reference"
     append_rows_(*a)
     append_rows_reference(*r)
     assert all(torch.equal(x, y) for x, y in zip(a, r))

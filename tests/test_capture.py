@@ -429,12 +429,11 @@ def test_compile_failure_is_told_for_every_model_with_the_recompile_hint(monkeyp
 
     import leank.capture as capture_mod
 
-    class FailOnRecompileLimitHit(RuntimeError):  # what torch._dynamo raises past recompile_limit
-        pass
+    from torch._dynamo.exc import FailOnRecompileLimitHit  # what torch._dynamo raises past recompile_limit
 
     def fake_compile(fn, **kw):
         def compiled(*a, **k):
-            raise FailOnRecompileLimitHit("Hard failure due to fail_on_recompile_limit_hit")
+            raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")  # torch's own message
         return compiled
 
     monkeypatch.setattr(capture_mod.torch, "compile", fake_compile)
@@ -479,3 +478,49 @@ def test_deepcopy_of_a_patched_model_after_generate_compiles_its_own_step():
         assert torch.equal(first, again)
     finally:
         leank.unpatch(model)
+
+
+def test_graph_keys_of_copies_and_split_caches():
+    """A deep copy of a cache is a new cache for the runner (a fresh uid: with a reused id() and a copied uid,
+    the graph recorded for a freed copy replayed on the new one); a cache whose layers sit on several
+    devices is not captured."""
+    import copy
+
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([9, 14], seed=8)
+    leank.patch(model, masks=ChannelMask(keep=keep, align=8), config=LeanKConfig(**{**CFG.__dict__, "capture": True}))
+    model._leank.emulate_capture = True
+    try:
+        with torch.no_grad():
+            base = leank.new_cache(model)
+            model(input_ids=ids, attention_mask=am, use_cache=True, **{leank.patching.cache_kwarg(model): base})
+            outs = []
+            for _ in range(3):  # each copy dies before the next is made: CPython may reuse its id()
+                twin = copy.deepcopy(base)
+                assert twin.uid != base.uid
+                out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=4, min_new_tokens=4,
+                                     do_sample=False, pad_token_id=0, **{leank.patching.cache_kwarg(model): twin})
+                outs.append(out)
+                del twin
+            runner = model._leank.runner
+        assert runner.captures == 3, "every copy must be recorded for itself"
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        cache = output_cache_of(model, ids, am)
+        kw = dict(input_ids=ids[:, -1:], position_ids=torch.zeros(2, 1, dtype=torch.long), use_cache=True,
+                  **{leank.patching.cache_kwarg(model): cache})
+        assert runner._why_not((), kw)[0] is None
+        cache.layers[1].device = torch.device("meta")
+        assert "several devices" in runner._why_not((), kw)[0]
+    finally:
+        leank.unpatch(model)
+
+
+def output_cache_of(model, ids, am):
+    """A cache that has prefilled ``ids`` and decoded one step (backend resolved)."""
+    from leank.patching import output_cache
+
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    return output_cache(out)

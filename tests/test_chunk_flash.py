@@ -1,8 +1,9 @@
 """Multi-token steps on a LeanK cache through FlashAttention (issue 13) against the exact reference path.
 
-The CPU runs torch's CPU flash kernel (same math, float32 accumulation); the ``gpu`` cases run
-the same checks on CUDA, where the same code calls the CUDA flash kernel (bf16 and fp16; CUDA
-flash has no float32).
+The CPU runs torch's CPU flash kernel (same math, float32 accumulation); the ``gpu`` cases of the
+cached-part, self-part and chunked-generate tests run on CUDA, where the same code calls the CUDA
+flash kernel (bf16 and fp16; CUDA flash has no float32). The chunk-size and ragged second-call
+tests against ``leank.verify`` are CPU (fp32) only.
 """
 
 import pytest

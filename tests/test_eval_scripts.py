@@ -159,7 +159,7 @@ def _parser_of(module, monkeypatch):
 PRINT_ONLY = {"compaction_bench"}  # scripts that write nothing unless --out is given
 
 
-@pytest.mark.parametrize("name", ["e2e_decode", "memory", "ruler", "kernel_bench", "compaction_bench",
+@pytest.mark.parametrize("name", ["e2e_decode", "decode_profile", "memory", "ruler", "kernel_bench", "compaction_bench",
                                   "mask_quality", "train_tiny_model"])
 def test_default_outputs_never_touch_committed_files(name, monkeypatch):
     """Issue 11 items 8 and 11: a run without --out writes under runs/ (git-ignored), never over

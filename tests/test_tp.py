@@ -1,6 +1,6 @@
 """LeanK under transformers' tensor parallelism (``leank.tp``).
 
-CPU: two gloo processes (started by ``torchrun``, ~20 s on two cores; forking them from the test
+CPU: two gloo processes (started by ``torchrun``, 20-40 s on two cores; forking them from the test
 hung in CI once the test process had compiled: the children inherited its Inductor compile pool) shard tiny Llama and Qwen2
 models with transformers' own TP API (the model's ``base_model_tp_plan`` applied by
 ``PreTrainedModel.prepare_distribute_model`` / ``maybe_distribute_model``, the calls
@@ -12,7 +12,7 @@ must agree across ranks seeded differently.
 
 GPU (``gpu``, two CUDA devices, NCCL, ``torchrun``): the same equivalence in fp32 with the
 reference backend, and in bf16 with TileLang by tolerance and token agreement. On 2 x H200
-(2026-11-30) the fp32 variant passed; the bf16 variant did not finish inside that run's time
+(2026-11-30, before the recorded flush and the archive-sizing changes) the fp32 variant passed; the bf16 variant did not finish inside that run's time
 limit (eval/results/tp2_nccl_h200x2.log): run it alone next (``-k "nccl and bf16" -s``).
 
 This file is also the worker script: ``torchrun --nproc_per_node 2 tests/test_tp.py OUT VARIANT``
