@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split planning: thread blocks per SM the plan aims for (default: the kernel's rule, "
                         "2 at batch <= 2, else 4); a tuning experiment, recorded in the JSON")
     p.add_argument("--block-h", type=int, choices=[16, 32, 64], default=None,
-                   help="query rows per split-kernel block (default: the kernel's 64, one wgmma tile; 16 and 32 "
-                        "use mma.sync tiles and pad a 4- or 7-head GQA group less); a tuning experiment, "
-                        "recorded in the JSON")
+                   help="query rows per split-kernel block (default: the kernel's rule, the smallest of 16/32/64 "
+                        "that holds the GQA group; 16 and 32 use mma.sync tiles, 64 one wgmma tile); a tuning "
+                        "experiment, recorded in the JSON")
     p.add_argument("--num-stages", type=int, choices=[2, 3], default=None,
                    help="K/V tiles in flight per split-kernel block (default: the kernel's 2, 80 KiB of shared "
                         "memory at head_dim 128; 3 takes 112 KiB, still two blocks per SM; 4 would leave one); "

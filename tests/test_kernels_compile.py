@@ -75,7 +75,12 @@ def test_builders_refuse_what_supports_refuses():
         dk.split_kernel(8, 2, 64, (80,), "float16", False)
     with pytest.raises(ValueError, match="num_heads"):
         dk.split_kernel(128, 1, 64, (32,), "float16", False)
-    assert dk.default_config(64)["block_H"] == dk.BLOCK_H == 64
+    assert dk.BLOCK_H == 64
+    # the query-row tile is the smallest that holds the GQA group
+    assert [dk.default_config(128, g)["block_H"] for g in (1, 4, 7, 16, 17, 32, 33, 64)] == [16, 16, 16, 16, 32, 32, 64, 64]
+    assert dk.default_config(64, 8)["block_H"] == 16
+    with pytest.raises(ValueError, match="group: at most 64"):
+        dk.default_config(128, 65)
 
 
 def _id(v):
@@ -95,7 +100,10 @@ def test_compile_sm90a(cache_dir, model, dtype, bias, kept):
     split, combine = dec.get_kernels(heads, kv, head_dim, dtype, slots, bias)
     print(f"compiled {model} head_dim {head_dim} {dtype} slots {slots} bias {bias}: {time.time() - t:.1f} s")
     src = split.get_kernel_source()
-    assert "wgmma" in src and "tma_load" in src, "expected the SM90 path (wgmma + TMA)"
+    # groups of up to 16 query heads run 16-row mma.sync tiles, larger ones wgmma (SM90 TMA loads in both)
+    wgmma = heads // kv > 16
+    assert ("wgmma" in src) == wgmma and "mma" in src and "tma_load" in src, \
+        f"expected the SM90 path ({'wgmma' if wgmma else 'mma.sync'} tiles + TMA loads)"
     csrc = combine.get_kernel_source()
     assert "combine" in csrc
     if head_dim < 128:  # 128 threads, the upper half only takes part in the reductions
@@ -104,7 +112,8 @@ def test_compile_sm90a(cache_dir, model, dtype, bias, kept):
 
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b"])
 def test_compile_small_query_tile(cache_dir, model):
-    """``block_H=16`` (the ``--block-h`` experiment): mma.sync tiles, P exchanged through shared memory."""
+    """``block_H=16`` (the default for groups of up to 16 query heads): mma.sync tiles, P exchanged
+    through shared memory."""
     from leank.tilelang_kernels import decode as dec
 
     heads, kv = SHAPES[model]
@@ -118,15 +127,16 @@ def test_compile_small_query_tile(cache_dir, model):
 
 @pytest.mark.parametrize("model", ["qwen2.5-7b", "qwen2.5-0.5b"])
 def test_compile_deeper_pipeline_and_vector_combine(cache_dir, model):
-    """``--num-stages 3 --combine-vector 4``: three K/V stages still fit two blocks per SM, and the
-    combine reads float4 and sums parts in lanes side by side (4 lanes at head_dim 128, 8 at 64)."""
+    """``--block-h 64 --num-stages 3 --combine-vector 4``: three K/V stages with a 64-row wgmma tile
+    still fit two blocks per SM, and the combine reads float4 and sums parts in lanes side by side
+    (4 lanes at head_dim 128, 8 at 64)."""
     from leank.tilelang_kernels import decode as dec
 
     heads, kv = SHAPES[model]
     head_dim = HEAD_DIM[model]
     dec._kernels.clear()
     split, combine = dec.get_kernels(heads, kv, head_dim, BF16, dec.default_slot_dims(head_dim, [32, 64]), False,
-                                     config={"num_stages": 3, "combine_vector": 4})
+                                     config={"block_H": 64, "num_stages": 3, "combine_vector": 4})
     src = split.get_kernel_source()
     assert "wgmma" in src and "bars[(k % 3)]" in src, "expected a 3-stage TMA ring"
     # dynamic shared memory (the launch argument in the host code): q tile + 3 stages of K and V tiles,

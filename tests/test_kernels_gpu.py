@@ -5,7 +5,7 @@ is exercised. Covered: head_dim 64 and 128, fp16 and bf16, awkward lengths (1, 1
 archives, all-pruned heads, every kept count in steps of 16, ragged batches 1-32, GQA
 groups 1/4/7/8, the attention-matching bias, kept counts that need padding, no
 recompile as the context grows, the capability errors, and the tuning experiments of
-``eval/kernel_bench.py`` (``--block-h 16``, ``--num-stages 3``, ``--combine-vector 4``).
+``eval/kernel_bench.py`` (``--block-h 64`` / ``32``, ``--num-stages 3``, ``--combine-vector 4``).
 
 Each distinct kernel variant (head shape, head_dim, dtype, slot set, bias) costs a cold
 compile (~25 s); the module compiles all of them in parallel processes first (TileLang's
@@ -80,7 +80,7 @@ def variant(heads, kv, head_dim, dtype, kept, bias=False):
 
 # the kernel_bench tuning experiments (decode.TILE_CONFIG), each on the shapes of SMALL_TILE
 SMALL_TILE = [(32, 8, 128, BF16), (28, 4, 128, FP16), (14, 2, 64, BF16)]
-TUNING = [{"block_H": 16}, {"num_stages": 3}, {"combine_vector": 4}]
+TUNING = [{"block_H": 64}, {"block_H": 32}, {"num_stages": 3}, {"combine_vector": 4}]
 TUNED = {variant(h, kv, hd, dt, gqa_kept(hd, kv)) + (tuple(sorted(c.items())),) for h, kv, hd, dt in SMALL_TILE
          for c in TUNING}
 
@@ -206,7 +206,8 @@ def test_gqa(heads, kv, head_dim, kept):
 @pytest.mark.parametrize("heads,kv,head_dim,dtype", SMALL_TILE,
                          ids=[f"{h}q-{kv}kv-hd{hd}-{str(dt)[6:]}" for h, kv, hd, dt in SMALL_TILE])
 def test_tuning_variants(monkeypatch, heads, kv, head_dim, dtype, config):
-    """The kernel_bench tuning experiments (``--block-h 16``: mma.sync tiles of 16 query rows;
+    """The kernel_bench tuning experiments (``--block-h 64``: one wgmma tile, the default before
+    16-row tiles; ``--block-h 32``;
     ``--num-stages 3``; ``--combine-vector 4``) against the float64 reference."""
     monkeypatch.setattr(dec, "TILE_CONFIG", config)
     for wl, al in [(1, 0), (70, 300), (BLOCK_N + 1, 4097)]:

@@ -13,7 +13,9 @@ must agree across ranks seeded differently.
 GPU (``gpu``, two CUDA devices, NCCL, ``torchrun``): the same equivalence in fp32 with the
 reference backend, and in bf16 with TileLang by tolerance and token agreement. On 2 x H200
 (2026-11-30, before the recorded flush and the archive-sizing changes) the fp32 variant passed; the bf16 variant did not finish inside that run's time
-limit (eval/results/tp2_nccl_h200x2.log): run it alone next (``-k "nccl and bf16" -s``).
+limit (eval/results/tp2_nccl_h200x2.log); a second run on the current tree (later that day) passed
+fp32 again and again had no bf16 result within 330 s. Next: run it alone under a limit longer than
+the ranks' watchdog below (``-k "nccl and bf16" -s``) so the ranks' stacks are printed.
 
 This file is also the worker script: ``torchrun --nproc_per_node 2 tests/test_tp.py OUT VARIANT``
 (``VARIANT`` one of ``VARIANTS``).
@@ -21,6 +23,7 @@ This file is also the worker script: ``torchrun --nproc_per_node 2 tests/test_tp
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
 import sys
@@ -133,6 +136,9 @@ def _worker(out: str, variant: str) -> None:
     import torch.distributed as dist
 
     rank = int(os.environ["RANK"])
+    # a rank that hangs (a collective the other rank never reaches, a compile waiting on a lock) prints
+    # every thread's stack and exits, so the test fails with the place instead of the outer time limit
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
     device = "cpu"
     if VARIANTS[variant]["device"] == "cuda":
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -146,6 +152,8 @@ def _worker(out: str, variant: str) -> None:
         cfg = _config(variant)  # emulated runner steps compile the decode forward (DTensor ops + the LeanK op)
         leank.patch(model, masks=_mask(kind, variant), config=cfg)
         model._leank.emulate_capture = emulate
+        print(f"rank {rank}: {kind} ({variant}) patched at {time.perf_counter() - t0:.1f} s, generating",
+              file=sys.stderr, flush=True)
         results[kind] = _run(model, device)
         runner = model._leank.runner
         results[kind]["replays"] = runner.replays if runner is not None else 0
@@ -165,6 +173,12 @@ def _worker(out: str, variant: str) -> None:
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+
+
+# seconds after which a rank dumps its threads' stacks and exits (below the tests' waits: 300 s on CPU,
+# 480 s on GPU, so the log with the stacks reaches the failure message)
+WATCHDOG_S = float(os.environ.get("LEANK_TP_WATCHDOG_S", "240"))
 
 
 def _launch(out, variant: str):
@@ -180,8 +194,8 @@ def _wait(proc, timeout):
     except subprocess.TimeoutExpired:
         proc.kill()
         log, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n{log[-4000:]}")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-6000:]}"
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{log[-20000:]}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{log[-20000:]}"
 
 
 def _has_tp_api() -> bool:
@@ -328,7 +342,7 @@ def test_tp2_nccl_equals_single_gpu(tmp_path, variant):
     first token and logits within 5% of their scale until the rows' tokens part (decode steps
     CUDA-graph captured, ``LeanKConfig.capture``, collectives inside the graph).
 
-    2 x H200, 2026-11-30: cuda-fp32 passed; cuda-bf16 had no result (killed by the run's time limit).
+    2 x H200, 2026-11-30 (twice): cuda-fp32 passed; cuda-bf16 had no result (killed by the run's time limit).
     """
     proc = _launch(tmp_path, variant)  # ranks on cuda:0 and cuda:1 while this process computes on cuda:0
     try:

@@ -24,7 +24,7 @@ HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 #: kept counts are compile-time tile widths: multiples of this, up to head_dim
 KEPT_ALIGN = 16
-#: query heads of one KV head share one wgmma tile of this many rows
+#: query heads of one KV head share one query-row tile of at most this many rows
 BLOCK_H = 64
 #: distinct kept counts (archive slots) one compiled kernel serves
 MAX_SLOTS = 8

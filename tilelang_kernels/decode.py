@@ -100,7 +100,8 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
 
     ``target`` defaults to SM90 (``{"kind": "cuda", "arch": "sm_90a"}``); compiling needs
     nvcc but no GPU. ``config`` overrides the split kernel's tile config
-    (``decode_kernels.default_config``: ``block_N``, ``block_H``, ``num_stages``, ``threads``)
+    (``decode_kernels.default_config(head_dim, num_heads // num_kv_heads)``: ``block_N``,
+    ``block_H``, ``num_stages``, ``threads``)
     and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread.
     """
     key = (num_heads, num_kv_heads, head_dim, dtype, tuple(slot_dims), bool(has_bias),
@@ -116,7 +117,7 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected float16 or bfloat16, got {dtype}")
     tgt = dict(target or _TARGET)
-    cfg = {**dk.default_config(head_dim), **(config or {})}
+    cfg = {**dk.default_config(head_dim, num_heads // num_kv_heads), **(config or {})}
     vector = cfg.pop("combine_vector", 1)
     name = _DTYPES[dtype]
     split = tilelang.compile(
@@ -158,9 +159,10 @@ def num_sms(device: torch.device) -> int:
 
 BLOCKS_PER_SM: Optional[int] = None  # measurement knob (eval/kernel_bench.py --blocks-per-sm); None: the rule below
 # measurement knob (eval/kernel_bench.py --block-h / --num-stages / --combine-vector): tile config
-# override, e.g. {"block_H": 16} (query rows per block: 16 uses mma.sync tiles instead of a 64-row
-# wgmma tile that a 4- or 7-head GQA group mostly pads), {"num_stages": 3} (K/V tiles in flight per
-# block), {"combine_vector": 4} (the combine's lanes over parts); None: decode_kernels.CONFIGS
+# override, e.g. {"block_H": 64} (query rows per block: 64 is one wgmma tile, which a 4- or 7-head
+# GQA group mostly pads; the default is the smallest of 16/32/64 that holds the group),
+# {"num_stages": 3} (K/V tiles in flight per block), {"combine_vector": 4} (the combine's lanes
+# over parts); None: decode_kernels.default_config
 TILE_CONFIG: Optional[dict] = None
 
 
