@@ -369,6 +369,26 @@ def oom_safe(fn, *args):
     return msg
 
 
+def release_compiled_state(device) -> float | None:
+    """Drop torch.compile's state after a ``dense-static`` row; returns the GiB this freed on CUDA.
+
+    transformers compiles that row's step in ``reduce-overhead`` mode, whose CUDA-graph trees keep
+    memory pools (and what they recorded) after ``generate`` returns: on the H200 a LeanK row at
+    128K x 4 that fit in one run ran out of memory after ``dense-static`` rows in another. LeanK's
+    compiled decode step is traced again at its next use, inside that row's warm-up steps (outside
+    the statistics); its own CUDA graphs are not torch.compile's and stay.
+    """
+    import torch
+
+    before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return (before - torch.cuda.memory_reserved(device)) / 2**30
+
+
 def prefill_chunk_for(method: str, args) -> int:
     return args.leank_prefill_chunk if method.startswith("leank") else args.dense_prefill_chunk
 
@@ -734,6 +754,8 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                     bar.set_postfix_str(f"{shape} {method} L={length} b={batch}")
                     with context(method):
                         row = sweep_one(model, cfg, method, length, batch, args, device, mask, weight_bytes, total_gib)
+                    if method == "dense-static":
+                        row["released_gib"] = release_compiled_state(device)
                     rows.append({"model": shape, **row})
                     bar.update(1)
                     print(_row_line(rows[-1]), flush=True)  # a run killed later still leaves its rows

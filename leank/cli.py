@@ -44,10 +44,20 @@ def _version_line() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A bad input found after parsing (a ``ValueError`` or a missing file,
+    e.g. a recipe field or a mask that does not fit the model) is printed as one
+    ``leank <command>: error: ...`` line with exit status 2, as argparse does for its own checks;
+    ``-v`` shows the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"leank {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -227,7 +227,9 @@ class ChannelMask:
         ``ValueError``."""
         from .baselines import _achieved, kept_counts_for, random_keep
 
-        gen = torch.Generator().manual_seed(int(seed))
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        gen = torch.Generator().manual_seed(seed)
         counts = kept_counts_for(num_layers, num_kv_heads, head_dim, sparsity, align, generator=gen)
         keep = random_keep(counts, head_dim, gen)
         fields.setdefault("source", "random")

@@ -44,3 +44,15 @@ def test_version_matches_project_metadata():
 def test_unknown_command_is_an_error():
     r = subprocess.run([sys.executable, "-m", "leank.cli", "bench"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'bench'" in r.stderr
+
+
+def test_bad_input_found_late_is_one_error_line_not_a_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "missing.yaml")
+    assert cli.main(["train", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("leank train: error: ") and missing in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="recipe: expected an existing YAML file"):  # -v: the traceback
+        cli.main(["-v", "train", missing])
+    with pytest.raises(SystemExit) as e:  # checked by argparse, before anything loads
+        cli.main(["train", missing, "--max-steps", "0"])
+    assert e.value.code == 2 and "expected a positive integer, got '0'" in capsys.readouterr().err

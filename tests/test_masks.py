@@ -395,6 +395,9 @@ def test_random_mask_counts_seed_and_no_global_rng():
     assert a == ChannelMask.random(4, 3, 64, sparsity=0.75, align=16, seed=5)
     assert not torch.equal(a.keep, ChannelMask.random(4, 3, 64, sparsity=0.75, align=16, seed=6).keep)
     assert len({tuple(a.kept_channels(l, h).tolist()) for l in range(4) for h in range(3)}) > 1
+    for bad in (1.7, True, "5"):  # int(1.7) would silently give seed 1's mask
+        with pytest.raises(ValueError, match="seed: expected an int"):
+            ChannelMask.random(4, 3, 64, sparsity=0.75, align=16, seed=bad)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -232,6 +232,9 @@ def test_resume_continues_identically(tmp_path):
     a.run(resume=False)
     r = _recipe(tmp_path / "b" / "m.safetensors", model_id="")
     first = Trainer(r, model, tok, device="cpu")
+    for bad in (0, -1, 2.5, True):  # -1 or 0 would have returned at once, as if training had stopped there
+        with pytest.raises(ValueError, match="max_steps: expected a positive int"):
+            first.run(max_steps=bad, resume=False)
     assert first.run(max_steps=4, resume=False) is None  # stops inside stage 2 with a checkpoint
     second = Trainer(r, model, tok, device="cpu")
     second.run(resume=True)

@@ -8,6 +8,16 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="learn a K-channel mask (two-stage LeanK training)",
@@ -23,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stage2-steps", type=int, dest="stage2_steps", help="override stage-2 steps")
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir", help="override the checkpoint directory")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this global step")
+    p.add_argument("--max-steps", type=_positive_int, help="stop (with a checkpoint) after this global step")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     p.set_defaults(func=run)
     return p

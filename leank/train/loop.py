@@ -271,6 +271,8 @@ class Trainer:
         """Train until the end (returns the ``ChannelMask``) or until global step
         ``max_steps`` (checkpoint written, returns None)."""
         r = self.recipe
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps: expected a positive int or None, got {max_steps!r}")
         if resume and r.checkpoint_path.is_file():
             self.load_checkpoint(r.checkpoint_path)
         end = r.total_steps if max_steps is None else min(max_steps, r.total_steps)
