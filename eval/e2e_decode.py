@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--leank-prefill-chunk", type=common.int_k, default=0,
                    help="generate(prefill_chunk_size=...) for LeanK; 0 = one shot. Later chunks attend to the "
-                        "LeanK cache through the exact reference path in bounded blocks: less activation memory, "
-                        "slower prefill (default: %(default)s)")
+                        "LeanK cache through leank.attention.chunk_attention (FlashAttention per sequence and "
+                        "archive group for fp16/bf16, the exact reference in bounded blocks otherwise): less "
+                        "activation memory than one shot (default: %(default)s)")
     p.add_argument("--attn", default="auto", help="dense attention: auto, sdpa, flash_attention_2, eager (default: auto)")
     p.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="search the largest batch within --budget-gib for each method (default: on)")
