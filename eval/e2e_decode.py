@@ -239,8 +239,10 @@ def step_stats(intervals_ms: Sequence[float], warmup: int, batch: int) -> dict:
         "latency_ms_median": statistics.median(steps),
         "latency_ms_mean": statistics.fmean(steps),
         "latency_ms_p90": sorted(steps)[min(len(steps) - 1, int(0.9 * len(steps)))],
+        "latency_ms_max": max(steps),
         "tokens_per_s": batch * len(steps) / total_s if total_s > 0 else float("inf"),
         "measured_steps": len(steps),
+        "step_ms": [round(x, 4) for x in steps],  # each measured step: a flush step shows as itself
     }
 
 

@@ -79,6 +79,7 @@ def test_step_stats_exact():
     s = e2e_decode.step_stats([1000.0, 50.0, 10.0, 20.0, 30.0, 40.0], warmup=1, batch=4)
     assert s["prefill_s"] == 1.0 and s["latency_ms_median"] == 25.0 and s["latency_ms_mean"] == 25.0
     assert s["tokens_per_s"] == pytest.approx(4 * 4 / 0.1)
+    assert s["step_ms"] == [10.0, 20.0, 30.0, 40.0] and s["latency_ms_max"] == 40.0
 
 
 def test_memory_cpu_tiny(tmp_path):
