@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine-vector", type=int, choices=[1, 4], default=None,
                    help="combine kernel: channels per thread (default: the kernel's 1; 4 reads float4 and sums "
                         "the parts in 4 or 8 lanes side by side); a tuning experiment, recorded in the JSON")
+    p.add_argument("--fused-combine", action="store_true", default=None,
+                   help="one launch per call: the last split block of each (sequence, KV head) merges the parts "
+                        "(an arrival count per (sequence, KV head)) instead of a second combine launch; a tuning "
+                        "experiment, recorded in the JSON")
     p.add_argument("--dry-run", action="store_true", help="list shapes, masks and points, time nothing (CPU ok)")
     return p
 
@@ -129,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 def tile_config(args) -> dict | None:
     """The kernels' tile-config override the tuning flags ask for (None: the kernels' defaults)."""
     cfg = {k: v for k, v in (("block_H", args.block_h), ("num_stages", args.num_stages),
-                             ("combine_vector", args.combine_vector)) if v is not None}
+                             ("combine_vector", args.combine_vector), ("fused_combine", args.fused_combine))
+           if v is not None}
     return cfg or None
 
 
@@ -456,7 +461,7 @@ def main(argv=None) -> int:
     out = dict(device=dev_name, device_name=label, dtype=args.dtype, copy_gbps=copy_gbps, torch=torch.__version__,
                python=platform.python_version(), graph=not args.no_graph, window=dict(sink=SINK, recent=RECENT,
                pending_cap=PENDING), timing="triton do_bench median, L2 flushed, warm-up excluded",
-               launches_per_layer_step=2, blocks_per_sm=args.blocks_per_sm, block_h=args.block_h, tile_config=tile_config(args), models=models, results=results,
+               launches_per_layer_step=1 if args.fused_combine else 2, blocks_per_sm=args.blocks_per_sm, block_h=args.block_h, tile_config=tile_config(args), models=models, results=results,
                fixed_cost_us=fixed_costs(results))
     try:
         import tilelang

@@ -14,7 +14,9 @@ How a call runs:
   are *not* part of the plan: each block reads ``win_len``/``arch_len`` on the device.
 * **run**: launch 1 walks the table (one block per row and sequence) and writes float32
   partial outputs and LSEs; launch 2 merges them per query head. Nothing is synchronised
-  with the host.
+  with the host. (Experiment, off by default: ``TILE_CONFIG = {"fused_combine": True}``, i.e.
+  ``eval/kernel_bench.py --fused-combine``, makes it one launch: the last block to finish a
+  (sequence, KV head) merges that head's parts, counted in a small self-resetting int32 buffer.)
 
 Kernels are compiled once per (num_heads, num_kv_heads, head_dim, dtype, slot set, bias
 flag) and kept in TileLang's disk cache (about 25 s cold on the GPU machine, 20-40 s on a
@@ -59,6 +61,7 @@ _lock = threading.Lock()
 _kernels: dict = {}
 _plans: dict = {}
 _dummies: dict = {}
+_counters: dict = {}
 _sms: dict = {}
 _warned: set = set()
 
@@ -102,7 +105,8 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     nvcc but no GPU. ``config`` overrides the split kernel's tile config
     (``decode_kernels.default_config(head_dim, num_heads // num_kv_heads)``: ``block_N``,
     ``block_H``, ``num_stages``, ``threads``)
-    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread.
+    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread, or
+    ``fused_combine=True`` (the split kernel merges the parts; ``combine`` is then ``None``).
     """
     key = (num_heads, num_kv_heads, head_dim, dtype, tuple(slot_dims), bool(has_bias),
            tuple(sorted((config or {}).items())))
@@ -123,8 +127,10 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     split = tilelang.compile(
         dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
         target=tgt, pass_configs=dk.PASS_CONFIGS)
-    combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector),
-                               target=tgt, pass_configs=dk.PASS_CONFIGS)
+    combine = None  # the split kernel merges the parts itself
+    if not cfg.get("fused_combine"):
+        combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector),
+                                   target=tgt, pass_configs=dk.PASS_CONFIGS)
     with _lock:
         _kernels[key] = (split, combine)
     return split, combine
@@ -162,7 +168,8 @@ BLOCKS_PER_SM: Optional[int] = None  # measurement knob (eval/kernel_bench.py --
 # override, e.g. {"block_H": 64} (query rows per block: 64 is one wgmma tile, which a 4- or 7-head
 # GQA group mostly pads; the default is the smallest of 16/32/64 that holds the group),
 # {"num_stages": 3} (K/V tiles in flight per block), {"combine_vector": 4} (the combine's lanes
-# over parts); None: decode_kernels.default_config
+# over parts), {"fused_combine": True} (one launch: the split kernel's last block per (sequence, KV
+# head) merges the parts); None: decode_kernels.default_config
 TILE_CONFIG: Optional[dict] = None
 
 
@@ -263,6 +270,16 @@ def _dummy(device: torch.device, dtype: torch.dtype, shape: tuple) -> Tensor:
     if key not in _dummies:
         _dummies[key] = torch.zeros(shape, dtype=dtype, device=device)
     return _dummies[key]
+
+
+def _counter(device: torch.device, batch: int, num_kv_heads: int) -> Tensor:
+    """Zeroed int32 ``[batch, num_kv_heads]`` arrival counts of the fused combine, one per
+    (device, stream, shape): each launch leaves them zeroed again, so calls (and graph replays)
+    on one stream share them; a call on another stream gets its own."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream, batch, num_kv_heads)
+    if key not in _counters:
+        _counters[key] = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device)
+    return _counters[key]
 
 
 def _pad_group(k: Tensor, chan: Tensor, d_to: int):
@@ -376,7 +393,10 @@ def decode_attention(
     lpart = torch.empty(b, h, plan.num_parts, dtype=torch.float32, device=dev)
     out = torch.empty(b, h, d, dtype=q.dtype, device=dev)
     lse = torch.empty(b, h, dtype=torch.float32, device=dev)
-    if b > 0:
+    if b > 0 and combine is None:  # fused_combine: one launch, the last block of each (sequence, KV head) merges
+        split(q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
+              plan.table, opart, lpart, scale, plan.nparts, _counter(dev, b, kvh), out, lse)
+    elif b > 0:
         split(q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
               plan.table, opart, lpart, scale)
         combine(opart, lpart, plan.nparts, out, lse)
