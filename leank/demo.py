@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--recent", type=int, default=64)
     p.add_argument("--flush-every", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="model dtype (default auto: bfloat16 on CUDA, where the TileLang kernels and the captured "
+                        "decode step run, float32 on the CPU)")
     p.add_argument("--random-weights", action="store_true", help="ignore the bundled tiny model")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -59,17 +62,24 @@ def _random_model(device: str, seed: int):
     return model.to(device).eval(), None, mask
 
 
-def _load_model(device: str, random_weights: bool, seed: int):
+def _dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _load_model(device: str, random_weights: bool, seed: int, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer or None, ChannelMask)``."""
     if random_weights:
-        return _random_model(device, seed)
+        model, tok, mask = _random_model(device, seed)
+        return model.to(dtype), tok, mask
     if not (TINY_MODEL_DIR / "model.safetensors").exists():
         raise ValueError(f"--random-weights: the bundled model is missing from {TINY_MODEL_DIR}; pass --random-weights")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .masks import ChannelMask
 
-    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL_DIR, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(TINY_MODEL_DIR), ChannelMask.load(TINY_MODEL_DIR / "mask-k70.safetensors")
 
 
@@ -121,14 +131,16 @@ def run(args) -> int:
 
     progress = _Progress(4)
     progress.step("loading the model and its mask")
-    model, tokenizer, mask = _load_model(args.device, args.random_weights, args.seed)
+    dtype = _dtype(args.dtype, args.device)
+    model, tokenizer, mask = _load_model(args.device, args.random_weights, args.seed, dtype)
     c = model.config
     cfg = LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every)
     ids, sample = _prompt(model, tokenizer, args.prompt_tokens, args.seed)
     ids = ids.to(args.device)
     progress.done()
     print(f"model: {c.num_hidden_layers} layers, {c.num_attention_heads} q / {c.num_key_value_heads} kv heads, "
-          f"head_dim {c.head_dim}; prompt {ids.shape[1]} tokens, {args.new_tokens} new; device {args.device}")
+          f"head_dim {c.head_dim}; prompt {ids.shape[1]} tokens, {args.new_tokens} new; device {args.device}, "
+          f"{str(dtype).replace('torch.', '')}")
     print(f"mask: {100 * mask.sparsity:.1f}% of K channels pruned ({mask.source or 'in memory'}); "
           f"kept counts {sorted(set(mask.kept_counts().flatten().tolist()))}; window sink={cfg.sink} recent={cfg.recent}")
 
@@ -159,7 +171,9 @@ def run(args) -> int:
     print(f"{'tokens/s (generate)':28}{args.new_tokens / dense_s:>14.1f}{args.new_tokens / leank_s:>14.1f}"
           "   (a toy model: Python overhead,")
     print(f"{'':28}{'':28}   not memory traffic; speed: eval/e2e_decode.py)")
-    print(f"max |LeanK logits - dense float64 LeanK function| = {dev:.2e}")
+    scale = ref.abs().max().item()
+    note = "" if dtype == torch.float32 else f" ({str(dtype).replace('torch.', '')} rounding; logits up to {scale:.1f})"
+    print(f"max |LeanK logits - dense float64 LeanK function| = {dev:.2e}{note}")
     if sample is not None:
         from leank.train.data import decode_words, score
 

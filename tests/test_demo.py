@@ -29,3 +29,16 @@ def test_demo_default_model_answers_from_pruned_cache(capsys):
     assert "retrieval (LeanK)" in out and "-> correct" in out.split("retrieval (LeanK)")[1]
     dev = float(re.search(r"dense float64 LeanK function\| = ([0-9.e+-]+)", out).group(1))
     assert dev < 1e-4
+
+
+def test_demo_half_precision(capsys):
+    """``--dtype bfloat16`` (the default on CUDA): the model runs in bf16, says so, and its LeanK logits
+    stay within bf16 rounding of the float64 function."""
+    rc = main(["demo", "--prompt-tokens", "300", "--new-tokens", "12", "--sink", "8", "--recent", "32",
+               "--flush-every", "8", "--random-weights", "--device", "cpu", "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "device cpu, bfloat16" in out
+    m = re.search(r"dense float64 LeanK function\| = ([0-9.e+-]+) \(bfloat16 rounding; logits up to ([0-9.]+)\)", out)
+    assert m, out
+    dev, scale = float(m.group(1)), float(m.group(2))
+    assert 0 < dev < 0.05 * scale
