@@ -215,3 +215,23 @@ def test_decode_attention_raises_the_reason(no_cuda, over, expect):
     with pytest.raises(ValueError, match="does not support this call") as e:
         decode_attention(*_inputs(**over))
     assert expect in str(e.value)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 32])
+def test_plan_rows_per_kv_head_are_its_parts(batch):
+    """What the fused combine relies on: the work table holds exactly ``nparts[h]`` rows of KV head
+    ``h`` (every head at least its window split), parts numbered 0..nparts-1, and the plan's
+    arrival counts start at zero, one per (sequence, KV head)."""
+    import torch
+
+    from leank.tilelang_kernels import decode as dec
+
+    groups = [(32, [0, 3, 5], 9000), (64, [1], 9000), (96, [2, 6], 9000), (128, [], 0)]  # heads 4 and 7: window only
+    plan = dec.build_plan(batch, 8, 128, 1184, groups, dec.default_slot_dims(128, [32, 64, 96]), torch.device("cpu"),
+                          sms=132)
+    table, nparts = plan.table.tolist(), plan.nparts.tolist()
+    for h in range(8):
+        parts = sorted(r[5] for r in table if r[2] == h)
+        assert parts == list(range(nparts[h])) and nparts[h] >= 1, (h, parts)
+    assert plan.num_items == len(table) == sum(nparts) and plan.num_parts == max(nparts) <= 128
+    assert plan.count.shape == (batch, 8) and plan.count.dtype == torch.int32 and not plan.count.any()

@@ -161,6 +161,9 @@ def test_compile_fused_combine(cache_dir, model):
     split, combine = dec.get_kernels(heads, kv, head_dim, BF16, dec.default_slot_dims(head_dim, [32, 64]), True,
                                      config={"fused_combine": True})
     assert combine is None
+    with pytest.raises(ValueError, match="combine_vector=4 is a setting of the combine kernel"):
+        dec.get_kernels(heads, kv, head_dim, BF16, dec.default_slot_dims(head_dim, [32, 64]), True,
+                        config={"fused_combine": True, "combine_vector": 4})
     src = split.get_kernel_source()
     i = src.index("AtomicAddRet(")
     assert "__syncthreads();" in src[i - 200:i] and "COUNT[" in src[i:i + 200]

@@ -16,7 +16,8 @@ How a call runs:
   partial outputs and LSEs; launch 2 merges them per query head. Nothing is synchronised
   with the host. (Experiment, off by default: ``TILE_CONFIG = {"fused_combine": True}``, i.e.
   ``eval/kernel_bench.py --fused-combine``, makes it one launch: the last block to finish a
-  (sequence, KV head) merges that head's parts, counted in a small self-resetting int32 buffer.)
+  (sequence, KV head) merges that head's parts, counted in the plan's self-resetting int32
+  buffer ``DecodePlan.count``.)
 
 Kernels are compiled once per (num_heads, num_kv_heads, head_dim, dtype, slot set, bias
 flag) and kept in TileLang's disk cache (about 25 s cold on the GPU machine, 20-40 s on a
@@ -61,7 +62,6 @@ _lock = threading.Lock()
 _kernels: dict = {}
 _plans: dict = {}
 _dummies: dict = {}
-_counters: dict = {}
 _sms: dict = {}
 _warned: set = set()
 
@@ -123,6 +123,9 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     tgt = dict(target or _TARGET)
     cfg = {**dk.default_config(head_dim, num_heads // num_kv_heads), **(config or {})}
     vector = cfg.pop("combine_vector", 1)
+    if cfg.get("fused_combine") and vector != 1:
+        raise ValueError(f"config: combine_vector={vector} is a setting of the combine kernel, which "
+                         "fused_combine=True does not launch")
     name = _DTYPES[dtype]
     split = tilelang.compile(
         dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
@@ -146,6 +149,9 @@ class DecodePlan:
     table: int32 ``[num_items, 6]`` rows ``(slot, row, kv_head, split, nsplit, part)``.
     nparts: int32 ``[num_kv_heads]``, parts written per KV head; ``num_parts`` their max.
     group_slot: the kernel slot of each archive group (``-1`` for an empty group).
+    count: int32 ``[batch, num_kv_heads]``, zeros: the fused combine's arrival counts (each launch
+    leaves them zeroed). Made here, when the plan is built eagerly, never inside a graph recording;
+    calls sharing a plan (same layout) must therefore not run at the same time on two streams.
     """
 
     table: Tensor
@@ -154,6 +160,7 @@ class DecodePlan:
     num_items: int
     group_slot: tuple
     slot_dims: tuple
+    count: Tensor
 
 
 def num_sms(device: torch.device) -> int:
@@ -235,7 +242,8 @@ def build_plan(batch: int, num_kv_heads: int, head_dim: int, win_cap: int, group
     rows.sort(key=lambda r: r[0] == nslots)
     table = torch.tensor(rows, dtype=torch.int32).to(device)
     npt = torch.tensor(nparts, dtype=torch.int32).to(device)
-    return DecodePlan(table, npt, max(nparts), len(rows), tuple(group_slot), tuple(slot_dims))
+    count = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device)
+    return DecodePlan(table, npt, max(nparts), len(rows), tuple(group_slot), tuple(slot_dims), count)
 
 
 # ----------------------------------------------------------------------------- run
@@ -270,16 +278,6 @@ def _dummy(device: torch.device, dtype: torch.dtype, shape: tuple) -> Tensor:
     if key not in _dummies:
         _dummies[key] = torch.zeros(shape, dtype=dtype, device=device)
     return _dummies[key]
-
-
-def _counter(device: torch.device, batch: int, num_kv_heads: int) -> Tensor:
-    """Zeroed int32 ``[batch, num_kv_heads]`` arrival counts of the fused combine, one per
-    (device, stream, shape): each launch leaves them zeroed again, so calls (and graph replays)
-    on one stream share them; a call on another stream gets its own."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream, batch, num_kv_heads)
-    if key not in _counters:
-        _counters[key] = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device)
-    return _counters[key]
 
 
 def _pad_group(k: Tensor, chan: Tensor, d_to: int):
@@ -395,7 +393,7 @@ def decode_attention(
     lse = torch.empty(b, h, dtype=torch.float32, device=dev)
     if b > 0 and combine is None:  # fused_combine: one launch, the last block of each (sequence, KV head) merges
         split(q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
-              plan.table, opart, lpart, scale, plan.nparts, _counter(dev, b, kvh), out, lse)
+              plan.table, opart, lpart, scale, plan.nparts, plan.count, out, lse)
     elif b > 0:
         split(q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
               plan.table, opart, lpart, scale)
