@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-per-sm", type=int, default=None,
                    help="split planning: thread blocks per SM the plan aims for (default: the kernel's rule, "
                         "2 at batch <= 2, else 4); a tuning experiment, recorded in the JSON")
+    p.add_argument("--min-split-tiles", type=int, default=None,
+                   help="split planning: no split shorter than this many 64-token tiles of its segment's "
+                        "capacity (fewer, longer splits at short contexts); a tuning experiment, recorded in the JSON")
     p.add_argument("--block-h", type=int, choices=[16, 32, 64], default=None,
                    help="query rows per split-kernel block (default: the kernel's rule, the smallest of 16/32/64 "
                         "that holds the GQA group; 16 and 32 use mma.sync tiles, 64 one wgmma tile); a tuning "
@@ -391,6 +394,12 @@ def main(argv=None) -> int:
     kv_lens = [int(x) for x in (SMALL_KV_LENS if args.small_lengths else (args.kv_lens or DEFAULT_KV_LENS)).split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     cuda = torch.cuda.is_available()
+    if args.min_split_tiles is not None:
+        if args.min_split_tiles < 1:
+            raise SystemExit(f"--min-split-tiles: expected >= 1, got {args.min_split_tiles}")
+        from leank.tilelang_kernels import decode as _decode
+
+        _decode.MIN_SPLIT_TILES = args.min_split_tiles
     if args.blocks_per_sm is not None:
         if args.blocks_per_sm < 1:
             raise SystemExit(f"--blocks-per-sm: expected >= 1, got {args.blocks_per_sm}")
@@ -461,7 +470,7 @@ def main(argv=None) -> int:
     out = dict(device=dev_name, device_name=label, dtype=args.dtype, copy_gbps=copy_gbps, torch=torch.__version__,
                python=platform.python_version(), graph=not args.no_graph, window=dict(sink=SINK, recent=RECENT,
                pending_cap=PENDING), timing="triton do_bench median, L2 flushed, warm-up excluded",
-               launches_per_layer_step=1 if args.fused_combine else 2, blocks_per_sm=args.blocks_per_sm, block_h=args.block_h, tile_config=tile_config(args), models=models, results=results,
+               launches_per_layer_step=1 if args.fused_combine else 2, blocks_per_sm=args.blocks_per_sm, min_split_tiles=args.min_split_tiles, block_h=args.block_h, tile_config=tile_config(args), models=models, results=results,
                fixed_cost_us=fixed_costs(results))
     try:
         import tilelang

@@ -235,3 +235,17 @@ def test_plan_rows_per_kv_head_are_its_parts(batch):
         assert parts == list(range(nparts[h])) and nparts[h] >= 1, (h, parts)
     assert plan.num_items == len(table) == sum(nparts) and plan.num_parts == max(nparts) <= 128
     assert plan.count.shape == (batch, 8) and plan.count.dtype == torch.int32 and not plan.count.any()
+
+
+def test_min_split_tiles_caps_splits_of_short_segments(monkeypatch):
+    """``--min-split-tiles`` (experiment): a segment of capacity C gets at most ceil(C / (n * 64))
+    splits; long segments keep the SM-count split; off (None) changes nothing."""
+    from leank.tilelang_kernels import decode as dec
+
+    kept = [32, 64, 0, 96]
+    base = dec.choose_splits(1, 128, 1184, kept, 132, arch_caps=[1000, 200_000, 0, 500])
+    monkeypatch.setattr(dec, "MIN_SPLIT_TILES", 4)
+    win, arch = dec.choose_splits(1, 128, 1184, kept, 132, arch_caps=[1000, 200_000, 0, 500])
+    assert win == min(base[0], 5)  # ceil(1184 / 256)
+    assert arch == [min(base[1][0], 4), base[1][1], 0, min(base[1][3], 2)]
+    assert base[1][0] > 4 and base[1][3] > 2, "the SM-count split was already short: the test shows nothing"

@@ -180,8 +180,15 @@ BLOCKS_PER_SM: Optional[int] = None  # measurement knob (eval/kernel_bench.py --
 TILE_CONFIG: Optional[dict] = None
 
 
+# measurement knob (eval/kernel_bench.py --min-split-tiles): no split shorter than this many K/V tiles of its
+# segment's capacity (fewer, longer splits for short contexts: less per-block set-up and fewer parts to merge,
+# but fewer blocks in flight); None: splits from the SM count alone
+MIN_SPLIT_TILES: Optional[int] = None
+
+
 def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], sms: int,
-                  block_n: int = 64, max_split: int = 96, blocks_per_sm: Optional[int] = None) -> tuple:
+                  block_n: int = 64, max_split: int = 96, blocks_per_sm: Optional[int] = None,
+                  arch_caps: Optional[Sequence[int]] = None) -> tuple:
     """Splits per segment: ``(window_splits, [archive splits per KV head])``.
 
     ``kept[h]`` is the kept count of KV head ``h`` (0 = no archive). Two blocks fit on an
@@ -202,6 +209,10 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
     per = max(0, budget - win * kvh) / sum(weights)
     arch = [0 if d == 0 else int(min(max_split, max(1, math.floor(per * (d + head_dim) / (2 * head_dim)))))
             for d in kept]
+    if MIN_SPLIT_TILES and arch_caps is not None:  # ``arch_caps[h]``: archive capacity of KV head h (tokens)
+        span = MIN_SPLIT_TILES * block_n
+        win = min(win, max(1, math.ceil(win_cap / span)))
+        arch = [a if a == 0 else min(a, max(1, math.ceil(c / span))) for a, c in zip(arch, arch_caps)]
     return win, arch
 
 
@@ -209,6 +220,7 @@ def build_plan(batch: int, num_kv_heads: int, head_dim: int, win_cap: int, group
                slot_dims: tuple, device: torch.device, sms: int) -> DecodePlan:
     """Work table for one layout. ``groups``: per archive group ``(d, heads, capacity)``."""
     kept = [0] * num_kv_heads
+    caps = [0] * num_kv_heads
     where = [None] * num_kv_heads  # (slot, row)
     group_slot = []
     used = set()
@@ -221,8 +233,9 @@ def build_plan(batch: int, num_kv_heads: int, head_dim: int, win_cap: int, group
         group_slot.append(slot)
         for r, h in enumerate(heads):
             kept[h] = d
+            caps[h] = cap
             where[h] = (slot, r)
-    win, arch = choose_splits(batch, head_dim, win_cap, kept, sms)
+    win, arch = choose_splits(batch, head_dim, win_cap, kept, sms, arch_caps=caps)
     nslots = len(slot_dims)
     rows, nparts = [], []
     for h in range(num_kv_heads):
