@@ -65,8 +65,9 @@ def default_config(head_dim: int = 128, group: int = 1) -> dict:
 
 
 def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
-                 block_N=64, block_H=BLOCK_H, num_stages=2, threads=128, fused_combine=False):
-    """Build the split pass. Table slot ``len(slot_dims)`` means the window.
+                 block_N=64, block_H=None, num_stages=2, threads=128, fused_combine=False):
+    """Build the split pass. Table slot ``len(slot_dims)`` means the window. ``block_H`` (query rows
+    per block) defaults to ``default_block_h`` of the GQA group, as ``default_config`` does.
 
     ``fused_combine`` (experiment, ``eval/kernel_bench.py --fused-combine``): the kernel also takes
     ``NPARTS [num_kv_heads]``, a zeroed int32 ``COUNT [batch, num_kv_heads]`` (left zeroed) and the
@@ -80,9 +81,11 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
     bad = [d for d in slot_dims if d % 16 or not 0 < d <= head_dim]
     if bad:
         raise ValueError(f"slot_dims: expected multiples of 16 in 16..{head_dim}, got {tuple(slot_dims)}")
+    rep = num_heads // num_kv_heads
+    if block_H is None:  # as default_config: the smallest tile that holds the group
+        block_H = default_block_h(rep) if rep <= BLOCK_H else BLOCK_H
     if block_H not in BLOCK_H_CHOICES:
         raise ValueError(f"block_H: expected 16, 32 or 64 query rows per block, got {block_H}")
-    rep = num_heads // num_kv_heads
     if rep > block_H:
         raise ValueError(f"num_heads: at most block_H={block_H} query heads per KV head, got {rep}")
     if fused_combine and threads != COMBINE_THREADS:
