@@ -375,11 +375,12 @@ def oom_safe(fn, *args):
 def release_compiled_state(device) -> float | None:
     """Drop torch.compile's state after a ``dense-static`` row; returns the GiB this freed on CUDA.
 
-    transformers compiles that row's step in ``reduce-overhead`` mode, whose CUDA-graph trees keep
-    memory pools (and what they recorded) after ``generate`` returns: on the H200 a LeanK row at
-    128K x 4 that fit in one run ran out of memory after ``dense-static`` rows in another. LeanK's
-    compiled decode step is traced again at its next use, inside that row's warm-up steps (outside
-    the statistics); its own CUDA graphs are not torch.compile's and stay.
+    transformers compiles that row's step in ``reduce-overhead`` mode (its ``CompileConfig`` default),
+    whose CUDA-graph trees keep memory pools after ``generate`` returns. On the H200 a LeanK row at
+    128K x 4 fit after one-shot ``dense-static`` rows in one run and ran out of memory after chunked
+    ones in another (not profiled: this release is the first thing to try). LeanK's compiled decode
+    step is traced again at its next use, inside that row's warm-up steps (outside the statistics);
+    its own CUDA graphs are not torch.compile's and stay.
     """
     import torch
 

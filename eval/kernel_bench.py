@@ -119,9 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that holds the GQA group; 16 and 32 use mma.sync tiles, 64 one wgmma tile); a tuning "
                         "experiment, recorded in the JSON")
     p.add_argument("--num-stages", type=int, choices=[2, 3], default=None,
-                   help="K/V tiles in flight per split-kernel block (default: the kernel's 2, 80 KiB of shared "
-                        "memory at head_dim 128; 3 takes 112 KiB, still two blocks per SM; 4 would leave one); "
-                        "a tuning experiment, recorded in the JSON")
+                   help="K/V tiles in flight per split-kernel block (default: the kernel's 2; each more stage "
+                        "takes 32 KiB of shared memory at head_dim 128); a tuning experiment, recorded in the JSON")
     p.add_argument("--combine-vector", type=int, choices=[1, 4], default=None,
                    help="combine kernel: channels per thread (default: the kernel's 1; 4 reads float4 and sums "
                         "the parts in 4 or 8 lanes side by side); a tuning experiment, recorded in the JSON")
@@ -394,22 +393,14 @@ def main(argv=None) -> int:
     kv_lens = [int(x) for x in (SMALL_KV_LENS if args.small_lengths else (args.kv_lens or DEFAULT_KV_LENS)).split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     cuda = torch.cuda.is_available()
-    if args.min_split_tiles is not None:
-        if args.min_split_tiles < 1:
-            raise SystemExit(f"--min-split-tiles: expected >= 1, got {args.min_split_tiles}")
-        from leank.tilelang_kernels import decode as _decode
+    from leank.tilelang_kernels import decode as _decode  # the planning / tile knobs (TileLang imported on first use)
 
-        _decode.MIN_SPLIT_TILES = args.min_split_tiles
-    if args.blocks_per_sm is not None:
-        if args.blocks_per_sm < 1:
-            raise SystemExit(f"--blocks-per-sm: expected >= 1, got {args.blocks_per_sm}")
-        from leank.tilelang_kernels import decode as _decode
-
-        _decode.BLOCKS_PER_SM = args.blocks_per_sm
-    if tile_config(args) is not None:
-        from leank.tilelang_kernels import decode as _decode
-
-        _decode.TILE_CONFIG = tile_config(args)
+    for name in ("min_split_tiles", "blocks_per_sm"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    _decode.MIN_SPLIT_TILES = args.min_split_tiles
+    _decode.BLOCKS_PER_SM = args.blocks_per_sm
+    _decode.TILE_CONFIG = tile_config(args)
     if not cuda and not args.dry_run:
         print("kernel_bench needs a CUDA GPU (--dry-run lists the points without one)")
         return 2

@@ -76,10 +76,9 @@ def oracle_logits(model, keep, sink, recent, flush_every, prompt_ids, continuati
 
     Row ``i`` is the prediction made after seeing ``prompt + continuation[:i]``.
     """
+    from .masks import _as_bool_mask
     from .patches import model_dims
     from .window import WindowPolicy
-
-    from .masks import _as_bool_mask
 
     keep = keep.keep if hasattr(keep, "keep") else _as_bool_mask(keep)  # ValueError for non-binary values
     dims = tuple(model_dims(model.config))

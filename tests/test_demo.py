@@ -38,7 +38,7 @@ def test_demo_half_precision(capsys):
                "--flush-every", "8", "--random-weights", "--device", "cpu", "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert rc == 0 and "device cpu, bfloat16" in out
-    m = re.search(r"dense float64 LeanK function\| = ([0-9.e+-]+) \(bfloat16 rounding; logits up to ([0-9.]+)\)", out)
+    m = re.search(r"dense float64 LeanK function\| = ([0-9.e+-]+) \(bfloat16 model; logits up to ([0-9.]+)\)", out)
     assert m, out
     dev, scale = float(m.group(1)), float(m.group(2))
     assert 0 < dev < 0.05 * scale

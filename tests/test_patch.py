@@ -13,6 +13,23 @@ from leank.masks import ChannelMask
 from leank.patching import cache_kwarg, output_cache
 from tests.oracle import oracle_logits, sparse_keep, tiny_model
 
+
+@pytest.fixture
+def archive_growths(monkeypatch):
+    """The ``seen_tokens`` of every archive growth (a storage replacement) while the test runs."""
+    from leank.cache import LeanKLayer
+
+    grew = []
+    real = LeanKLayer._grow_archive
+
+    def spy(self, needed, *args, **kwargs):
+        before = self.capacity
+        real(self, needed, *args, **kwargs)
+        if self.capacity != before:
+            grew.append(self.seen_tokens)
+    monkeypatch.setattr(LeanKLayer, "_grow_archive", spy)
+    return grew
+
 CFG = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference")
 
 
@@ -217,20 +234,10 @@ def test_decoding_never_grows_the_archive(prompt_len, how):
 
 
 @pytest.mark.parametrize("emulate", [False, True])
-def test_chunked_prompt_archive_grows_by_the_first_decode_step_at_the_latest(monkeypatch, emulate):
+def test_chunked_prompt_archive_grows_by_the_first_decode_step_at_the_latest(archive_growths, emulate):
     """The same through the capture runner (emulated on the CPU): no archive growth after the first
     decode step, whichever path decodes."""
-    from leank.cache import LeanKLayer
-
-    grew = []
-    real = LeanKLayer._grow_archive
-
-    def spy(self, needed, *args, **kwargs):
-        before = self.capacity
-        real(self, needed, *args, **kwargs)
-        if self.capacity != before:
-            grew.append(self.seen_tokens)
-    monkeypatch.setattr(LeanKLayer, "_grow_archive", spy)
+    grew = archive_growths
     model = tiny_model("qwen2")
     cfg = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference", initial_archive_capacity=16)
     leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=cfg)
@@ -576,21 +583,11 @@ def test_more_inputs_are_checked():
 
 
 @pytest.mark.parametrize("emulate", [False, True])  # True: the second call's steps go through the capture runner
-def test_continuation_archive_sized_for_the_window_rows_past_recent(monkeypatch, emulate):
+def test_continuation_archive_sized_for_the_window_rows_past_recent(archive_growths, emulate):
     """A second generate whose only new token is one decode step: the window may hold up to flush_every - 1
     rows past sink + recent, which this call's flushes move too; the first decode step's sizing counts them
     (it grew again mid-decode when it counted the archive alone)."""
-    from leank.cache import LeanKLayer
-
-    grew = []
-    real = LeanKLayer._grow_archive
-
-    def spy(self, needed, *args, **kwargs):
-        before = self.capacity
-        real(self, needed, *args, **kwargs)
-        if self.capacity != before:
-            grew.append(self.seen_tokens)
-    monkeypatch.setattr(LeanKLayer, "_grow_archive", spy)
+    grew = archive_growths
     model = tiny_model("llama")
     cfg = LeanKConfig(sink=4, recent=8, flush_every=8, backend="reference", initial_archive_capacity=1)
     leank.patch(model, masks=_mask(model, sparse_keep(2, 4, 32)), config=cfg)

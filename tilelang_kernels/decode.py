@@ -404,11 +404,12 @@ def decode_attention(
     lpart = torch.empty(b, h, plan.num_parts, dtype=torch.float32, device=dev)
     out = torch.empty(b, h, d, dtype=q.dtype, device=dev)
     lse = torch.empty(b, h, dtype=torch.float32, device=dev)
-    if b > 0 and combine is None:  # fused_combine: one launch, the last block of each (sequence, KV head) merges
-        split(q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
-              plan.table, opart, lpart, scale, plan.nparts, plan.count, out, lse)
-    elif b > 0:
-        split(q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
-              plan.table, opart, lpart, scale)
-        combine(opart, lpart, plan.nparts, out, lse)
+    if b > 0:
+        args = (q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
+                plan.table, opart, lpart, scale)
+        if combine is None:  # fused_combine: one launch, the last block of each (sequence, KV head) merges
+            split(*args, plan.nparts, plan.count, out, lse)
+        else:
+            split(*args)
+            combine(opart, lpart, plan.nparts, out, lse)
     return (out, lse) if return_lse else out

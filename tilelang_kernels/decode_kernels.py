@@ -316,6 +316,8 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
         body(Q, WK, WV, WLEN, ALEN, (K0, K1, K2, K3, K4, K5, K6, K7), (V0, V1, V2, V3, V4, V5, V6, V7),
              (C0, C1, C2, C3, C4, C5, C6, C7), (B0, B1, B2, B3, B4, B5, B6, B7), TABLE, OPART, LPART, SCALE, None)
 
+    # the same parameters as split plus the merge's: TileLang reads a kernel's parameters from its
+    # annotated signature, so the list is written out again (the body is shared through the macro)
     @T.prim_func
     def split_combine(
         Q: T.Tensor([B, num_heads, D], dtype),
