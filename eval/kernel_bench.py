@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "written only when named here)")
     p.add_argument("--blocks-per-sm", type=int, default=None,
                    help="split planning: thread blocks per SM the plan aims for (default: the kernel's rule, "
-                        "2 at batch <= 2, else 4); a tuning experiment, recorded in the JSON")
+                        "2 at batch <= 2, else 3); a tuning experiment, recorded in the JSON")
     p.add_argument("--min-split-tiles", type=int, default=None,
                    help="split planning: no split shorter than this many 64-token tiles of its segment's "
-                        "capacity (fewer, longer splits at short contexts); a tuning experiment, recorded in the JSON")
+                        "capacity (fewer, longer splits at short contexts; default: the kernel's 4, 0 turns it "
+                        "off); a tuning experiment, recorded in the JSON")
     p.add_argument("--block-h", type=int, choices=[16, 32, 64], default=None,
                    help="query rows per split-kernel block (default: the kernel's rule, the smallest of 16/32/64 "
                         "that holds the GQA group; 16 and 32 use mma.sync tiles, 64 one wgmma tile); a tuning "
@@ -124,10 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine-vector", type=int, choices=[1, 4], default=None,
                    help="combine kernel: channels per thread (default: the kernel's 1; 4 reads float4 and sums "
                         "the parts in 4 or 8 lanes side by side); a tuning experiment, recorded in the JSON")
-    p.add_argument("--fused-combine", action="store_true", default=None,
-                   help="one launch per call: the last split block of each (sequence, KV head) merges the parts "
-                        "(an arrival count per (sequence, KV head)) instead of a second combine launch; a tuning "
-                        "experiment, recorded in the JSON")
     p.add_argument("--dry-run", action="store_true", help="list shapes, masks and points, time nothing (CPU ok)")
     return p
 
@@ -135,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def tile_config(args) -> dict | None:
     """The kernels' tile-config override the tuning flags ask for (None: the kernels' defaults)."""
     cfg = {k: v for k, v in (("block_H", args.block_h), ("num_stages", args.num_stages),
-                             ("combine_vector", args.combine_vector), ("fused_combine", args.fused_combine))
+                             ("combine_vector", args.combine_vector))
            if v is not None}
     return cfg or None
 
@@ -395,10 +392,12 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     from leank.tilelang_kernels import decode as _decode  # the planning / tile knobs (TileLang imported on first use)
 
-    for name in ("min_split_tiles", "blocks_per_sm"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    _decode.MIN_SPLIT_TILES = args.min_split_tiles
+    if args.blocks_per_sm is not None and args.blocks_per_sm < 1:
+        raise SystemExit(f"--blocks-per-sm: expected >= 1, got {args.blocks_per_sm}")
+    if args.min_split_tiles is not None and args.min_split_tiles < 0:
+        raise SystemExit(f"--min-split-tiles: expected >= 0 (0: off), got {args.min_split_tiles}")
+    if args.min_split_tiles is not None:
+        _decode.MIN_SPLIT_TILES = args.min_split_tiles
     _decode.BLOCKS_PER_SM = args.blocks_per_sm
     _decode.TILE_CONFIG = tile_config(args)
     if not cuda and not args.dry_run:
@@ -461,7 +460,7 @@ def main(argv=None) -> int:
     out = dict(device=dev_name, device_name=label, dtype=args.dtype, copy_gbps=copy_gbps, torch=torch.__version__,
                python=platform.python_version(), graph=not args.no_graph, window=dict(sink=SINK, recent=RECENT,
                pending_cap=PENDING), timing="triton do_bench median, L2 flushed, warm-up excluded",
-               launches_per_layer_step=1 if args.fused_combine else 2, blocks_per_sm=args.blocks_per_sm, min_split_tiles=args.min_split_tiles, block_h=args.block_h, tile_config=tile_config(args), models=models, results=results,
+               launches_per_layer_step=2, blocks_per_sm=args.blocks_per_sm, min_split_tiles=_decode.MIN_SPLIT_TILES, block_h=args.block_h, tile_config=tile_config(args), models=models, results=results,
                fixed_cost_us=fixed_costs(results))
     try:
         import tilelang

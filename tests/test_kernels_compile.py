@@ -148,31 +148,6 @@ def test_compile_deeper_pipeline_and_vector_combine(cache_dir, model):
     assert "*(float4*)(OPART" in csrc and f"for (int r = 0; r < {lanes}; ++r)" in csrc
 
 
-@pytest.mark.parametrize("model", ["qwen2.5-7b", "qwen2.5-0.5b"])
-def test_compile_fused_combine(cache_dir, model):
-    """``--fused-combine``: one kernel; one thread per block counts its arrival with an acquire-release
-    atomic after the block's barrier, the last block merges the parts (channel guard at head_dim 64)
-    and zeroes the count again."""
-    from leank.tilelang_kernels import decode as dec
-
-    heads, kv = SHAPES[model]
-    head_dim = HEAD_DIM[model]
-    dec._kernels.clear()
-    split, combine = dec.get_kernels(heads, kv, head_dim, BF16, dec.default_slot_dims(head_dim, [32, 64]), True,
-                                     config={"fused_combine": True})
-    assert combine is None
-    with pytest.raises(ValueError, match="combine_vector=4 is a setting of the combine kernel"):
-        dec.get_kernels(heads, kv, head_dim, BF16, dec.default_slot_dims(head_dim, [32, 64]), True,
-                        config={"fused_combine": True, "combine_vector": 4})
-    src = split.get_kernel_source()
-    i = src.index("AtomicAddRet(")
-    assert "__syncthreads();" in src[i - 200:i] and "COUNT[" in src[i:i + 200]
-    assert ", 1, 4);" in src[i:i + 200], "expected memory order 4 (acq_rel)"
-    assert "LSE[" in src and "] = 0;" in src[i:], "the last block writes LSE and resets its count"
-    if head_dim < 128:
-        assert f"((int)threadIdx.x) < {head_dim})" in src[i:]
-
-
 def test_block_h_is_checked():
     from leank.tilelang_kernels import decode_kernels as dk
 
@@ -180,7 +155,5 @@ def test_block_h_is_checked():
         dk.split_kernel(32, 8, 128, (32,), "bfloat16", False, block_H=8)
     with pytest.raises(ValueError, match="at most block_H=16"):
         dk.split_kernel(64, 2, 128, (32,), "bfloat16", False, block_H=16)
-    with pytest.raises(ValueError, match="threads: the fused combine needs 128"):
-        dk.split_kernel(32, 8, 128, (32,), "bfloat16", False, threads=256, fused_combine=True)
     with pytest.raises(ValueError, match="combine_vector.*expected 1 or 4"):
         dk.combine_kernel(32, 8, 128, "bfloat16", vector=2)

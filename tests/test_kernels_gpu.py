@@ -5,8 +5,8 @@ is exercised. Covered: head_dim 64 and 128, fp16 and bf16, awkward lengths (1, 1
 archives, all-pruned heads, every kept count in steps of 16, ragged batches 1-32, GQA
 groups 1/4/7/8, the attention-matching bias, kept counts that need padding, no
 recompile as the context grows, the capability errors, and the tuning experiments of
-``eval/kernel_bench.py`` (``--block-h 64`` / ``32``, ``--num-stages 3``, ``--combine-vector 4``,
-``--fused-combine``).
+``eval/kernel_bench.py`` (``--block-h 64`` / ``32``, ``--num-stages 3``, ``--combine-vector 4``)
+and the split planning (the default, and ``--min-split-tiles 0`` / ``--blocks-per-sm 4``).
 
 Each distinct kernel variant (head shape, head_dim, dtype, slot set, bias) costs a cold
 compile (~25 s); the module compiles all of them in parallel processes first (TileLang's
@@ -81,14 +81,9 @@ def variant(heads, kv, head_dim, dtype, kept, bias=False):
 
 # the kernel_bench tuning experiments (decode.TILE_CONFIG), each on the shapes of SMALL_TILE
 SMALL_TILE = [(32, 8, 128, BF16), (28, 4, 128, FP16), (14, 2, 64, BF16)]
-TUNING = [{"block_H": 64}, {"block_H": 32}, {"num_stages": 3}, {"combine_vector": 4}, {"fused_combine": True}]
+TUNING = [{"block_H": 64}, {"block_H": 32}, {"num_stages": 3}, {"combine_vector": 4}]
 TUNED = {variant(h, kv, hd, dt, gqa_kept(hd, kv)) + (tuple(sorted(c.items())),) for h, kv, hd, dt in SMALL_TILE
          for c in TUNING}
-
-# the one-launch experiment (--fused-combine) on its own test: (heads, kv_heads, head_dim, dtype, bias)
-FUSED = [(32, 8, 128, BF16, False), (28, 4, 128, FP16, True), (14, 2, 64, BF16, False)]
-TUNED |= {variant(h, kv, hd, dt, gqa_kept(hd, kv), bias) + ((("fused_combine", True),),) for h, kv, hd, dt, bias in FUSED}
-TUNED |= {variant(h, kv, hd, dt, gqa_kept(hd, kv), bias) for h, kv, hd, dt, bias in FUSED}  # their two-launch twins
 
 VARIANTS = sorted(
     {variant(32, 8, hd, dt, mix(hd)) for hd, dt in HD_DTYPES}
@@ -214,7 +209,7 @@ def test_gqa(heads, kv, head_dim, kept):
 def test_tuning_variants(monkeypatch, heads, kv, head_dim, dtype, config):
     """The kernel_bench tuning experiments (``--block-h 64``: one wgmma tile, the default before
     16-row tiles; ``--block-h 32``;
-    ``--num-stages 3``; ``--combine-vector 4``; ``--fused-combine``) against the float64 reference."""
+    ``--num-stages 3``; ``--combine-vector 4``) against the float64 reference."""
     monkeypatch.setattr(dec, "TILE_CONFIG", config)
     for wl, al in [(1, 0), (70, 300), (BLOCK_N + 1, 4097)]:
         case = make_case(2, heads, kv, gqa_kept(head_dim, kv), [wl, max(1, wl // 2)], [al, al // 3], dtype,
@@ -222,41 +217,16 @@ def test_tuning_variants(monkeypatch, heads, kv, head_dim, dtype, config):
         check(case, dtype)
 
 
-@pytest.mark.parametrize("heads,kv,head_dim,dtype,bias", FUSED,
-                         ids=[f"{h}q-{kv}kv-hd{hd}-{str(dt)[6:]}{'-bias' if b else ''}" for h, kv, hd, dt, b in FUSED])
-def test_fused_combine_repeats_and_replays(monkeypatch, heads, kv, head_dim, dtype, bias):
-    """``--fused-combine``: the last block of each (sequence, KV head) merges the parts. Its arrival
-    counts must be left at zero (a second call, and every CUDA-graph replay, equals the first), a
-    ragged batch with an empty sequence gives zeros / -inf there, and the result equals the
-    float64 reference and the two-launch kernels."""
-    case = make_case(3, heads, kv, gqa_kept(head_dim, kv), [0, 70, BLOCK_N + 1], [0, 300, 4097], dtype,
-                     head_dim=head_dim, bias=bias, seed=heads + head_dim)
-    two_launch, two_lse = dec.decode_attention(*case, return_lse=True)
-    monkeypatch.setattr(dec, "TILE_CONFIG", {"fused_combine": True})
-    out, lse = check(case, dtype)
-    assert torch.isinf(lse[0]).all() and (out[0] == 0).all()
-    assert (out.float() - two_launch.float()).abs().max() <= 2 * TOL[dtype] * two_launch.float().abs().max()
-    assert torch.equal(torch.isfinite(lse), torch.isfinite(two_lse))
-    assert all(int(p.count.abs().sum()) == 0 for p in dec._plans.values()), "arrival counts not reset"
-    again, _ = check(case, dtype)
-    assert torch.equal(again, out), "a second call differs: the counts were not reset"
-    # recorded once, replayed with other lengths: each replay merges exactly its own parts
-    # (the plan, with its zeroed counts, exists before the recording: the graph holds the kernel alone,
-    # so each replay relies on the previous launch having reset the counts)
-    static = list(case)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out, g_lse = dec.decode_attention(*static, return_lse=True)
-    for wl, al in [(1, 0), (33, 4000), (0, 0), (BLOCK_N + 1, 4097)]:
-        static[3].copy_(torch.tensor([wl, max(0, wl - 1), wl], dtype=torch.int32))
-        static[8].copy_(torch.tensor([al, al // 2, max(0, al - 7)], dtype=torch.int32))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref, ref_lse = decode_attention_reference(*static, return_lse=True, compute_dtype=torch.float64)
-        err = (g_out.double() - ref).norm() / ref.norm().clamp_min(1e-12)
-        assert err < TOL[dtype], (wl, al, float(err))
-        assert torch.equal(torch.isfinite(g_lse), torch.isfinite(ref_lse)), (wl, al)
-    assert all(int(p.count.abs().sum()) == 0 for p in dec._plans.values()), "arrival counts not reset by the replays"
+PLANNING = [("MIN_SPLIT_TILES", 0), ("MIN_SPLIT_TILES", 64), ("BLOCKS_PER_SM", 4), ("BLOCKS_PER_SM", 1)]
+
+
+@pytest.mark.parametrize("knob,value", PLANNING, ids=[f"{k}={v}" for k, v in PLANNING])
+def test_planning_variants(monkeypatch, knob, value):
+    """Other split plans than the default (no minimum split length; one split per segment up to 4K
+    tokens; 4 or 1 blocks per SM) give the same function: ragged lengths, an empty sequence."""
+    monkeypatch.setattr(dec, knob, value)
+    case = make_case(3, 28, 4, gqa_kept(128, 4), [0, 70, BLOCK_N + 1], [0, 4097, 300], BF16, seed=len(knob) + value)
+    check(case, BF16)
 
 
 @pytest.mark.parametrize("batch,head_dim,dtype", RAGGED, ids=[f"b{b}-hd{hd}-{str(dt)[6:]}" for b, hd, dt in RAGGED])

@@ -14,10 +14,9 @@ How a call runs:
   are *not* part of the plan: each block reads ``win_len``/``arch_len`` on the device.
 * **run**: launch 1 walks the table (one block per row and sequence) and writes float32
   partial outputs and LSEs; launch 2 merges them per query head. Nothing is synchronised
-  with the host. (Experiment, off by default: ``TILE_CONFIG = {"fused_combine": True}``, i.e.
-  ``eval/kernel_bench.py --fused-combine``, makes it one launch: the last block to finish a
-  (sequence, KV head) merges that head's parts, counted in the plan's self-resetting int32
-  buffer ``DecodePlan.count``.)
+  with the host. (A one-launch variant, where the last block of each (sequence, KV head)
+  merged the parts, was measured 1.0-2.6x slower on the H200 and removed:
+  ``eval/results/kernel_bench_h200_plan_ab.log``.)
 
 Kernels are compiled once per (num_heads, num_kv_heads, head_dim, dtype, slot set, bias
 flag) and kept in TileLang's disk cache (about 25 s cold on the GPU machine, 20-40 s on a
@@ -105,8 +104,7 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     nvcc but no GPU. ``config`` overrides the split kernel's tile config
     (``decode_kernels.default_config(head_dim, num_heads // num_kv_heads)``: ``block_N``,
     ``block_H``, ``num_stages``, ``threads``)
-    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread, or
-    ``fused_combine=True`` (the split kernel merges the parts; ``combine`` is then ``None``).
+    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread.
     """
     key = (num_heads, num_kv_heads, head_dim, dtype, tuple(slot_dims), bool(has_bias),
            tuple(sorted((config or {}).items())))
@@ -123,17 +121,12 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     tgt = dict(target or _TARGET)
     cfg = {**dk.default_config(head_dim, num_heads // num_kv_heads), **(config or {})}
     vector = cfg.pop("combine_vector", 1)
-    if cfg.get("fused_combine") and vector != 1:
-        raise ValueError(f"config: combine_vector={vector} is a setting of the combine kernel, which "
-                         "fused_combine=True does not launch")
     name = _DTYPES[dtype]
     split = tilelang.compile(
         dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
         target=tgt, pass_configs=dk.PASS_CONFIGS)
-    combine = None  # the split kernel merges the parts itself
-    if not cfg.get("fused_combine"):
-        combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector),
-                                   target=tgt, pass_configs=dk.PASS_CONFIGS)
+    combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector),
+                               target=tgt, pass_configs=dk.PASS_CONFIGS)
     with _lock:
         _kernels[key] = (split, combine)
     return split, combine
@@ -149,9 +142,6 @@ class DecodePlan:
     table: int32 ``[num_items, 6]`` rows ``(slot, row, kv_head, split, nsplit, part)``.
     nparts: int32 ``[num_kv_heads]``, parts written per KV head; ``num_parts`` their max.
     group_slot: the kernel slot of each archive group (``-1`` for an empty group).
-    count: int32 ``[batch, num_kv_heads]``, zeros: the fused combine's arrival counts (each launch
-    leaves them zeroed). Made here, when the plan is built eagerly, never inside a graph recording;
-    calls sharing a plan (same layout) must therefore not run at the same time on two streams.
     """
 
     table: Tensor
@@ -160,7 +150,6 @@ class DecodePlan:
     num_items: int
     group_slot: tuple
     slot_dims: tuple
-    count: Tensor
 
 
 def num_sms(device: torch.device) -> int:
@@ -170,20 +159,19 @@ def num_sms(device: torch.device) -> int:
     return _sms[idx]
 
 
-BLOCKS_PER_SM: Optional[int] = None  # measurement knob (eval/kernel_bench.py --blocks-per-sm); None: the rule below
+# measurement knob (eval/kernel_bench.py --blocks-per-sm); None: the rule in choose_splits
+BLOCKS_PER_SM: Optional[int] = None
 # measurement knob (eval/kernel_bench.py --block-h / --num-stages / --combine-vector): tile config
 # override, e.g. {"block_H": 64} (query rows per block: 64 is one wgmma tile, which a 4- or 7-head
 # GQA group mostly pads; the default is the smallest of 16/32/64 that holds the group),
 # {"num_stages": 3} (K/V tiles in flight per block), {"combine_vector": 4} (the combine's lanes
-# over parts), {"fused_combine": True} (one launch: the split kernel's last block per (sequence, KV
-# head) merges the parts); None: decode_kernels.default_config
+# over parts); None: decode_kernels.default_config
 TILE_CONFIG: Optional[dict] = None
-
-
-# measurement knob (eval/kernel_bench.py --min-split-tiles): no split shorter than this many K/V tiles of its
-# segment's capacity (fewer, longer splits for short contexts: less per-block set-up and fewer parts to merge,
-# but fewer blocks in flight); None: splits from the SM count alone
-MIN_SPLIT_TILES: Optional[int] = None
+# no split shorter than this many K/V tiles of its segment's capacity: fewer, longer splits for short
+# contexts (less per-block set-up, fewer parts to merge). 4 was measured on the H200 (Qwen 8K x 1:
+# 20.4 -> 16.9 us, nothing slower; eval/results/kernel_bench_h200_plan_ab.log); eval/kernel_bench.py
+# --min-split-tiles overrides it, 0 turns it off
+MIN_SPLIT_TILES: int = 4
 
 
 def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], sms: int,
@@ -191,14 +179,17 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
                   arch_caps: Optional[Sequence[int]] = None) -> tuple:
     """Splits per segment: ``(window_splits, [archive splits per KV head])``.
 
-    ``kept[h]`` is the kept count of KV head ``h`` (0 = no archive). Two blocks fit on an
-    SM: at batch <= 2 all blocks of a step fit in one wave (latency), above that about two
-    waves (the blocks that finish first take the next ones: load balance). The window
+    ``kept[h]`` is the kept count of KV head ``h`` (0 = no archive). At batch <= 2 the plan
+    aims for 2 blocks per SM, all blocks of a step in one wave (latency); above that for 3
+    (the blocks that finish first take the next ones: load balance; 3 beat 4 at batch 8 on the
+    H200, e.g. Qwen 32K x 8 94.8 -> 88.9 us, ``kernel_bench_h200_plan_ab.log``). The window
     (short, full width) gets up to one split per 4 tiles of its capacity, the archive rows
-    share the rest in proportion to their bytes per token (``d + head_dim``). At least one
-    split each; at most ``max_split`` (parts per head stay <= 128 for the combine kernel).
+    share the rest in proportion to their bytes per token (``d + head_dim``). With
+    ``arch_caps`` (archive capacity per KV head, tokens) no split is shorter than
+    ``MIN_SPLIT_TILES`` tiles of its segment's capacity. At least one split each; at most
+    ``max_split`` (parts per head stay <= 128 for the combine kernel).
     """
-    blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or (2 if batch <= 2 else 4)
+    blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or (2 if batch <= 2 else 3)
     budget = max(1, (blocks_per_sm * sms) // max(1, batch))
     kvh = len(kept)
     weights = [(d + head_dim) / (2 * head_dim) for d in kept if d > 0]
@@ -255,8 +246,7 @@ def build_plan(batch: int, num_kv_heads: int, head_dim: int, win_cap: int, group
     rows.sort(key=lambda r: r[0] == nslots)
     table = torch.tensor(rows, dtype=torch.int32).to(device)
     npt = torch.tensor(nparts, dtype=torch.int32).to(device)
-    count = torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device)
-    return DecodePlan(table, npt, max(nparts), len(rows), tuple(group_slot), tuple(slot_dims), count)
+    return DecodePlan(table, npt, max(nparts), len(rows), tuple(group_slot), tuple(slot_dims))
 
 
 # ----------------------------------------------------------------------------- run
@@ -407,9 +397,6 @@ def decode_attention(
     if b > 0:
         args = (q.contiguous(), win_k.contiguous(), win_v.contiguous(), wl.to(dev), al.to(dev), *slot_args,
                 plan.table, opart, lpart, scale)
-        if combine is None:  # fused_combine: one launch, the last block of each (sequence, KV head) merges
-            split(*args, plan.nparts, plan.count, out, lse)
-        else:
-            split(*args)
-            combine(opart, lpart, plan.nparts, out, lse)
+        split(*args)
+        combine(opart, lpart, plan.nparts, out, lse)
     return (out, lse) if return_lse else out

@@ -65,14 +65,9 @@ def default_config(head_dim: int = 128, group: int = 1) -> dict:
 
 
 def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
-                 block_N=64, block_H=None, num_stages=2, threads=128, fused_combine=False):
+                 block_N=64, block_H=None, num_stages=2, threads=128):
     """Build the split pass. Table slot ``len(slot_dims)`` means the window. ``block_H`` (query rows
     per block) defaults to ``default_block_h`` of the GQA group, as ``default_config`` does.
-
-    ``fused_combine`` (experiment, ``eval/kernel_bench.py --fused-combine``): the kernel also takes
-    ``NPARTS [num_kv_heads]``, a zeroed int32 ``COUNT [batch, num_kv_heads]`` (left zeroed) and the
-    outputs ``O``/``LSE``; the last block to finish a (sequence, KV head) merges its parts, so a
-    step is one launch instead of two.
     """
     if len(slot_dims) > MAX_SLOTS:
         raise ValueError(f"slot_dims: at most {MAX_SLOTS} archive slots, got {len(slot_dims)}")
@@ -88,8 +83,6 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
         raise ValueError(f"block_H: expected 16, 32 or 64 query rows per block, got {block_H}")
     if rep > block_H:
         raise ValueError(f"num_heads: at most block_H={block_H} query heads per KV head, got {rep}")
-    if fused_combine and threads != COMBINE_THREADS:
-        raise ValueError(f"threads: the fused combine needs {COMBINE_THREADS} threads (one per part), got {threads}")
     D = head_dim
     nslots = len(slot_dims)
     # a 64-row tile is one wgmma per warpgroup (warps along rows); fewer rows split the columns over the warps
@@ -181,46 +174,7 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
                 issue(Kt, Vt, b, row, n0 + num_stages * block_N, K_sh, V_sh, bars, st)
 
     @T.macro
-    def merge_parts(OPART, LPART, NPARTS, O, LSE, b, kvh, tx, red, wts):
-        # the combine kernel's LSE merge (vector=1), for the query heads of KV head kvh, in this block
-        n = T.alloc_var(T.int32, init=NPARTS[kvh])
-        lp = T.alloc_var(accum, init=neg_inf)
-        m = T.alloc_var(accum, init=neg_inf)
-        w = T.alloc_var(accum, init=0.0)
-        tot = T.alloc_var(accum, init=0.0)
-        acc = T.alloc_var(accum, init=0.0)
-        for i in T.serial(rep):
-            h = kvh * rep + i
-            lp = neg_inf
-            if tx < n:
-                lp = LPART[b, h, tx]
-            m = lp
-            for off in [16, 8, 4, 2, 1]:
-                m = T.max(m, T.shfl_xor(m, off))
-            if tx % 32 == 0:
-                red[tx // 32] = m
-            T.sync_threads()
-            m = T.max(T.max(red[0], red[1]), T.max(red[2], red[3]))
-            w = T.if_then_else(lp == neg_inf, 0.0, T.exp2(lp - m))
-            wts[tx] = w
-            tot = w
-            for off in [16, 8, 4, 2, 1]:
-                tot = tot + T.shfl_xor(tot, off)
-            if tx % 32 == 0:
-                red[4 + tx // 32] = tot
-            T.sync_threads()
-            tot = red[4] + red[5] + red[6] + red[7]
-            if tx < D:
-                acc = 0.0
-                for p in T.unroll(n, unroll_factor=8):
-                    acc = acc + wts[p] * OPART[b, h, p, tx]
-                O[b, h, tx] = T.if_then_else(tot > 0, acc / tot, 0.0)
-            if tx == 0:
-                LSE[b, h] = T.if_then_else(tot > 0, (T.log2(tot) + m) * LN2, neg_inf)
-            T.sync_threads()  # red and wts are reused by the next head
-
-    @T.macro
-    def body(Q, WK, WV, WLEN, ALEN, ks, vs, cs, bs, TABLE, OPART, LPART, SCALE, fused):
+    def body(Q, WK, WV, WLEN, ALEN, ks, vs, cs, bs, TABLE, OPART, LPART, SCALE):
         with T.Kernel(NI, B, threads=threads) as (bx, by):
             bars = T.alloc_barrier([1] * num_stages)
             acc_s = T.alloc_fragment([block_H, block_N], accum)
@@ -266,25 +220,6 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
                     OPART[b, kvh * rep + i, part, j] = T.if_then_else(
                         l_run[i] > 0, acc_o[i, j] / l_run[i], 0)
 
-            if fused is not None:
-                # the block that writes the last part of (sequence, KV head) merges them: the parts written,
-                # one thread's acquire-release count (after the block's barrier: the CTA's writes are released
-                # with it, as in a grid sync), and the last block reads every part after that acquire
-                NPARTS, COUNT, O, LSE = fused
-                tx = T.get_thread_binding()
-                last = T.alloc_shared([1], T.int32)
-                red = T.alloc_shared([8], accum)
-                wts = T.alloc_shared([threads], accum)
-                T.sync_threads()
-                if tx == 0:
-                    prev = T.atomic_add(COUNT[b, kvh], 1, memory_order="acq_rel", return_prev=True)
-                    last[0] = T.if_then_else(prev == NPARTS[kvh] - 1, 1, 0)
-                T.sync_threads()
-                if last[0] == 1:
-                    merge_parts(OPART, LPART, NPARTS, O, LSE, b, kvh, tx, red, wts)
-                    if tx == 0:
-                        COUNT[b, kvh] = 0  # ready for the next call (or graph replay)
-
     @T.prim_func
     def split(
         Q: T.Tensor([B, num_heads, D], dtype),
@@ -314,47 +249,9 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
         SCALE: T.float32,
     ):
         body(Q, WK, WV, WLEN, ALEN, (K0, K1, K2, K3, K4, K5, K6, K7), (V0, V1, V2, V3, V4, V5, V6, V7),
-             (C0, C1, C2, C3, C4, C5, C6, C7), (B0, B1, B2, B3, B4, B5, B6, B7), TABLE, OPART, LPART, SCALE, None)
+             (C0, C1, C2, C3, C4, C5, C6, C7), (B0, B1, B2, B3, B4, B5, B6, B7), TABLE, OPART, LPART, SCALE)
 
-    # the same parameters as split plus the merge's: TileLang reads a kernel's parameters from its
-    # annotated signature, so the list is written out again (the body is shared through the macro)
-    @T.prim_func
-    def split_combine(
-        Q: T.Tensor([B, num_heads, D], dtype),
-        WK: T.Tensor([B, num_kv_heads, WCAP, D], dtype),
-        WV: T.Tensor([B, num_kv_heads, WCAP, D], dtype),
-        WLEN: T.Tensor([B], T.int32),
-        ALEN: T.Tensor([B], T.int32),
-        K0: T.Tensor(kshape(0), dtype), V0: T.Tensor(vshape(0), dtype),
-        C0: T.Tensor(cshape(0), T.int64), B0: T.Tensor(bshape(0), accum),
-        K1: T.Tensor(kshape(1), dtype), V1: T.Tensor(vshape(1), dtype),
-        C1: T.Tensor(cshape(1), T.int64), B1: T.Tensor(bshape(1), accum),
-        K2: T.Tensor(kshape(2), dtype), V2: T.Tensor(vshape(2), dtype),
-        C2: T.Tensor(cshape(2), T.int64), B2: T.Tensor(bshape(2), accum),
-        K3: T.Tensor(kshape(3), dtype), V3: T.Tensor(vshape(3), dtype),
-        C3: T.Tensor(cshape(3), T.int64), B3: T.Tensor(bshape(3), accum),
-        K4: T.Tensor(kshape(4), dtype), V4: T.Tensor(vshape(4), dtype),
-        C4: T.Tensor(cshape(4), T.int64), B4: T.Tensor(bshape(4), accum),
-        K5: T.Tensor(kshape(5), dtype), V5: T.Tensor(vshape(5), dtype),
-        C5: T.Tensor(cshape(5), T.int64), B5: T.Tensor(bshape(5), accum),
-        K6: T.Tensor(kshape(6), dtype), V6: T.Tensor(vshape(6), dtype),
-        C6: T.Tensor(cshape(6), T.int64), B6: T.Tensor(bshape(6), accum),
-        K7: T.Tensor(kshape(7), dtype), V7: T.Tensor(vshape(7), dtype),
-        C7: T.Tensor(cshape(7), T.int64), B7: T.Tensor(bshape(7), accum),
-        TABLE: T.Tensor([NI, TABLE_COLS], T.int32),
-        OPART: T.Tensor([B, num_heads, NP, D], accum),
-        LPART: T.Tensor([B, num_heads, NP], accum),
-        SCALE: T.float32,
-        NPARTS: T.Tensor([num_kv_heads], T.int32),
-        COUNT: T.Tensor([B, num_kv_heads], T.int32),
-        O: T.Tensor([B, num_heads, D], dtype),
-        LSE: T.Tensor([B, num_heads], accum),
-    ):
-        body(Q, WK, WV, WLEN, ALEN, (K0, K1, K2, K3, K4, K5, K6, K7), (V0, V1, V2, V3, V4, V5, V6, V7),
-             (C0, C1, C2, C3, C4, C5, C6, C7), (B0, B1, B2, B3, B4, B5, B6, B7), TABLE, OPART, LPART, SCALE,
-             (NPARTS, COUNT, O, LSE))
-
-    return split_combine if fused_combine else split
+    return split
 
 
 def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1):
