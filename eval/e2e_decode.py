@@ -28,8 +28,9 @@ input-embedding table not tied to the output head counts one row per sequence, n
 result rows without ``weight_bytes_read`` counted it whole: their floors are high by
 vocab x hidden x 2 bytes / ``copy_gbps``, 0.25 ms for the 8B shapes on the H200), and
 ``pct_of_floor`` = floor / measured time. ``speedup_vs_strongest_dense`` compares tokens/s
-with the fastest dense method of the same model, length and batch (``dense-*``: transformers' own paths); ``speedup_vs_leank_dense``, when
-``leank-dense`` ran, isolates what the channel pruning gains on the same machinery. ``--second-turn N`` times
+with the fastest dense method of the same model, length and batch (``dense-*``, transformers' own paths, and
+``leank-dense``, LeanK's machinery with nothing pruned: whichever is faster; ``baseline`` names it);
+``speedup_vs_leank_dense``, when ``leank-dense`` ran, isolates what the channel pruning gains on the same machinery. ``--second-turn N`` times
 a follow-up message of N tokens on each conversation cache; ``--speculative N`` times
 prompt-lookup speculative decoding (``prompt_lookup_num_tokens=N``) on a repetitive prompt
 against plain greedy decoding (dense-dynamic and leank, batch 1).
@@ -308,9 +309,14 @@ def method_context(model, setups: dict, method: str):
     return common.patched(model, *setups[method]) if method in setups else contextlib.nullcontext()
 
 
+def is_dense(method: str) -> bool:
+    """A method that keeps every K channel: transformers' ``dense-*`` paths and ``leank-dense``."""
+    return method.startswith("dense") or method == "leank-dense"
+
+
 def kv_fraction(method: str, mask) -> float:
     """Archived K+V bytes of ``method`` relative to a dense cache (1 for dense and ``leank-dense``)."""
-    return 1.0 if method.startswith("dense") or method == "leank-dense" else leank_fraction(mask)
+    return 1.0 if is_dense(method) else leank_fraction(mask)
 
 
 def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0) -> dict:
@@ -659,8 +665,8 @@ def records_from(paths: Sequence[str], out: str | None) -> int:
 
 
 def add_comparisons(rows: list[dict]) -> None:
-    """Speedup of every method over the fastest dense method at the same model/length/batch, KV ratio,
-    and over ``leank-dense`` when it ran (what the channel pruning itself gains, same machinery)."""
+    """Speedup of every method over the fastest dense method (``is_dense``) at the same model/length/batch,
+    KV ratio, and over ``leank-dense`` when it ran (what the channel pruning itself gains, same machinery)."""
     by = {}
     for r in rows:
         by.setdefault((r["model"], r["length"], r["batch"]), []).append(r)
@@ -669,7 +675,7 @@ def add_comparisons(rows: list[dict]) -> None:
         for r in group:  # LeanK rows only: what pruning gains on the same machinery
             if own and r.get("status") == "ok" and r["method"].startswith("leank"):
                 r["speedup_vs_leank_dense"] = r["tokens_per_s"] / own[0]["tokens_per_s"]
-        dense = [r for r in group if r["method"].startswith("dense") and r.get("status") == "ok"]
+        dense = [r for r in group if is_dense(r["method"]) and r.get("status") == "ok"]
         if not dense:
             continue
         best = max(dense, key=lambda r: r["tokens_per_s"])
@@ -916,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar.close()
     add_comparisons(rows)
     for m in maxb:  # throughput gain at the budget
-        dense = [x for x in maxb if x["model"] == m["model"] and x["method"].startswith("dense") and x["status"] == "ok"]
+        dense = [x for x in maxb if x["model"] == m["model"] and is_dense(x["method"]) and x["status"] == "ok"]
         if m.get("status") == "ok" and dense:
             best = max(dense, key=lambda x: x["tokens_per_s"])
             m["throughput_vs_best_dense"] = m["tokens_per_s"] / best["tokens_per_s"]

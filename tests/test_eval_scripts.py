@@ -75,6 +75,22 @@ def test_e2e_decode_second_turn_and_row_fields(tmp_path):
     assert 0 < leank_row["kv_bytes"] < dense_row["kv_bytes"]
 
 
+def test_strongest_dense_includes_leank_dense():
+    """``speedup_vs_strongest_dense`` divides by the fastest method that keeps every channel, LeanK's own
+    ``leank-dense`` included when it beats transformers' static cache; rows of another batch are not mixed in."""
+    def row(method, batch, tps):
+        return {"model": "m", "length": 32768, "batch": batch, "method": method, "status": "ok", "tokens_per_s": tps}
+
+    rows = [row("leank", 8, 760.0), row("leank-dense", 8, 590.0), row("dense-static", 8, 95.0),
+            row("leank", 1, 158.0), row("dense-static", 1, 56.0), row("dense-dynamic", 1, 60.0)]
+    e2e_decode.add_comparisons(rows)
+    assert rows[0]["baseline"] == "leank-dense" and rows[0]["speedup_vs_strongest_dense"] == pytest.approx(760 / 590)
+    assert rows[0]["speedup_vs_leank_dense"] == pytest.approx(760 / 590)
+    assert rows[2]["speedup_vs_strongest_dense"] == pytest.approx(95 / 590)
+    assert rows[3]["baseline"] == "dense-dynamic" and rows[3]["speedup_vs_strongest_dense"] == pytest.approx(158 / 60)
+    assert "speedup_vs_leank_dense" not in rows[3]
+
+
 def test_step_stats_exact():
     s = e2e_decode.step_stats([1000.0, 50.0, 10.0, 20.0, 30.0, 40.0], warmup=1, batch=4)
     assert s["prefill_s"] == 1.0 and s["latency_ms_median"] == 25.0 and s["latency_ms_mean"] == 25.0
