@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "written only when named here)")
     p.add_argument("--blocks-per-sm", type=int, default=None,
                    help="split planning: thread blocks per SM the plan aims for (default: the kernel's rule, "
-                        "2 at batch <= 2, else 3); a tuning experiment, recorded in the JSON")
+                        "2 at batch <= 2, 3 up to batch 8, else 4); a tuning experiment, recorded in the JSON")
     p.add_argument("--min-split-tiles", type=int, default=None,
                    help="split planning: no split shorter than this many 64-token tiles of its segment's "
                         "capacity (fewer, longer splits at short contexts; default: the kernel's 4, 0 turns it "

@@ -249,3 +249,17 @@ def test_min_split_tiles_caps_splits_of_short_segments(monkeypatch):
     assert win == min(base[0], 5)  # ceil(1184 / 256)
     assert arch == [min(base[1][0], 4), base[1][1], 0, min(base[1][3], 2)]
     assert base[1][0] > 4 and base[1][3] > 2, "the SM-count split was already short: the test shows nothing"
+
+
+@pytest.mark.parametrize("batch,expected", [(1, 2), (2, 2), (3, 3), (8, 3), (9, 4), (32, 4)])
+def test_blocks_per_sm_rule_by_batch(batch, expected):
+    """The default split budget: 2 blocks per SM at batch <= 2, 3 up to batch 8, 4 beyond (measured
+    winners on the H200); an explicit ``blocks_per_sm`` overrides it. A long archive (no minimum-split
+    cap), 4 KV heads and no split cap, so the budget alone decides the splits."""
+    from leank.tilelang_kernels import decode as dec
+
+    kept, caps = [32, 64, 96, 128], [1 << 20] * 4
+    plans = {n: dec.choose_splits(batch, 128, 1184, kept, 132, max_split=1000, blocks_per_sm=n, arch_caps=caps)
+             for n in (2, 3, 4)}
+    assert len({str(p) for p in plans.values()}) == 3, "the three budgets must give three plans, or the test shows nothing"
+    assert dec.choose_splits(batch, 128, 1184, kept, 132, max_split=1000, arch_caps=caps) == plans[expected]

@@ -180,16 +180,18 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
     """Splits per segment: ``(window_splits, [archive splits per KV head])``.
 
     ``kept[h]`` is the kept count of KV head ``h`` (0 = no archive). At batch <= 2 the plan
-    aims for 2 blocks per SM, all blocks of a step in one wave (latency); above that for 3
-    (the blocks that finish first take the next ones: load balance; 3 beat 4 at batch 8 on the
-    H200, e.g. Qwen 32K x 8 94.8 -> 88.9 us, ``kernel_bench_h200_plan_ab.log``). The window
+    aims for 2 blocks per SM, all blocks of a step in one wave (latency); above that for 3 up
+    to batch 8 and 4 beyond (the blocks that finish first take the next ones: load balance).
+    Measured on the H200: 3 beat 4 at batch 8 (Qwen 32K x 8 94.8 -> 88.9 us,
+    ``kernel_bench_h200_plan_ab.log``) and lost at batch 32 (Qwen 32K x 32 306 -> 354 us,
+    ``kernel_bench_h200.json`` before and after). The window
     (short, full width) gets up to one split per 4 tiles of its capacity, the archive rows
     share the rest in proportion to their bytes per token (``d + head_dim``). With
     ``arch_caps`` (archive capacity per KV head, tokens) no split is shorter than
     ``MIN_SPLIT_TILES`` tiles of its segment's capacity. At least one split each; at most
     ``max_split`` (parts per head stay <= 128 for the combine kernel).
     """
-    blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or (2 if batch <= 2 else 3)
+    blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or (2 if batch <= 2 else 3 if batch <= 8 else 4)
     budget = max(1, (blocks_per_sm * sms) // max(1, batch))
     kvh = len(kept)
     weights = [(d + head_dim) / (2 * head_dim) for d in kept if d > 0]
