@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine-vector", type=int, choices=[1, 4], default=None,
                    help="combine kernel: channels per thread (default: the kernel's 1; 4 reads float4 and sums "
                         "the parts in 4 or 8 lanes side by side); a tuning experiment, recorded in the JSON")
+    p.add_argument("--pdl", action="store_true", default=None,
+                   help="programmatic dependent launch: the split kernel starts while the kernel before it "
+                        "finishes and the combine while the split's last blocks write their parts (each waits "
+                        "with griddepcontrol.wait before reading); a tuning experiment, recorded in the JSON")
     p.add_argument("--dry-run", action="store_true", help="list shapes, masks and points, time nothing (CPU ok)")
     return p
 
@@ -132,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def tile_config(args) -> dict | None:
     """The kernels' tile-config override the tuning flags ask for (None: the kernels' defaults)."""
     cfg = {k: v for k, v in (("block_H", args.block_h), ("num_stages", args.num_stages),
-                             ("combine_vector", args.combine_vector))
+                             ("combine_vector", args.combine_vector), ("pdl", args.pdl))
            if v is not None}
     return cfg or None
 

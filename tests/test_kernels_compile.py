@@ -148,6 +148,27 @@ def test_compile_deeper_pipeline_and_vector_combine(cache_dir, model):
     assert "*(float4*)(OPART" in csrc and f"for (int r = 0; r < {lanes}; ++r)" in csrc
 
 
+def test_compile_programmatic_dependent_launch(cache_dir):
+    """``--pdl``: the split kernel waits for the kernel before it (``cudaGridDependencySynchronize``)
+    before its first global read or TMA load, and lets the combine launch after its tiles, before the
+    partial writes; the combine waits before reading anything. Without the option neither appears."""
+    from leank.tilelang_kernels import decode as dec
+
+    dec._kernels.clear()
+    slots = dec.default_slot_dims(128, [32, 64])
+    split, combine = dec.get_kernels(28, 4, 128, BF16, slots, False, config={"pdl": True})
+    src = split.get_kernel_source()
+    body = src[src.index("__global__"):]
+    wait, trigger = body.index("cudaGridDependencySynchronize();"), body.index("cudaTriggerProgrammaticLaunchCompletion();")
+    assert wait < body.index("TABLE[") and wait < body.index("tma_load"), "the wait must come before any read"
+    assert trigger > body.rindex("tma_load") and trigger < body.index("LPART["), "trigger after the tiles, before the parts"
+    csrc = combine.get_kernel_source()
+    cbody = csrc[csrc.index("__global__"):]
+    assert cbody.index("cudaGridDependencySynchronize();") < cbody.index("LPART[")
+    plain_split, plain_combine = dec.get_kernels(28, 4, 128, BF16, slots, False)
+    assert "GridDependency" not in plain_split.get_kernel_source() + plain_combine.get_kernel_source()
+
+
 def test_block_h_is_checked():
     from leank.tilelang_kernels import decode_kernels as dk
 

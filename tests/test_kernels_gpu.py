@@ -5,7 +5,7 @@ is exercised. Covered: head_dim 64 and 128, fp16 and bf16, awkward lengths (1, 1
 archives, all-pruned heads, every kept count in steps of 16, ragged batches 1-32, GQA
 groups 1/4/7/8, the attention-matching bias, kept counts that need padding, no
 recompile as the context grows, the capability errors, and the tuning experiments of
-``eval/kernel_bench.py`` (``--block-h 64`` / ``32``, ``--num-stages 3``, ``--combine-vector 4``)
+``eval/kernel_bench.py`` (``--block-h 64`` / ``32``, ``--num-stages 3``, ``--combine-vector 4``, ``--pdl``)
 and the split planning (the default, and ``--min-split-tiles 0`` / ``--blocks-per-sm 4``).
 
 Each distinct kernel variant (head shape, head_dim, dtype, slot set, bias) costs a cold
@@ -81,9 +81,10 @@ def variant(heads, kv, head_dim, dtype, kept, bias=False):
 
 # the kernel_bench tuning experiments (decode.TILE_CONFIG), each on the shapes of SMALL_TILE
 SMALL_TILE = [(32, 8, 128, BF16), (28, 4, 128, FP16), (14, 2, 64, BF16)]
-TUNING = [{"block_H": 64}, {"block_H": 32}, {"num_stages": 3}, {"combine_vector": 4}]
+TUNING = [{"block_H": 64}, {"block_H": 32}, {"num_stages": 3}, {"combine_vector": 4}, {"pdl": True}]
 TUNED = {variant(h, kv, hd, dt, gqa_kept(hd, kv)) + (tuple(sorted(c.items())),) for h, kv, hd, dt in SMALL_TILE
          for c in TUNING}
+TUNED |= {variant(28, 4, 128, BF16, gqa_kept(128, 4)) + ((("pdl", True),),)}  # the PDL graph test
 
 VARIANTS = sorted(
     {variant(32, 8, hd, dt, mix(hd)) for hd, dt in HD_DTYPES}
@@ -209,12 +210,37 @@ def test_gqa(heads, kv, head_dim, kept):
 def test_tuning_variants(monkeypatch, heads, kv, head_dim, dtype, config):
     """The kernel_bench tuning experiments (``--block-h 64``: one wgmma tile, the default before
     16-row tiles; ``--block-h 32``;
-    ``--num-stages 3``; ``--combine-vector 4``) against the float64 reference."""
+    ``--num-stages 3``; ``--combine-vector 4``; ``--pdl``) against the float64 reference."""
     monkeypatch.setattr(dec, "TILE_CONFIG", config)
     for wl, al in [(1, 0), (70, 300), (BLOCK_N + 1, 4097)]:
         case = make_case(2, heads, kv, gqa_kept(head_dim, kv), [wl, max(1, wl // 2)], [al, al // 3], dtype,
                          head_dim=head_dim, seed=heads + wl + al)
         check(case, dtype)
+
+
+def test_pdl_recorded_in_a_cuda_graph_replays_each_steps_lengths(monkeypatch):
+    """``--pdl``: both kernels launched as programmatic dependents, recorded in a CUDA graph after a
+    kernel that writes the window (the append a decode step runs first): every replay with new lengths
+    and a freshly written last window row equals the float64 reference, so no kernel read before the
+    one it depends on had finished."""
+    monkeypatch.setattr(dec, "TILE_CONFIG", {"pdl": True})
+    case = list(make_case(3, 28, 4, gqa_kept(128, 4), [0, 70, BLOCK_N + 1], [0, 4097, 300], BF16, seed=11))
+    check(case, BF16)  # compiles and plans outside the recording
+    fresh = torch.zeros_like(case[1][:, :, 0])  # [batch, kv_heads, head_dim]: this step's K, written in the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        case[1][:, :, 0].copy_(fresh)  # the kernel right before the split kernel, as the append is in a step
+        g_out = dec.decode_attention(*case)
+    for i, (wl, al) in enumerate([(1, 0), (33, 4000), (0, 0), (BLOCK_N + 1, 4097)]):
+        case[3].copy_(torch.tensor([wl, max(0, wl - 1), wl], dtype=torch.int32))
+        case[8].copy_(torch.tensor([al, al // 2, max(0, al - 7)], dtype=torch.int32))
+        fresh.copy_(torch.randn(fresh.shape, generator=torch.Generator().manual_seed(i)).to(fresh))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(case[1][:, :, 0], fresh)
+        ref = decode_attention_reference(*case, compute_dtype=torch.float64)
+        err = (g_out.double() - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err < TOL[BF16], (wl, al, float(err))
 
 
 PLANNING = [("MIN_SPLIT_TILES", 0), ("MIN_SPLIT_TILES", 64), ("BLOCKS_PER_SM", 4), ("BLOCKS_PER_SM", 1)]

@@ -104,7 +104,8 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     nvcc but no GPU. ``config`` overrides the split kernel's tile config
     (``decode_kernels.default_config(head_dim, num_heads // num_kv_heads)``: ``block_N``,
     ``block_H``, ``num_stages``, ``threads``)
-    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread.
+    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread, and
+    ``pdl=True`` (both kernels launched as programmatic dependents; experiment).
     """
     key = (num_heads, num_kv_heads, head_dim, dtype, tuple(slot_dims), bool(has_bias),
            tuple(sorted((config or {}).items())))
@@ -121,11 +122,12 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     tgt = dict(target or _TARGET)
     cfg = {**dk.default_config(head_dim, num_heads // num_kv_heads), **(config or {})}
     vector = cfg.pop("combine_vector", 1)
+    pdl = bool(cfg.get("pdl", False))
     name = _DTYPES[dtype]
     split = tilelang.compile(
         dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
         target=tgt, pass_configs=dk.PASS_CONFIGS)
-    combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector),
+    combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector, pdl=pdl),
                                target=tgt, pass_configs=dk.PASS_CONFIGS)
     with _lock:
         _kernels[key] = (split, combine)
@@ -165,7 +167,8 @@ BLOCKS_PER_SM: Optional[int] = None
 # override, e.g. {"block_H": 64} (query rows per block: 64 is one wgmma tile, which a 4- or 7-head
 # GQA group mostly pads; the default is the smallest of 16/32/64 that holds the group),
 # {"num_stages": 3} (K/V tiles in flight per block), {"combine_vector": 4} (the combine's lanes
-# over parts); None: decode_kernels.default_config
+# over parts), {"pdl": True} (programmatic dependent launch of both kernels); None:
+# decode_kernels.default_config
 TILE_CONFIG: Optional[dict] = None
 # no split shorter than this many K/V tiles of its segment's capacity: fewer, longer splits for short
 # contexts (less per-block set-up, fewer parts to merge). 4 was measured on the H200 (Qwen 8K x 1:

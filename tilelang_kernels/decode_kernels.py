@@ -65,9 +65,15 @@ def default_config(head_dim: int = 128, group: int = 1) -> dict:
 
 
 def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
-                 block_N=64, block_H=None, num_stages=2, threads=128):
+                 block_N=64, block_H=None, num_stages=2, threads=128, pdl=False):
     """Build the split pass. Table slot ``len(slot_dims)`` means the window. ``block_H`` (query rows
     per block) defaults to ``default_block_h`` of the GQA group, as ``default_config`` does.
+
+    ``pdl`` (experiment, ``eval/kernel_bench.py --pdl``): programmatic dependent launch. The kernel
+    is launched as a dependent of the kernel before it (its launch and block set-up overlap that
+    kernel's tail; ``griddepcontrol.wait`` before any read, since the window K/V were just appended)
+    and lets the combine launch once every block has finished its tiles (``launch_dependents``
+    before the partial outputs are written; the combine waits for the whole grid before reading).
     """
     if len(slot_dims) > MAX_SLOTS:
         raise ValueError(f"slot_dims: at most {MAX_SLOTS} archive slots, got {len(slot_dims)}")
@@ -176,6 +182,8 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
     @T.macro
     def body(Q, WK, WV, WLEN, ALEN, ks, vs, cs, bs, TABLE, OPART, LPART, SCALE):
         with T.Kernel(NI, B, threads=threads) as (bx, by):
+            if pdl:
+                T.pdl_sync()  # the previous kernel (the append of this step's K/V) has finished
             bars = T.alloc_barrier([1] * num_stages)
             acc_s = T.alloc_fragment([block_H, block_N], accum)
             if block_H >= 64:
@@ -210,6 +218,8 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
                     segment(Q, ks[s], vs[s], cs[s], bs[s] if has_bias else None, slot_dims[s],
                             b, kvh, row, sidx, ns, ALEN[b], qs, bars,
                             acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
+            if pdl:
+                T.pdl_trigger()  # the combine may launch; it waits for this grid before reading the parts
 
             for i in T.Parallel(block_H):
                 if i < rep:
@@ -254,7 +264,7 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
     return split
 
 
-def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1):
+def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1, pdl=False):
     """Build the combine pass: LSE-merge of ``nparts[kv_head]`` (at most 128) float32 parts.
 
     One block of 128 threads per (query head, sequence): thread ``t`` loads part ``t``'s
@@ -267,6 +277,9 @@ def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1):
       channels at once and the block's ``128 / (head_dim / 4)`` lanes of threads take every
       lane-th part, so each thread issues a quarter (head_dim 128) or an eighth (64) of the
       dependent-latency rounds; the lanes' sums meet in shared memory.
+
+    ``pdl`` (experiment, with the split kernel's): launched as a programmatic dependent of the split
+    kernel, it waits (``griddepcontrol.wait``) for the split grid before reading anything.
     """
     rep = num_heads // num_kv_heads
     D = head_dim
@@ -293,6 +306,8 @@ def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1):
         LSE: T.Tensor([B, num_heads], accum),
     ):
         with T.Kernel(num_heads, B, threads=NT) as (h, b):
+            if pdl:
+                T.pdl_sync()  # the split grid has finished and its parts are visible
             tx = T.get_thread_binding()
             red = T.alloc_shared([2 * NW], accum)
             wts = T.alloc_shared([NT], accum)
