@@ -295,7 +295,7 @@ def method_setups(model, family: str, args, need_mask: bool = True) -> tuple:
         if isinstance(mask, str):  # a mask file or a model id: the registry resolves it
             mask = resolve_mask(mask, model.config)
     dense_mask = None if mask is None else type(mask)(keep=torch.ones_like(mask.keep), align=mask.align,
-                                                         source="every channel kept")
+                                                         context_set=mask.context_set, source="every channel kept")
     lcfg = leank.LeanKConfig(sink=args.sink, recent=args.recent, flush_every=args.flush_every, backend=args.backend)
     return mask, {"leank": (mask, lcfg), "leank-dense": (dense_mask, lcfg),
                   "leank-unfused": (mask, dataclasses.replace(lcfg, fuse_projections=False)),

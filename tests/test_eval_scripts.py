@@ -8,6 +8,7 @@ time is not spent finding crashes. Timings on CPU mean nothing and are not check
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -22,9 +23,13 @@ SMALL = ["--device", "cpu", "--tiny", "--layers", "1", "--sink", "8", "--recent"
 
 def test_e2e_decode_cpu_tiny(tmp_path, capsys):
     out = tmp_path / "e2e.json"
-    rc = e2e_decode.main([*SMALL, "--models", "qwen2.5-7b", "--lengths", "64", "--batches", "2", "--warmup", "1",
-                          "--steps", "5", "--dense-prefill-chunk", "24", "--out", str(out)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rc = e2e_decode.main([*SMALL, "--models", "qwen2.5-7b", "--lengths", "64", "--batches", "2", "--warmup", "1",
+                              "--steps", "5", "--dense-prefill-chunk", "24", "--out", str(out)])
     assert rc == 0
+    # every LeanK method's mask (leank-dense's all-kept one too) targets the context set of the YaRN config
+    assert not [w for w in seen if "context set" in str(w.message)], [str(w.message) for w in seen]
     res = json.loads(out.read_text())
     assert (tmp_path / "e2e.config.json").is_file()
     runs = {r["method"]: r for r in res["runs"]}
