@@ -732,7 +732,10 @@ def plot(rows: list[dict], path: str, title: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- main
-def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tuple[list[dict], list[dict], dict]:
+def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib,
+              checkpoint=None) -> tuple[list[dict], list[dict], dict]:
+    """Every measurement of one model shape: ``(rows, max-batch records, info)``. ``checkpoint(rows,
+    maxb, info)``, when given, is called after each measurement with what this model has so far."""
     import torch
 
     cfg = common.model_config(shape, layers=args.layers, tiny=args.tiny)
@@ -750,6 +753,12 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
             "mask_v_sparsity": None if mask is None else mask.v_sparsity, "warmup_s": {},
             "leank_backend": _resolved_backend(args.backend, device), "methods": {m: METHOD_DOC[m] for m in args.methods}}
     rows, maxb, turns, specs = [], [], [], []
+    info["second_turn"], info["speculative"] = turns, specs
+
+    def saved():
+        if checkpoint is not None:
+            checkpoint(rows, maxb, info)
+
     try:
         for method in args.methods:  # warm-up (TileLang and torch.compile compile here), with a flush
             with context(method):
@@ -769,6 +778,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                     rows.append({"model": shape, **row})
                     bar.update(1)
                     print(_row_line(rows[-1]), flush=True)  # a run killed later still leaves its rows
+                    saved()
         if args.second_turn:
             for length in args.lengths:
                 for method in [m for m in ("dense-dynamic", "leank") if m in args.methods]:
@@ -776,6 +786,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                         r = oom_safe(second_turn, model, cfg, method, length, 1, args.second_turn, device, args.seed)
                     r = r if isinstance(r, dict) else {"method": method, "length": length, "batch": 1, "status": r}
                     turns.append({"model": shape, **r})
+                    saved()
                     print(f"{shape} second turn {method} L={length} +{args.second_turn}: "
                           f"{r.get('ttft_s', float('nan')):.3f} s to the first new token ({r['status']})", flush=True)
         if args.speculative:
@@ -786,6 +797,7 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                                      args.speculative_tokens, device, args.seed)
                     r = r if isinstance(r, dict) else {"method": method, "length": length, "batch": 1, "status": r}
                     specs.append({"model": shape, **r})
+                    saved()
                     if r["status"] == "ok":
                         print(f"{shape} speculative {method} L={length} lookup {args.speculative}: "
                               f"{r['speculative_tokens_per_s']:.1f} tok/s vs {r['plain_tokens_per_s']:.1f} without "
@@ -798,13 +810,12 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib) -> tu
                 with context(method):
                     maxb.append({"model": shape, "tp": args.tp,
                                  **max_batch_search(model, cfg, method, args, device, budget_gib, args.no_progress)})
+                saved()
     finally:
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    info["second_turn"] = turns
-    info["speculative"] = specs
     return rows, maxb, info
 
 
@@ -886,6 +897,24 @@ def _resolved_backend(backend: str, device) -> str:
         return f"{backend} (unresolved: {e})"
 
 
+def assemble(rows: list[dict], maxb: list[dict], infos: list[dict], args, device, dtype, attn: str) -> dict:
+    """The result JSON of the measurements so far: rows with their comparisons, max-batch records with
+    their throughput gain, the summary table and the multi-token records."""
+    import torch
+
+    add_comparisons(rows)
+    for m in maxb:  # throughput gain at the budget
+        dense = [x for x in maxb if x["model"] == m["model"] and is_dense(x["method"]) and x["status"] == "ok"]
+        if m.get("status") == "ok" and dense:
+            best = max(dense, key=lambda x: x["tokens_per_s"])
+            m["throughput_vs_best_dense"] = m["tokens_per_s"] / best["tokens_per_s"]
+    turns = [t for info in infos for t in info["second_turn"]]
+    return {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "copy_gbps": args.copy_gbps, "attn_implementation": attn, "dtype": str(dtype), "models": infos,
+            "runs": rows, "max_batch": maxb, "table": summary_rows(rows), "tp": args.tp,
+            "multi_token": multi_token_records(rows, turns, vars(args))}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.records_from:
@@ -914,31 +943,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = len(args.models) * len(args.lengths) * len(args.batches) * len(args.methods)
     bar = common.progress(total=total, desc="e2e decode", disable=args.no_progress, unit="run")
     rows, maxb, infos = [], [], []
+    resolved = {**vars(args), "device": str(device), "dtype": str(dtype), "attn": attn, "budget_gib": budget}
+
+    def checkpoint(model_rows, model_maxb, info):  # rank 0: the JSON so far, so a run cut short keeps its rows
+        if not rank:
+            partial = assemble(rows + model_rows, maxb + model_maxb, infos + [info], args, device, dtype, attn)
+            common.write_results(args.out, {**partial, "complete": False}, resolved)
+
     for shape in args.models:
-        r, m, info = run_model(shape, args, device, dtype, attn, bar, budget)
+        r, m, info = run_model(shape, args, device, dtype, attn, bar, budget, checkpoint)
         rows += r
         maxb += m
         infos.append(info)
     bar.close()
-    add_comparisons(rows)
-    for m in maxb:  # throughput gain at the budget
-        dense = [x for x in maxb if x["model"] == m["model"] and is_dense(x["method"]) and x["status"] == "ok"]
-        if m.get("status") == "ok" and dense:
-            best = max(dense, key=lambda x: x["tokens_per_s"])
-            m["throughput_vs_best_dense"] = m["tokens_per_s"] / best["tokens_per_s"]
-    table = summary_rows(rows)
-    result = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-              "copy_gbps": args.copy_gbps,
-              "attn_implementation": attn, "dtype": str(dtype), "models": infos, "runs": rows, "max_batch": maxb,
-              "table": table}
-    result["tp"] = args.tp
-    turns = [t for info in infos for t in info["second_turn"]]
-    result["multi_token"] = multi_token_records(rows, turns, vars(args))
+    result = {**assemble(rows, maxb, infos, args, device, dtype, attn), "complete": True}
+    table = result["table"]
     if rank:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         return 0
-    resolved = {**vars(args), "device": str(device), "dtype": str(dtype), "attn": attn, "budget_gib": budget}
     out, cfgp = common.write_results(args.out, result, resolved)
     png = plot(rows, args.plot, f"{result['device']}, {attn} vs LeanK ({args.backend}), random weights")
     print(common.format_table(table, floatfmt=".3g"))

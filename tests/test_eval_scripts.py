@@ -80,6 +80,33 @@ def test_e2e_decode_second_turn_and_row_fields(tmp_path):
     assert 0 < leank_row["kv_bytes"] < dense_row["kv_bytes"]
 
 
+def test_e2e_decode_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """The JSON is written after every row (``complete: false``), so a run killed by its time limit keeps
+    what it measured; a finished run says ``complete: true``."""
+    out = tmp_path / "e2e.json"
+    args = [*SMALL, "--models", "llama3.1-8b", "--lengths", "40", "--batches", "1,2", "--warmup", "1", "--steps", "2",
+            "--methods", "leank,dense-dynamic", "--no-max-batch", "--out", str(out)]
+    real, calls = e2e_decode.sweep_one, []
+
+    def cut_after_three(*a, **k):
+        calls.append(a[2])
+        if len(calls) > 3:
+            raise KeyboardInterrupt("the run's time limit")
+        return real(*a, **k)
+
+    monkeypatch.setattr(e2e_decode, "sweep_one", cut_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        e2e_decode.main(args)
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and [(r["method"], r["batch"]) for r in partial["runs"]] == [
+        ("leank", 1), ("dense-dynamic", 1), ("leank", 2)]
+    assert partial["runs"][0]["baseline"] == "dense-dynamic" and (tmp_path / "e2e.config.json").is_file()
+    monkeypatch.setattr(e2e_decode, "sweep_one", real)
+    assert e2e_decode.main(args) == 0
+    done = json.loads(out.read_text())
+    assert done["complete"] is True and len(done["runs"]) == 4
+
+
 def test_strongest_dense_includes_leank_dense():
     """``speedup_vs_strongest_dense`` divides by the fastest method that keeps every channel, LeanK's own
     ``leank-dense`` included when it beats transformers' static cache; rows of another batch are not mixed in."""
