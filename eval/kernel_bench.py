@@ -424,6 +424,26 @@ def main(argv=None) -> int:
         copy_gbps = common.copy_bandwidth_gbps(args.rep_ms)
     print(f"device: {dev_name} ({label}); copy bandwidth {copy_gbps:.0f} GB/s (read + write); dtype {args.dtype}")
     results, models, points = [], [], []
+    stem = Path(args.out.replace("{device}", label))
+
+    def document(complete: bool) -> dict:
+        out = dict(device=dev_name, device_name=label, dtype=args.dtype, copy_gbps=copy_gbps,
+                   torch=torch.__version__, python=platform.python_version(), graph=not args.no_graph,
+                   window=dict(sink=SINK, recent=RECENT, pending_cap=PENDING),
+                   timing="triton do_bench median, L2 flushed, warm-up excluded", launches_per_layer_step=2,
+                   blocks_per_sm=args.blocks_per_sm, min_split_tiles=_decode.MIN_SPLIT_TILES, block_h=args.block_h,
+                   tile_config=tile_config(args), models=models, results=results, fixed_cost_us=fixed_costs(results),
+                   complete=complete)
+        try:
+            import tilelang
+
+            out["tilelang"] = tilelang.__version__
+        except Exception:
+            pass
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(out, indent=1))  # after every point: a cut run keeps its rows
+        return out
+
     for key, s in shapes:
         if key in masks:
             keeps, src = masks[key]
@@ -457,24 +477,12 @@ def main(argv=None) -> int:
                 rec["mask"] = src
                 results.append(rec)
                 print(_row(rec), flush=True)
+                document(complete=False)
                 torch.cuda.empty_cache()
     if args.dry_run:
         print(f"dry run: {len(points)} points, nothing timed or written")
         return 0
-    out = dict(device=dev_name, device_name=label, dtype=args.dtype, copy_gbps=copy_gbps, torch=torch.__version__,
-               python=platform.python_version(), graph=not args.no_graph, window=dict(sink=SINK, recent=RECENT,
-               pending_cap=PENDING), timing="triton do_bench median, L2 flushed, warm-up excluded",
-               launches_per_layer_step=2, blocks_per_sm=args.blocks_per_sm, min_split_tiles=_decode.MIN_SPLIT_TILES, block_h=args.block_h, tile_config=tile_config(args), models=models, results=results,
-               fixed_cost_us=fixed_costs(results))
-    try:
-        import tilelang
-
-        out["tilelang"] = tilelang.__version__
-    except Exception:
-        pass
-    stem = Path(args.out.replace("{device}", label))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    out = document(complete=True)
     _plot(out, stem.with_suffix(".png"))
     print()
     print(table(out))
