@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -275,10 +276,19 @@ def write_results(out: str | Path, results: dict, config: dict) -> tuple[Path, P
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = config_path_for(out)
     full_cfg = {"config": _jsonable(config), "environment": environment()}
-    cfg_path.write_text(json.dumps(full_cfg, indent=2) + "\n")
+    write_atomic(cfg_path, json.dumps(full_cfg, indent=2) + "\n")
     payload = {"config_file": cfg_path.name, **_jsonable(results)}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_atomic(out, json.dumps(payload, indent=2) + "\n")
     return out, cfg_path
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename, so a process killed
+    mid-write (a run cut by its time limit) leaves the previous complete file, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".2f") -> str:

@@ -312,7 +312,11 @@ def run_point(shape, s, batch, kv_len, keeps, layers, args, dtype, gen_dev, copy
     from leank.tilelang_kernels.decode import decode_attention
 
     graph = not args.no_graph
-    rec = dict(shape=shape, model=s["name"], batch=batch, kv_len=kv_len, head_dim=s["head_dim"], layers=layers)
+    from leank.tilelang_kernels import decode as _decode
+
+    rec = dict(shape=shape, model=s["name"], batch=batch, kv_len=kv_len, head_dim=s["head_dim"], layers=layers,
+               blocks_per_sm=_decode.BLOCKS_PER_SM or _decode.default_blocks_per_sm(batch),
+               min_split_tiles=_decode.MIN_SPLIT_TILES)  # the split plan this point ran
     # dense baselines: K/V of kv_len tokens
     k = torch.randn(batch, s["kv_heads"], kv_len, s["head_dim"], device="cuda", dtype=dtype, generator=gen_dev)
     v = torch.randn_like(k)
@@ -400,8 +404,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--blocks-per-sm: expected >= 1, got {args.blocks_per_sm}")
     if args.min_split_tiles is not None and args.min_split_tiles < 0:
         raise SystemExit(f"--min-split-tiles: expected >= 0 (0: off), got {args.min_split_tiles}")
-    if args.min_split_tiles is not None:
-        _decode.MIN_SPLIT_TILES = args.min_split_tiles
+    _decode.MIN_SPLIT_TILES = _decode.DEFAULT_MIN_SPLIT_TILES if args.min_split_tiles is None else args.min_split_tiles
     _decode.BLOCKS_PER_SM = args.blocks_per_sm
     _decode.TILE_CONFIG = tile_config(args)
     if not cuda and not args.dry_run:
@@ -441,7 +444,7 @@ def main(argv=None) -> int:
         except Exception:
             pass
         stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(out, indent=1))  # after every point: a cut run keeps its rows
+        common.write_atomic(stem.with_suffix(".json"), json.dumps(out, indent=1))  # after every point: a cut run keeps its rows
         return out
 
     for key, s in shapes:

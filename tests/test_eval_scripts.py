@@ -121,6 +121,13 @@ def test_strongest_dense_includes_leank_dense():
     assert rows[2]["speedup_vs_strongest_dense"] == pytest.approx(95 / 590)
     assert rows[3]["baseline"] == "dense-dynamic" and rows[3]["speedup_vs_strongest_dense"] == pytest.approx(158 / 60)
     assert "speedup_vs_leank_dense" not in rows[3]
+    # recomputed from scratch: a faster baseline measured later replaces every derived field
+    rows[3]["kv_held_bytes"], rows[5]["kv_held_bytes"] = 1.0, 2.0
+    e2e_decode.add_comparisons(rows)
+    assert rows[3]["kv_ratio"] == 0.5
+    rows.append(row("dense-static", 1, 100.0))  # without kv_held_bytes: no ratio to it, and no stale one
+    e2e_decode.add_comparisons(rows)
+    assert rows[3]["baseline"] == "dense-static" and "kv_ratio" not in rows[3]
 
 
 def test_step_stats_exact():

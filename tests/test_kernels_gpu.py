@@ -6,7 +6,7 @@ archives, all-pruned heads, every kept count in steps of 16, ragged batches 1-32
 groups 1/4/7/8, the attention-matching bias, kept counts that need padding, no
 recompile as the context grows, the capability errors, and the tuning experiments of
 ``eval/kernel_bench.py`` (``--block-h 64`` / ``32``, ``--num-stages 3``, ``--combine-vector 4``, ``--pdl``)
-and the split planning (the default, and ``--min-split-tiles 0`` / ``--blocks-per-sm 4``).
+and other split plans (``MIN_SPLIT_TILES`` 0 and 64, ``BLOCKS_PER_SM`` 4 and 1).
 
 Each distinct kernel variant (head shape, head_dim, dtype, slot set, bias) costs a cold
 compile (~25 s); the module compiles all of them in parallel processes first (TileLang's
@@ -220,9 +220,9 @@ def test_tuning_variants(monkeypatch, heads, kv, head_dim, dtype, config):
 
 def test_pdl_recorded_in_a_cuda_graph_replays_each_steps_lengths(monkeypatch):
     """``--pdl``: both kernels launched as programmatic dependents, recorded in a CUDA graph after a
-    kernel that writes the window (the append a decode step runs first): every replay with new lengths
-    and a freshly written last window row equals the float64 reference, so no kernel read before the
-    one it depends on had finished."""
+    kernel that writes the window (as the append does in a decode step): every replay with new lengths
+    and a freshly written window row 0 equals the float64 reference, so no kernel read before the one
+    it depends on had finished."""
     monkeypatch.setattr(dec, "TILE_CONFIG", {"pdl": True})
     case = list(make_case(3, 28, 4, gqa_kept(128, 4), [0, 70, BLOCK_N + 1], [0, 4097, 300], BF16, seed=11))
     check(case, BF16)  # compiles and plans outside the recording
@@ -248,11 +248,13 @@ PLANNING = [("MIN_SPLIT_TILES", 0), ("MIN_SPLIT_TILES", 64), ("BLOCKS_PER_SM", 4
 
 @pytest.mark.parametrize("knob,value", PLANNING, ids=[f"{k}={v}" for k, v in PLANNING])
 def test_planning_variants(monkeypatch, knob, value):
-    """Other split plans than the default (no minimum split length; one split per segment up to 4K
-    tokens; 4 or 1 blocks per SM) give the same function: ragged lengths, an empty sequence."""
+    """Other split plans than the default (no minimum split length; at most one split per 64 tiles of a
+    segment; 4 or 1 blocks per SM) give the same function: ragged lengths, an empty sequence. The plan
+    cache is keyed by the knobs, so each variant really builds its own plan."""
     monkeypatch.setattr(dec, knob, value)
     case = make_case(3, 28, 4, gqa_kept(128, 4), [0, 70, BLOCK_N + 1], [0, 4097, 300], BF16, seed=len(knob) + value)
     check(case, BF16)
+    assert any(k[-2:] == (dec.BLOCKS_PER_SM, dec.MIN_SPLIT_TILES) for k in dec._plans), "no plan of this variant"
 
 
 @pytest.mark.parametrize("batch,head_dim,dtype", RAGGED, ids=[f"b{b}-hd{hd}-{str(dt)[6:]}" for b, hd, dt in RAGGED])

@@ -174,7 +174,13 @@ TILE_CONFIG: Optional[dict] = None
 # contexts (less per-block set-up, fewer parts to merge). 4 was measured on the H200 (Qwen 8K x 1:
 # 20.4 -> 16.9 us, nothing slower; eval/results/kernel_bench_h200_plan_ab.log); eval/kernel_bench.py
 # --min-split-tiles overrides it, 0 turns it off
-MIN_SPLIT_TILES: int = 4
+DEFAULT_MIN_SPLIT_TILES = 4
+MIN_SPLIT_TILES: int = DEFAULT_MIN_SPLIT_TILES
+
+
+def default_blocks_per_sm(batch: int) -> int:
+    """Thread blocks per SM a plan aims for at ``batch`` sequences (see ``choose_splits``)."""
+    return 2 if batch <= 2 else 3 if batch <= 8 else 4
 
 
 def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], sms: int,
@@ -194,7 +200,7 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
     ``MIN_SPLIT_TILES`` tiles of its segment's capacity. At least one split each; at most
     ``max_split`` (parts per head stay <= 128 for the combine kernel).
     """
-    blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or (2 if batch <= 2 else 3 if batch <= 8 else 4)
+    blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or default_blocks_per_sm(batch)
     budget = max(1, (blocks_per_sm * sms) // max(1, batch))
     kvh = len(kept)
     weights = [(d + head_dim) / (2 * head_dim) for d in kept if d > 0]
@@ -365,7 +371,7 @@ def decode_attention(
     heads_key = tuple(_host_list(x) for x in arch_heads)
     slot_dims = call_slot_dims(d, dims) if slot_dims is None else tuple(slot_dims)
     key = (b, h, kvh, d, wcap, dev, q.dtype, slot_dims,
-           tuple((dims[g], heads_key[g], ks[g].shape[2]) for g in range(n)))
+           tuple((dims[g], heads_key[g], ks[g].shape[2]) for g in range(n)), BLOCKS_PER_SM, MIN_SPLIT_TILES)
     plan = _plans.get(key)
     if plan is None:
         validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
