@@ -95,3 +95,22 @@ def test_fixed_costs():
     assert fc[("a", 1)]["fastest_baseline_us_median"] == 7.0
     assert "| a | 1 | 64 | 10.0 | 12.0 | 7.0 |" in kb.fixed_cost_table(kb.fixed_costs(rows))
     assert kb.fixed_costs([_row("a", 1, 8192, 40.0, 50.0)]) == []
+
+
+def test_tuning_flags_reach_the_kernels(monkeypatch):
+    """--pdl / --block-h / --combine-vector become the tile config; --min-split-tiles 0 turns the cap off,
+    leaving it out restores the kernel's default, a negative value is refused."""
+    from leank.tilelang_kernels import decode as dec
+
+    monkeypatch.setattr(dec, "MIN_SPLIT_TILES", dec.MIN_SPLIT_TILES)  # restored after the test
+    monkeypatch.setattr(dec, "BLOCKS_PER_SM", dec.BLOCKS_PER_SM)
+    monkeypatch.setattr(dec, "TILE_CONFIG", dec.TILE_CONFIG)
+    args = kb.build_parser().parse_args(["--pdl", "--block-h", "32"])
+    assert kb.tile_config(args) == {"block_H": 32, "pdl": True}
+    assert kb.tile_config(kb.build_parser().parse_args([])) is None
+    assert kb.main(["--dry-run", "--batches", "1", "--kv-lens", "8192", "--min-split-tiles", "0", "--pdl"]) == 0
+    assert dec.MIN_SPLIT_TILES == 0 and dec.TILE_CONFIG == {"pdl": True}
+    assert kb.main(["--dry-run", "--batches", "1", "--kv-lens", "8192"]) == 0
+    assert dec.MIN_SPLIT_TILES == dec.DEFAULT_MIN_SPLIT_TILES and dec.TILE_CONFIG is None
+    with pytest.raises(SystemExit, match="--min-split-tiles: expected >= 0"):
+        kb.main(["--dry-run", "--min-split-tiles", "-1"])
