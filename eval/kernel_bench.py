@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query rows per split-kernel block (default: the kernel's rule, the smallest of 16/32/64 "
                         "that holds the GQA group; 16 and 32 use mma.sync tiles, 64 one wgmma tile); a tuning "
                         "experiment, recorded in the JSON")
+    p.add_argument("--block-n", type=int, choices=[32, 64, 128], default=None,
+                   help="K/V tokens per tile of the split kernel (default: the kernel's 64; 128 halves the block "
+                        "barriers and softmax rounds per byte, with twice the shared memory per stage); a tuning "
+                        "experiment, recorded in the JSON")
     p.add_argument("--num-stages", type=int, choices=[2, 3], default=None,
                    help="K/V tiles in flight per split-kernel block (default: the kernel's 2; each more stage "
                         "takes 32 KiB of shared memory at head_dim 128); a tuning experiment, recorded in the JSON")
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tile_config(args) -> dict | None:
     """The kernels' tile-config override the tuning flags ask for (None: the kernels' defaults)."""
-    cfg = {k: v for k, v in (("block_H", args.block_h), ("num_stages", args.num_stages),
+    cfg = {k: v for k, v in (("block_H", args.block_h), ("block_N", args.block_n), ("num_stages", args.num_stages),
                              ("combine_vector", args.combine_vector), ("pdl", args.pdl))
            if v is not None}
     return cfg or None

@@ -148,6 +148,19 @@ def test_compile_deeper_pipeline_and_vector_combine(cache_dir, model):
     assert "*(float4*)(OPART" in csrc and f"for (int r = 0; r < {lanes}; ++r)" in csrc
 
 
+def test_compile_128_token_tiles(cache_dir):
+    """``--block-n 128``: 128-token K/V tiles in a two-stage TMA ring. The dynamic shared memory is the
+    q tile, two stages of K and V tiles and P's exchange tile: 140,288 B at head_dim 128 with the
+    16-row tile, within the 227 KiB a block may take (one block per SM)."""
+    from leank.tilelang_kernels import decode as dec
+
+    dec._kernels.clear()
+    split, _ = dec.get_kernels(32, 8, 128, BF16, dec.default_slot_dims(128, [32, 64]), False, config={"block_N": 128})
+    smem = 2 * (16 * 128 + 2 * 128 * 2 * 128 + 16 * 128) + 1024  # + 1 KiB of reduction scratch
+    assert f"((int64_t){smem})" in split.get_host_source() and smem <= 232448, smem
+    assert "(n0 + 256)" in split.get_kernel_source(), "the refill two 128-token tiles ahead"
+
+
 def test_compile_programmatic_dependent_launch(cache_dir):
     """``--pdl``: the split kernel waits for the kernel before it (``cudaGridDependencySynchronize``)
     before its first global read or TMA load, and lets the combine launch after its tiles, before the
