@@ -179,57 +179,6 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
             if k + num_stages < n:
                 issue(Kt, Vt, b, row, n0 + num_stages * block_N, K_sh, V_sh, bars, st)
 
-    @T.macro
-    def body(Q, WK, WV, WLEN, ALEN, ks, vs, cs, bs, TABLE, OPART, LPART, SCALE):
-        with T.Kernel(NI, B, threads=threads) as (bx, by):
-            if pdl:
-                T.pdl_sync()  # the previous kernel (the append of this step's K/V) has finished
-            bars = T.alloc_barrier([1] * num_stages)
-            acc_s = T.alloc_fragment([block_H, block_N], accum)
-            if block_H >= 64:
-                acc_s_cast = T.alloc_fragment([block_H, block_N], dtype)
-            else:  # columns of P live in other warps than the rows P.V needs: exchange through shared memory
-                acc_s_cast = T.alloc_shared([block_H, block_N], dtype)
-            acc_o = T.alloc_fragment([block_H, D], accum)
-            m_run = T.alloc_fragment([block_H], accum)
-            m_prev = T.alloc_fragment([block_H], accum)
-            l_run = T.alloc_fragment([block_H], accum)
-            tile_sum = T.alloc_fragment([block_H], accum)
-            alpha = T.alloc_fragment([block_H], accum)
-
-            slot = TABLE[bx, COL_SLOT]
-            row = TABLE[bx, COL_ROW]
-            kvh = TABLE[bx, COL_KVH]
-            sidx = TABLE[bx, COL_SPLIT]
-            ns = TABLE[bx, COL_NSPLIT]
-            part = TABLE[bx, COL_PART]
-            b = by
-            qs = SCALE * LOG2E
-
-            T.fill(acc_o, 0)
-            T.fill(l_run, 0)
-            T.fill(m_run, neg_inf)
-
-            if slot == nslots:
-                segment(Q, WK, WV, None, None, D, b, kvh, row, sidx, ns, WLEN[b], qs, bars,
-                        acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
-            for s in list(range(nslots)):
-                if slot == s:
-                    segment(Q, ks[s], vs[s], cs[s], bs[s] if has_bias else None, slot_dims[s],
-                            b, kvh, row, sidx, ns, ALEN[b], qs, bars,
-                            acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
-            if pdl:
-                T.pdl_trigger()  # the combine may launch; it waits for this grid before reading the parts
-
-            for i in T.Parallel(block_H):
-                if i < rep:
-                    LPART[b, kvh * rep + i, part] = T.if_then_else(
-                        l_run[i] > 0, T.log2(l_run[i]) + m_run[i], neg_inf)
-            for i, j in T.Parallel(block_H, D):
-                if i < rep:
-                    OPART[b, kvh * rep + i, part, j] = T.if_then_else(
-                        l_run[i] > 0, acc_o[i, j] / l_run[i], 0)
-
     @T.prim_func
     def split(
         Q: T.Tensor([B, num_heads, D], dtype),
@@ -258,8 +207,58 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
         LPART: T.Tensor([B, num_heads, NP], accum),
         SCALE: T.float32,
     ):
-        body(Q, WK, WV, WLEN, ALEN, (K0, K1, K2, K3, K4, K5, K6, K7), (V0, V1, V2, V3, V4, V5, V6, V7),
-             (C0, C1, C2, C3, C4, C5, C6, C7), (B0, B1, B2, B3, B4, B5, B6, B7), TABLE, OPART, LPART, SCALE)
+        with T.Kernel(NI, B, threads=threads) as (bx, by):
+            if pdl:
+                T.pdl_sync()  # the previous kernel (the append of this step's K/V) has finished
+            bars = T.alloc_barrier([1] * num_stages)
+            acc_s = T.alloc_fragment([block_H, block_N], accum)
+            if block_H >= 64:
+                acc_s_cast = T.alloc_fragment([block_H, block_N], dtype)
+            else:  # columns of P live in other warps than the rows P.V needs: exchange through shared memory
+                acc_s_cast = T.alloc_shared([block_H, block_N], dtype)
+            acc_o = T.alloc_fragment([block_H, D], accum)
+            m_run = T.alloc_fragment([block_H], accum)
+            m_prev = T.alloc_fragment([block_H], accum)
+            l_run = T.alloc_fragment([block_H], accum)
+            tile_sum = T.alloc_fragment([block_H], accum)
+            alpha = T.alloc_fragment([block_H], accum)
+
+            slot = TABLE[bx, COL_SLOT]
+            row = TABLE[bx, COL_ROW]
+            kvh = TABLE[bx, COL_KVH]
+            sidx = TABLE[bx, COL_SPLIT]
+            ns = TABLE[bx, COL_NSPLIT]
+            part = TABLE[bx, COL_PART]
+            b = by
+            qs = SCALE * LOG2E
+            ks = (K0, K1, K2, K3, K4, K5, K6, K7)
+            vs = (V0, V1, V2, V3, V4, V5, V6, V7)
+            cs = (C0, C1, C2, C3, C4, C5, C6, C7)
+            bs = (B0, B1, B2, B3, B4, B5, B6, B7)
+
+            T.fill(acc_o, 0)
+            T.fill(l_run, 0)
+            T.fill(m_run, neg_inf)
+
+            if slot == nslots:
+                segment(Q, WK, WV, None, None, D, b, kvh, row, sidx, ns, WLEN[b], qs, bars,
+                        acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
+            for s in list(range(nslots)):
+                if slot == s:
+                    segment(Q, ks[s], vs[s], cs[s], bs[s] if has_bias else None, slot_dims[s],
+                            b, kvh, row, sidx, ns, ALEN[b], qs, bars,
+                            acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
+            if pdl:
+                T.pdl_trigger()  # the combine may launch; it waits for this grid before reading the parts
+
+            for i in T.Parallel(block_H):
+                if i < rep:
+                    LPART[b, kvh * rep + i, part] = T.if_then_else(
+                        l_run[i] > 0, T.log2(l_run[i]) + m_run[i], neg_inf)
+            for i, j in T.Parallel(block_H, D):
+                if i < rep:
+                    OPART[b, kvh * rep + i, part, j] = T.if_then_else(
+                        l_run[i] > 0, acc_o[i, j] / l_run[i], 0)
 
     return split
 
