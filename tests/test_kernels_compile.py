@@ -150,13 +150,13 @@ def test_compile_deeper_pipeline_and_vector_combine(cache_dir, model):
 
 def test_compile_128_token_tiles(cache_dir):
     """``--block-n 128``: 128-token K/V tiles in a two-stage TMA ring. The dynamic shared memory is the
-    q tile, two stages of K and V tiles and P's exchange tile: 140,288 B at head_dim 128 with the
-    16-row tile, within the 227 KiB a block may take (one block per SM)."""
+    q tile, two stages of K and V tiles and P's exchange tile, plus 1 KiB: 140,288 B at head_dim 128
+    with the 16-row tile, within the 227 KiB a block may take (one block per SM)."""
     from leank.tilelang_kernels import decode as dec
 
     dec._kernels.clear()
     split, _ = dec.get_kernels(32, 8, 128, BF16, dec.default_slot_dims(128, [32, 64]), False, config={"block_N": 128})
-    smem = 2 * (16 * 128 + 2 * 128 * 2 * 128 + 16 * 128) + 1024  # + 1 KiB of reduction scratch
+    smem = 2 * (16 * 128 + 2 * 128 * 2 * 128 + 16 * 128) + 1024  # + 1 KiB TileLang 0.1.15 adds (seen, not derived)
     assert f"((int64_t){smem})" in split.get_host_source() and smem <= 232448, smem
     assert "(n0 + 256)" in split.get_kernel_source(), "the refill two 128-token tiles ahead"
 
