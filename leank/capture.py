@@ -198,6 +198,24 @@ class DecodeGraphRunner:
     def _eager(self, *args, **kwargs):
         return type(self.model).__call__(self.model, *args, **kwargs)
 
+    def release(self) -> None:
+        """Drop every recorded graph (decode step and flushes) and the compiled step; the next
+        ``generate`` compiles and records again. ``leank.unpatch`` calls it.
+
+        Under tensor parallelism the recorded graphs hold the NCCL collectives they captured, and
+        ``torch.distributed.destroy_process_group()`` then waits forever (pytorch/pytorch#115388):
+        release (or unpatch) first. Measured on 2 x H200, torch 2.11: both ranks finished and
+        hung in ``destroy_process_group`` until a watchdog killed them.
+        """
+        if not self.emulate and torch.cuda.is_available():
+            torch.cuda.synchronize()  # no replay may still be running on the graphs' memory
+        self._graph = None
+        self._warm_key = None
+        self._flush_graphs.clear()
+        self._flush_warm.clear()
+        self._compiled = None
+        self._release_fused()
+
     def _eager_reason(self, why: str) -> None:
         if why in ("prefill", "empty cache", "backend not resolved yet"):
             return  # the expected eager steps: nothing to report

@@ -117,11 +117,19 @@ def _sparsity(mask) -> float:
 
 
 def unpatch(model):
-    """Undo ``patch``: restore the attention implementation and ``generate``; weights untouched."""
+    """Undo ``patch``: restore the attention implementation and ``generate``; weights untouched.
+
+    The captured decode step's graphs are released first (``DecodeGraphRunner.release``); under
+    tensor parallelism call this before ``torch.distributed.destroy_process_group()``, which
+    otherwise hangs on the NCCL collectives the graphs recorded.
+    """
     state: Optional[PatchState] = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("model: not patched by leank")
     try:
+        if state.runner is not None:
+            state.runner.release()
+            state.runner = None
         model.set_attn_implementation(state.original_attn_implementation)
     finally:
         model.__dict__.pop("generate", None)

@@ -524,3 +524,35 @@ def output_cache_of(model, ids, am):
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=2, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
     return output_cache(out)
+
+
+def test_unpatch_releases_recorded_graphs_and_a_repatch_records_again():
+    """``leank.unpatch`` drops the runner's recorded decode and flush graphs and its compiled step (under
+    tensor parallelism they hold NCCL collectives, and ``destroy_process_group`` waits on them forever);
+    patching again records anew and gives the same tokens."""
+    model = tiny_model("llama")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([6, 19], seed=11)
+    cfg = LeanKConfig(**{**CFG.__dict__, "capture": True, "compile_decode": True})
+
+    def run():
+        leank.patch(model, masks=ChannelMask(keep=keep, align=8), config=cfg)
+        model._leank.emulate_capture = True
+        with torch.no_grad():  # 10 tokens: past flush_every=4, so flushes are recorded too
+            out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=10, min_new_tokens=10,
+                                 do_sample=False, pad_token_id=0)
+        return out, model._leank.runner
+
+    first, runner = run()
+    # (the CPU emulation records no flush graph; a flush set run once is noted in _flush_warm)
+    assert runner._graph is not None and runner._flush_warm and runner._compiled is not None
+    leank.unpatch(model)
+    assert runner._graph is None and not runner._flush_graphs and not runner._flush_warm
+    assert runner._compiled is None and runner._warm_key is None
+    assert not hasattr(model, "_leank") and "__call__" not in model.__dict__
+    try:
+        again, runner2 = run()
+        assert runner2 is not runner and runner2.captures >= 1 and runner2._graph is not None
+    finally:
+        leank.unpatch(model)
+    assert torch.equal(first, again)
