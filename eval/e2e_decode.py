@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--records-from", nargs="+", default=None, metavar="RESULT_JSON",
                    help="write the chunked-prefill and second-turn records (LeanK vs dense) of these earlier runs "
                         "to --out and exit; runs nothing")
+    p.add_argument("--split-rule", choices=["window", "bytes"], default="window",
+                   help="the TileLang decode kernel's split planning (tilelang_kernels.decode.SPLIT_RULE): 'window' "
+                        "is the kernel's default, 'bytes' splits every segment in proportion to its bytes; an "
+                        "experiment, recorded in the config (default: %(default)s)")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
@@ -931,6 +935,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
+    if args.split_rule != "window":
+        from leank.tilelang_kernels import decode as _decode
+
+        _decode.SPLIT_RULE = args.split_rule
     rank, args.tp, device = distributed_setup(args)
     if rank:  # every rank runs every row (collectives); rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split planning: no split shorter than this many 64-token tiles of its segment's "
                         "capacity (fewer, longer splits at short contexts; default: the kernel's 4, 0 turns it "
                         "off); a tuning experiment, recorded in the JSON")
+    p.add_argument("--split-rule", choices=["window", "bytes"], default=None,
+                   help="split planning: 'window' (the kernel's default) gives the window up to one split per 4 "
+                        "tiles and the archive the rest; 'bytes' gives every segment splits in proportion to its "
+                        "bytes at capacity (blocks of equal load); a tuning experiment, recorded in the JSON")
     p.add_argument("--block-h", type=int, choices=[16, 32, 64], default=None,
                    help="query rows per split-kernel block (default: the kernel's rule, the smallest of 16/32/64 "
                         "that holds the GQA group; 16 and 32 use mma.sync tiles, 64 one wgmma tile); a tuning "
@@ -320,7 +324,7 @@ def run_point(shape, s, batch, kv_len, keeps, layers, args, dtype, gen_dev, copy
 
     rec = dict(shape=shape, model=s["name"], batch=batch, kv_len=kv_len, head_dim=s["head_dim"], layers=layers,
                blocks_per_sm=_decode.BLOCKS_PER_SM or _decode.default_blocks_per_sm(batch),
-               min_split_tiles=_decode.MIN_SPLIT_TILES)  # the split plan this point ran
+               min_split_tiles=_decode.MIN_SPLIT_TILES, split_rule=_decode.SPLIT_RULE)  # the split plan this point ran
     # dense baselines: K/V of kv_len tokens
     k = torch.randn(batch, s["kv_heads"], kv_len, s["head_dim"], device="cuda", dtype=dtype, generator=gen_dev)
     v = torch.randn_like(k)
@@ -410,6 +414,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--min-split-tiles: expected >= 0 (0: off), got {args.min_split_tiles}")
     _decode.MIN_SPLIT_TILES = _decode.DEFAULT_MIN_SPLIT_TILES if args.min_split_tiles is None else args.min_split_tiles
     _decode.BLOCKS_PER_SM = args.blocks_per_sm
+    _decode.SPLIT_RULE = args.split_rule or "window"
     _decode.TILE_CONFIG = tile_config(args)
     if not cuda and not args.dry_run:
         print("kernel_bench needs a CUDA GPU (--dry-run lists the points without one)")
@@ -438,7 +443,8 @@ def main(argv=None) -> int:
                    torch=torch.__version__, python=platform.python_version(), graph=not args.no_graph,
                    window=dict(sink=SINK, recent=RECENT, pending_cap=PENDING),
                    timing="triton do_bench median, L2 flushed, warm-up excluded", launches_per_layer_step=2,
-                   blocks_per_sm=args.blocks_per_sm, min_split_tiles=_decode.MIN_SPLIT_TILES, block_h=args.block_h,
+                   blocks_per_sm=args.blocks_per_sm, min_split_tiles=_decode.MIN_SPLIT_TILES,
+                   split_rule=_decode.SPLIT_RULE, block_h=args.block_h,
                    tile_config=tile_config(args), models=models, results=results, fixed_cost_us=fixed_costs(results),
                    complete=complete)
         try:

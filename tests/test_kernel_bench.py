@@ -105,12 +105,14 @@ def test_tuning_flags_reach_the_kernels(monkeypatch):
     monkeypatch.setattr(dec, "MIN_SPLIT_TILES", dec.MIN_SPLIT_TILES)  # restored after the test
     monkeypatch.setattr(dec, "BLOCKS_PER_SM", dec.BLOCKS_PER_SM)
     monkeypatch.setattr(dec, "TILE_CONFIG", dec.TILE_CONFIG)
+    monkeypatch.setattr(dec, "SPLIT_RULE", dec.SPLIT_RULE)
     args = kb.build_parser().parse_args(["--pdl", "--block-h", "32"])
     assert kb.tile_config(args) == {"block_H": 32, "pdl": True}
     assert kb.tile_config(kb.build_parser().parse_args([])) is None
-    assert kb.main(["--dry-run", "--batches", "1", "--kv-lens", "8192", "--min-split-tiles", "0", "--pdl"]) == 0
-    assert dec.MIN_SPLIT_TILES == 0 and dec.TILE_CONFIG == {"pdl": True}
+    assert kb.main(["--dry-run", "--batches", "1", "--kv-lens", "8192", "--min-split-tiles", "0", "--pdl",
+                    "--split-rule", "bytes"]) == 0
+    assert dec.MIN_SPLIT_TILES == 0 and dec.TILE_CONFIG == {"pdl": True} and dec.SPLIT_RULE == "bytes"
     assert kb.main(["--dry-run", "--batches", "1", "--kv-lens", "8192"]) == 0
-    assert dec.MIN_SPLIT_TILES == dec.DEFAULT_MIN_SPLIT_TILES and dec.TILE_CONFIG is None
+    assert dec.MIN_SPLIT_TILES == dec.DEFAULT_MIN_SPLIT_TILES and dec.TILE_CONFIG is None and dec.SPLIT_RULE == "window"
     with pytest.raises(SystemExit, match="--min-split-tiles: expected >= 0"):
         kb.main(["--dry-run", "--min-split-tiles", "-1"])

@@ -263,3 +263,52 @@ def test_blocks_per_sm_rule_by_batch(batch, expected):
              for n in (2, 3, 4)}
     assert len({str(p) for p in plans.values()}) == 3, "the three budgets must give three plans, or the test shows nothing"
     assert dec.choose_splits(batch, 128, 1184, kept, 132, max_split=1000, arch_caps=caps) == plans[expected]
+
+
+def _block_loads(win, arch, kept, caps, head_dim=128, win_cap=1184):
+    """Elements each block of one sequence reads at capacity (window rows at full width)."""
+    loads = []
+    for h, d in enumerate(kept):
+        if arch[h]:
+            loads += [caps[h] * (d + head_dim) / arch[h]] * arch[h]
+        loads += [win_cap * 2 * head_dim / win] * win
+    return loads
+
+
+@pytest.mark.parametrize("kept", [[32, 64, 0, 96, 128, 64, 32, 0], [0, 0, 128, 0], [64, 64, 64, 64]],
+                         ids=["llama-like", "one-archive-head", "uniform"])
+@pytest.mark.parametrize("arch_cap", [7000, 31_700, 130_000])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_byte_balanced_split_rule(monkeypatch, kept, arch_cap, batch):
+    """``SPLIT_RULE = "bytes"``: within the block budget, the heaviest block is never heavier than under the
+    default rule, and at batch 1 from 31K tokens on it is within 10% of the mean (the default rule's
+    window blocks carry a fraction of an archive block); caps (``MIN_SPLIT_TILES``, ``max_split``) hold."""
+    from leank.tilelang_kernels import decode as dec
+
+    caps = [arch_cap if d else 0 for d in kept]
+    budget = dec.default_blocks_per_sm(batch) * 132 // batch
+    monkeypatch.setattr(dec, "SPLIT_RULE", "window")
+    old = dec.choose_splits(batch, 128, 1184, kept, 132, arch_caps=caps)
+    monkeypatch.setattr(dec, "SPLIT_RULE", "bytes")
+    win, arch = dec.choose_splits(batch, 128, 1184, kept, 132, arch_caps=caps)
+    assert win * len(kept) + sum(arch) <= budget
+    assert 1 <= win <= 5 and all((a == 0) == (d == 0) for a, d in zip(arch, kept))  # 5 = ceil(1184 / (4 * 64))
+    assert all(a <= min(96, -(-c // 256)) for a, c in zip(arch, caps))
+    new_loads, old_loads = _block_loads(win, arch, kept, caps), _block_loads(*old, kept, caps)
+    assert max(new_loads) <= max(old_loads) * 1.0001, (old, (win, arch))
+    if batch == 1 and arch_cap >= 31_700 and sum(1 for d in kept if d) > 1:
+        assert max(new_loads) <= 1.1 * sum(new_loads) / len(new_loads), (win, arch)
+    if batch == 1 and arch_cap >= 31_700 and len(set(kept) - {0}) > 1:  # mixed kept counts: the default rule is not
+        assert max(old_loads) > 1.1 * sum(old_loads) / len(old_loads), "the default rule was balanced: nothing shown"
+
+
+def test_split_rule_is_validated_and_needs_capacities(monkeypatch):
+    from leank.tilelang_kernels import decode as dec
+
+    monkeypatch.setattr(dec, "SPLIT_RULE", "tiles")
+    with pytest.raises(ValueError, match="SPLIT_RULE: expected one of"):
+        dec.choose_splits(1, 128, 1184, [32, 64], 132, arch_caps=[1000, 1000])
+    monkeypatch.setattr(dec, "SPLIT_RULE", "bytes")  # without capacities the bytes are unknown: the default rule
+    by_bytes = dec.choose_splits(1, 128, 1184, [32, 64], 132)
+    monkeypatch.setattr(dec, "SPLIT_RULE", "window")
+    assert by_bytes == dec.choose_splits(1, 128, 1184, [32, 64], 132)

@@ -7,7 +7,7 @@ groups 1/4/7/8, the attention-matching bias, kept counts that need padding, no
 recompile as the context grows, the capability errors, and the tuning experiments of
 ``eval/kernel_bench.py`` (``--block-h 64`` / ``32``, ``--num-stages 3``, ``--combine-vector 4``, ``--pdl``,
 ``--block-n 128``)
-and other split plans (``MIN_SPLIT_TILES`` 0 and 64, ``BLOCKS_PER_SM`` 4 and 1).
+and other split plans (``MIN_SPLIT_TILES`` 0 and 64, ``BLOCKS_PER_SM`` 4 and 1, ``SPLIT_RULE`` "bytes").
 
 Each distinct kernel variant (head shape, head_dim, dtype, slot set, bias) costs a cold
 compile (~25 s); the module compiles all of them in parallel processes first (TileLang's
@@ -244,18 +244,21 @@ def test_pdl_recorded_in_a_cuda_graph_replays_each_steps_lengths(monkeypatch):
         assert err < TOL[BF16], (wl, al, float(err))
 
 
-PLANNING = [("MIN_SPLIT_TILES", 0), ("MIN_SPLIT_TILES", 64), ("BLOCKS_PER_SM", 4), ("BLOCKS_PER_SM", 1)]
+PLANNING = [("MIN_SPLIT_TILES", 0), ("MIN_SPLIT_TILES", 64), ("BLOCKS_PER_SM", 4), ("BLOCKS_PER_SM", 1),
+            ("SPLIT_RULE", "bytes")]
 
 
 @pytest.mark.parametrize("knob,value", PLANNING, ids=[f"{k}={v}" for k, v in PLANNING])
 def test_planning_variants(monkeypatch, knob, value):
     """Other split plans than the default (no minimum split length; at most one split per 64 tiles of a
-    segment; 4 or 1 blocks per SM) give the same function: ragged lengths, an empty sequence. The plan
-    cache is keyed by the knobs, so each variant really builds its own plan."""
+    segment; 4 or 1 blocks per SM; splits in proportion to bytes) give the same function: ragged lengths,
+    an empty sequence. The plan cache is keyed by the knobs, so each variant really builds its own plan."""
     monkeypatch.setattr(dec, knob, value)
-    case = make_case(3, 28, 4, gqa_kept(128, 4), [0, 70, BLOCK_N + 1], [0, 4097, 300], BF16, seed=len(knob) + value)
+    case = make_case(3, 28, 4, gqa_kept(128, 4), [0, 70, BLOCK_N + 1], [0, 4097, 300], BF16,
+                     seed=len(knob) + PLANNING.index((knob, value)))
     check(case, BF16)
-    assert any(k[-2:] == (dec.BLOCKS_PER_SM, dec.MIN_SPLIT_TILES) for k in dec._plans), "no plan of this variant"
+    assert any(k[-3:] == (dec.SPLIT_RULE, dec.BLOCKS_PER_SM, dec.MIN_SPLIT_TILES) for k in dec._plans), \
+        "no plan of this variant"
 
 
 @pytest.mark.parametrize("batch,head_dim,dtype", RAGGED, ids=[f"b{b}-hd{hd}-{str(dt)[6:]}" for b, hd, dt in RAGGED])

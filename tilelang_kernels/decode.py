@@ -40,6 +40,7 @@ keep ``arch_chan`` on the device (int64) to avoid a copy per call.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import threading
@@ -178,6 +179,16 @@ DEFAULT_MIN_SPLIT_TILES = 4
 MIN_SPLIT_TILES: int = DEFAULT_MIN_SPLIT_TILES
 
 
+# measurement knob (eval/kernel_bench.py --split-rule): "window" (default) gives the window up to one
+# split per 4 tiles of its capacity and the archive rows the rest of the budget; "bytes" gives every
+# segment splits in proportion to its bytes at capacity, so all blocks carry about the same load.
+# Under "window" the window blocks of a 32K context carry about a quarter of an archive block's bytes,
+# and at batch 1 (one wave of blocks) the kernel lasts as long as the heaviest blocks: ncu showed SMs
+# idle up to 48% below the average active cycles (eval/results/ncu_split_h200_llama32k_b1.txt)
+SPLIT_RULES = ("window", "bytes")
+SPLIT_RULE: str = "window"
+
+
 def default_blocks_per_sm(batch: int) -> int:
     """Thread blocks per SM a plan aims for at ``batch`` sequences (see ``choose_splits``)."""
     return 2 if batch <= 2 else 3 if batch <= 8 else 4
@@ -198,7 +209,8 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
     share the rest in proportion to their bytes per token (``d + head_dim``). With
     ``arch_caps`` (archive capacity per KV head, tokens) no split is shorter than
     ``MIN_SPLIT_TILES`` tiles of its segment's capacity. At least one split each; at most
-    ``max_split`` (parts per head stay <= 128 for the combine kernel).
+    ``max_split`` (parts per head stay <= 128 for the combine kernel). ``SPLIT_RULE = "bytes"``
+    (with ``arch_caps``) replaces the window/archive division by ``_byte_balanced_splits``.
     """
     blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or default_blocks_per_sm(batch)
     budget = max(1, (blocks_per_sm * sms) // max(1, batch))
@@ -207,6 +219,10 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
     if not weights:
         win = max(1, min(math.ceil(win_cap / block_n), budget // kvh, max_split))
         return win, [0] * kvh
+    if SPLIT_RULE not in SPLIT_RULES:
+        raise ValueError(f"SPLIT_RULE: expected one of {SPLIT_RULES}, got {SPLIT_RULE!r}")
+    if SPLIT_RULE == "bytes" and arch_caps is not None:
+        return _byte_balanced_splits(budget, head_dim, win_cap, kept, arch_caps, block_n, max_split)
     win = max(1, min(math.ceil(win_cap / (4 * block_n)), budget // (4 * kvh), 16))
     per = max(0, budget - win * kvh) / sum(weights)
     arch = [0 if d == 0 else int(min(max_split, max(1, math.floor(per * (d + head_dim) / (2 * head_dim)))))
@@ -216,6 +232,47 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
         win = min(win, max(1, math.ceil(win_cap / span)))
         arch = [a if a == 0 else min(a, max(1, math.ceil(c / span))) for a, c in zip(arch, arch_caps)]
     return win, arch
+
+
+def _byte_balanced_splits(budget: int, head_dim: int, win_cap: int, kept: Sequence[int],
+                          arch_caps: Sequence[int], block_n: int, max_split: int) -> tuple:
+    """``SPLIT_RULE = "bytes"``: splits that make the heaviest block as light as the budget allows.
+
+    A window row reads ``2 * head_dim`` elements per token, an archive row ``d + head_dim``, over
+    its capacity. For each window split count (one for every KV head), the archive rows share the
+    rest of the budget one block at a time, always to the row whose blocks are heaviest; the
+    window count whose heaviest block is lightest wins (fewer blocks on a tie). ``MIN_SPLIT_TILES``
+    and ``max_split`` cap each segment as in the default rule; at least one split each.
+    """
+    span = (MIN_SPLIT_TILES or 1) * block_n
+
+    def most(cap: int) -> int:
+        return max(1, min(max_split, math.ceil(cap / span)))
+
+    win_load = win_cap * 2 * head_dim
+    arch_load = [c * (d + head_dim) if d > 0 and c > 0 else 0 for d, c in zip(kept, arch_caps)]
+
+    def archive(left: int) -> list:
+        arch = [1 if load else 0 for load in arch_load]
+        left -= sum(arch)
+        heap = [(-load, h) for h, load in enumerate(arch_load) if load and most(arch_caps[h]) > 1]
+        heapq.heapify(heap)
+        while left > 0 and heap:
+            _, h = heapq.heappop(heap)
+            arch[h] += 1
+            left -= 1
+            if arch[h] < most(arch_caps[h]):
+                heapq.heappush(heap, (-arch_load[h] / arch[h], h))
+        return arch
+
+    best = None
+    for win in range(1, min(16, most(win_cap)) + 1):
+        arch = archive(budget - win * len(kept))
+        heaviest = max([win_load / win] + [load / a for load, a in zip(arch_load, arch) if a])
+        score = (heaviest, win * len(kept) + sum(arch))
+        if best is None or score < best[0]:
+            best = (score, win, arch)
+    return best[1], best[2]
 
 
 def build_plan(batch: int, num_kv_heads: int, head_dim: int, win_cap: int, groups: Sequence[tuple],
@@ -371,7 +428,8 @@ def decode_attention(
     heads_key = tuple(_host_list(x) for x in arch_heads)
     slot_dims = call_slot_dims(d, dims) if slot_dims is None else tuple(slot_dims)
     key = (b, h, kvh, d, wcap, dev, q.dtype, slot_dims,
-           tuple((dims[g], heads_key[g], ks[g].shape[2]) for g in range(n)), BLOCKS_PER_SM, MIN_SPLIT_TILES)
+           tuple((dims[g], heads_key[g], ks[g].shape[2]) for g in range(n)), SPLIT_RULE, BLOCKS_PER_SM,
+           MIN_SPLIT_TILES)
     plan = _plans.get(key)
     if plan is None:
         validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
