@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the TileLang decode kernel's split planning (tilelang_kernels.decode.SPLIT_RULE): 'window' "
                         "is the kernel's default, 'bytes' splits every segment in proportion to its bytes; an "
                         "experiment, recorded in the config (default: %(default)s)")
+    p.add_argument("--pdl", action="store_true",
+                   help="launch the TileLang decode kernels as programmatic dependents (tilelang_kernels.decode."
+                        "TILE_CONFIG = {'pdl': True}): each starts while the kernel before it finishes and waits "
+                        "before reading; an experiment, recorded in the config")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
@@ -935,10 +939,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
-    if args.split_rule != "window":
+    if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode
 
         _decode.SPLIT_RULE = args.split_rule
+        _decode.TILE_CONFIG = {"pdl": True} if args.pdl else None
     rank, args.tp, device = distributed_setup(args)
     if rank:  # every rank runs every row (collectives); rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
