@@ -103,6 +103,23 @@ def decode_step_attention(module, query: Tensor, key: Tensor, value: Tensor, sca
     return _decode_op()(query, key, value, module.layer_idx, scale)[:, None]
 
 
+TP_TEARDOWN_WARNING = (
+    "leank: the decode step is recorded in a CUDA graph that holds NCCL collectives (tensor parallel): call "
+    "leank.unpatch(model) before torch.distributed.destroy_process_group(), which otherwise waits forever on "
+    "them (pytorch/pytorch#115388)")
+
+
+def warn_if_collectives(model) -> None:
+    """Warn once when ``model`` is a tensor-parallel rank: its recorded graphs must be released (``leank.unpatch``)
+    before the process group is destroyed."""
+    from .tp import shard_of
+
+    state = getattr(model, "_leank", None)
+    shard = shard_of(state.mask) if state is not None else None
+    if shard is not None and shard.size > 1:
+        warn_once(__name__, TP_TEARDOWN_WARNING, RuntimeWarning)
+
+
 class _Graph:
     """One recorded decode step and its static input/output buffers."""
 
@@ -438,6 +455,7 @@ class DecodeGraphRunner:
             g.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.graph):
                 g.logits = self._device_step(fn, g.ids, g.pos, cache)
+            warn_if_collectives(self.model)
         self._graph = g
         self.captures += 1
         self.capture_s += time.perf_counter() - t0

@@ -399,3 +399,27 @@ def _check_until_divergence(got: dict, want: dict, kind: str, rank: int, tol: fl
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+def test_tensor_parallel_rank_is_warned_to_unpatch_before_destroying_the_group():
+    """A recorded step on a TP rank holds NCCL collectives: one RuntimeWarning says to unpatch before
+    ``destroy_process_group``; a single-process model gets none."""
+    import types
+    import warnings
+
+    from leank.capture import TP_TEARDOWN_WARNING, warn_if_collectives
+    from leank.diagnostics import warn_once
+    from leank.tp import TPShard, slice_mask
+
+    whole = ChannelMask(keep=torch.ones(2, 4, 32, dtype=torch.bool), align=8)
+    single = types.SimpleNamespace(_leank=types.SimpleNamespace(mask=whole))
+    rank1 = types.SimpleNamespace(_leank=types.SimpleNamespace(
+        mask=slice_mask(whole, TPShard(rank=1, size=2, num_kv_heads=4))))
+    warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warn_if_collectives(single)
+        assert not seen
+        warn_if_collectives(rank1)
+        warn_if_collectives(rank1)
+    assert [str(w.message) for w in seen] == [TP_TEARDOWN_WARNING] and seen[0].category is RuntimeWarning
