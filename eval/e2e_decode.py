@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="launch the TileLang decode kernels as programmatic dependents (tilelang_kernels.decode."
                         "TILE_CONFIG = {'pdl': True}): each starts while the kernel before it finishes and waits "
                         "before reading; an experiment, recorded in the config")
+    p.add_argument("--inductor-pdl", action="store_true",
+                   help="torch._inductor.config.triton.enable_pdl = True for every compiled method of the run "
+                        "(LeanK's decode step and dense-static alike): Inductor's Triton kernels launch as "
+                        "programmatic dependents; an experiment, recorded in the config")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
@@ -939,6 +943,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
+    if args.inductor_pdl:
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            raise SystemExit(f"--inductor-pdl: torch {torch.__version__} has no torch._inductor.config.triton.enable_pdl")
+        inductor_config.triton.enable_pdl = True
     if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode
 

@@ -43,19 +43,22 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
 
 
 def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
-    """--split-rule / --pdl set the TileLang planner's and kernels' knobs for the run (what a GPU A/B
-    needs) and are recorded in the config; without them the kernel's defaults stay."""
+    """--split-rule / --pdl / --inductor-pdl set the TileLang planner's and kernels' knobs and Inductor's PDL
+    switch for the run (what a GPU A/B needs) and are recorded in the config; without them the defaults stay."""
     from leank.tilelang_kernels import decode as dec
 
     monkeypatch.setattr(dec, "SPLIT_RULE", dec.SPLIT_RULE)  # restored after the test
     monkeypatch.setattr(dec, "TILE_CONFIG", dec.TILE_CONFIG)
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_config.triton.enable_pdl)
     out = tmp_path / "e2e.json"
     base = [*SMALL, "--models", "llama3.1-8b", "--methods", "leank", "--lengths", "40", "--batches", "1",
             "--warmup", "1", "--steps", "2"]
-    assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--out", str(out)]) == 0
-    assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True}
+    assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--out", str(out)]) == 0
+    assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True} and inductor_config.triton.enable_pdl
     cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
-    assert cfg["split_rule"] == "bytes" and cfg["pdl"] is True
+    assert cfg["split_rule"] == "bytes" and cfg["pdl"] is True and cfg["inductor_pdl"] is True
     monkeypatch.setattr(dec, "SPLIT_RULE", "window")
     monkeypatch.setattr(dec, "TILE_CONFIG", None)
     assert e2e_decode.main([*base, "--out", str(out)]) == 0
