@@ -158,6 +158,8 @@ def test_step_stats_exact():
     assert s["prefill_s"] == 1.0 and s["latency_ms_median"] == 25.0 and s["latency_ms_mean"] == 25.0
     assert s["tokens_per_s"] == pytest.approx(4 * 4 / 0.1)
     assert s["step_ms"] == [10.0, 20.0, 30.0, 40.0] and s["latency_ms_max"] == 40.0
+    # the call's decode (50 + 10 + 20 + 30 + 40 = 150 ms) against 5 steps at the 25 ms median
+    assert s["warmup_step_ms"] == [50.0] and s["call_extra_ms"] == pytest.approx(25.0)
 
 
 def test_memory_cpu_tiny(tmp_path):
