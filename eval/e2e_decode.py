@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch._inductor.config.triton.enable_pdl = True for every compiled method of the run "
                         "(LeanK's decode step and dense-static alike): Inductor's Triton kernels launch as "
                         "programmatic dependents; an experiment, recorded in the config")
+    p.add_argument("--flush-kernel", action="store_true",
+                   help="LeanK's decode flush through its Triton kernels (leank.flush_kernel.ENABLED: one launch "
+                        "per archive group + two, instead of about fifty per layer); an experiment, recorded in "
+                        "the config")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
@@ -957,6 +961,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(inductor_config.triton, "enable_pdl"):
             raise SystemExit(f"--inductor-pdl: torch {torch.__version__} has no torch._inductor.config.triton.enable_pdl")
         inductor_config.triton.enable_pdl = True
+    if args.flush_kernel:
+        from leank import flush_kernel
+
+        flush_kernel.ENABLED = True
     if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode
 

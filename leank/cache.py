@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .append_kernel import append_rows_
+from .flush_kernel import flush_rows_
 from .config import MAX_ROWS, LeanKConfig
 from .diagnostics import warn_once
 from .window import WindowPolicy
@@ -377,27 +378,8 @@ class LeanKLayer(CacheLayerMixin):
         every flush of the same sequences. Returns the full-width rows that left the
         window, last ``ROLLBACK_ROWS`` of them, ``k, v [n, rows, kvh, head_dim]`` (for crop).
         """
-        rows = seq[:, None]  # [n, 1]
-        j = torch.arange(move, device=self.device)
-        src = sink[:, None] + j  # window rows that leave, [n, move]
-        dst = self.arch_len[seq].long()[:, None] + j  # their archive rows
-        wk = self.win_k[rows, :, src]  # [n, move, kvh, head_dim]
-        wv = self.win_v[rows, :, src]
-        n = seq.shape[0]
-        for g in self.groups:
-            kk = wk[:, :, g.heads]
-            kk = torch.gather(kk, 3, g.chan[None, None].expand(n, move, -1, -1))
-            g.keys[rows, :, dst] = kk
-            g.values[rows, :, dst] = wv[:, :, g.heads]
-            if g.bias is not None:
-                g.bias[rows, :, dst] = 0.0
-        r = sink[:, None] + torch.arange(self.policy.recent, device=self.device)  # the `recent` rows that stay
-        self.win_k[rows, :, r] = self.win_k[rows, :, r + move]
-        self.win_v[rows, :, r] = self.win_v[rows, :, r + move]
-        self.win_len[seq] -= move
-        self.arch_len[seq] += move
-        keep = min(move, ROLLBACK_ROWS)
-        return wk[:, move - keep:], wv[:, move - keep:]
+        return flush_rows_(self.win_k, self.win_v, self.win_len, self.arch_len, self.groups, seq, sink, move,
+                           self.policy.recent, min(move, ROLLBACK_ROWS))
 
     def finish_flush(self, due: list, rollback_k: Tensor, rollback_v: Tensor) -> None:
         """Host part after a batched flush's device work: rollback records and host lengths."""

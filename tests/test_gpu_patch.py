@@ -174,3 +174,27 @@ def test_captured_decode_equals_eager_reference(dtype, heads, kv_heads):
     err_comp = (comp - ref32).abs().max().item()
     print(f"max |logit - float32 reference|: eager {err_eager:.4f}, compiled {err_comp:.4f} (scale {scale:.2f})")
     assert err_comp <= max(1.5 * err_eager, 0.01 * scale), (err_comp, err_eager, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_captured_decode_with_the_flush_kernel_equals_without(monkeypatch, dtype):
+    """``leank.flush_kernel.ENABLED`` (the Triton flush, an experiment): the captured generate() gives the same
+    logits as with the PyTorch-indexing flush, through the same ragged batch and its flushes (the flush only
+    copies rows, so any difference is a wrong row)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from leank import flush_kernel
+
+    model = tiny_model("llama", head_dim=128, heads=8, kv_heads=2, init=0.05).to("cuda", dtype)
+    mask = mix_mask(2, 2, 128, seed=5)
+    ids, am = _ragged_batch([23, 300, 517], "cuda")
+    tokens = torch.randint(3, 96, (3, 110), generator=torch.Generator().manual_seed(4)).to("cuda")
+    base, _ = forced_generate(model, ids, am, tokens, "tilelang", True, mask)
+    monkeypatch.setattr(flush_kernel, "ENABLED", True)
+    calls = []
+    real = flush_kernel.flush_rows_triton
+    monkeypatch.setattr(flush_kernel, "flush_rows_triton", lambda *a: calls.append(1) or real(*a))
+    fast, replays = forced_generate(model, ids, am, tokens, "tilelang", True, mask)
+    assert replays >= 100 and calls, "the Triton flush must have run"
+    torch.testing.assert_close(fast, base, rtol=0, atol=0)
