@@ -85,9 +85,10 @@ def _kernels():
     @triton.jit
     def archive(wk, wv, seq_ptr, sink_ptr, alen_ptr, heads_ptr, chan_ptr, keys, vals, bias,
                 s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ab, s_ah, s_at, s_ob, s_oh, s_ot, s_bb, s_bh,
-                move, d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                move, kept, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
                 ROWS: tl.constexpr, HAS_BIAS: tl.constexpr):
-        # program (flushing sequence i, head g of the group, block of moved rows)
+        # program (flushing sequence i, head g of the group, block of moved rows); D = head_dim, kept = the
+        # group's kept K channels
         i = tl.program_id(0)
         g = tl.program_id(1)
         b = tl.load(seq_ptr + i).to(tl.int64)
@@ -99,8 +100,8 @@ def _kernels():
         src = (s + j).to(tl.int64)
         dst = (a + j).to(tl.int64)
         c = tl.arange(0, BLOCK_DK)
-        cm = c < d
-        ch = tl.load(chan_ptr + g * d + c, mask=cm, other=0).to(tl.int64)
+        cm = c < kept
+        ch = tl.load(chan_ptr + g * kept + c, mask=cm, other=0).to(tl.int64)
         mk = jm[:, None] & cm[None, :]
         kk = tl.load(wk + b * s_kb + h * s_kh + src[:, None] * s_kt + ch[None, :], mask=mk)
         tl.store(keys + b * s_ab + g * s_ah + dst[:, None] * s_at + c[None, :], kk, mask=mk)
@@ -173,6 +174,10 @@ def _pow2(x: int, least: int = 1) -> int:
     return max(least, 1 << (max(1, x) - 1).bit_length())
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def flush_rows_triton(win_k: Tensor, win_v: Tensor, win_len: Tensor, arch_len: Tensor, groups: Sequence,
                       seq: Tensor, sink: Tensor, move: int, recent: int, keep: int) -> tuple:
     """``flush_rows_reference`` in Triton (arguments and result as there). Needs Triton; runs on CUDA
@@ -181,35 +186,31 @@ def flush_rows_triton(win_k: Tensor, win_v: Tensor, win_len: Tensor, arch_len: T
     if kernels is None:
         raise RuntimeError("flush_rows_triton: Triton is not importable")
     archive, stash, unstash = kernels
-    n, (_, kvh, _, d) = seq.shape[0], win_k.shape
-    block_d = _pow2(d, 16)
+    n, (_, kvh, _, head_dim) = seq.shape[0], win_k.shape
+    block_d = _pow2(head_dim, 16)
     for g in groups:
         heads, chan = g.heads, g.chan.contiguous()
         bias = g.bias if g.bias is not None else g.keys  # a placeholder pointer, never written (HAS_BIAS)
-        archive[(n, heads.shape[0], triton_cdiv(move, _ROWS))](
+        archive[(n, heads.shape[0], _cdiv(move, _ROWS))](
             win_k, win_v, seq, sink, arch_len, heads, chan, g.keys, g.values, bias,
             *win_k.stride()[:3], *win_v.stride()[:3], *g.keys.stride()[:3], *g.values.stride()[:3],
             *(g.bias.stride()[:2] if g.bias is not None else (0, 0)),
-            move, chan.shape[1], D=d, BLOCK_D=block_d, BLOCK_DK=_pow2(chan.shape[1], 16), ROWS=_ROWS,
+            move, chan.shape[1], D=head_dim, BLOCK_D=block_d, BLOCK_DK=_pow2(chan.shape[1], 16), ROWS=_ROWS,
             HAS_BIAS=g.bias is not None)
-    tk = win_k.new_empty((n, kvh, recent, d))
-    tv = win_v.new_empty((n, kvh, recent, d))
-    rk = win_k.new_empty((n, keep, kvh, d))
-    rv = win_v.new_empty((n, keep, kvh, d))
-    recent_blocks = triton_cdiv(recent, _ROWS)
-    stash[(n, kvh, recent_blocks + triton_cdiv(keep, _ROWS))](
+    tk = win_k.new_empty((n, kvh, recent, head_dim))  # the rows that stay (source and destination overlap)
+    tv = win_v.new_empty((n, kvh, recent, head_dim))
+    rk = win_k.new_empty((n, keep, kvh, head_dim))
+    rv = win_v.new_empty((n, keep, kvh, head_dim))
+    recent_blocks = _cdiv(recent, _ROWS)
+    stash[(n, kvh, recent_blocks + _cdiv(keep, _ROWS))](
         win_k, win_v, seq, sink, tk, tv, rk, rv,
         *win_k.stride()[:3], *win_v.stride()[:3], *tk.stride()[:3], *rk.stride()[:3],
-        move, recent, keep, recent_blocks, D=d, BLOCK_D=block_d, ROWS=_ROWS)
+        move, recent, keep, recent_blocks, D=head_dim, BLOCK_D=block_d, ROWS=_ROWS)
     unstash[(n, kvh, max(1, recent_blocks))](
         win_k, win_v, seq, sink, tk, tv, win_len, arch_len,
         *win_k.stride()[:3], *win_v.stride()[:3], *tk.stride()[:3],
-        move, recent, D=d, BLOCK_D=block_d, ROWS=_ROWS)
+        move, recent, D=head_dim, BLOCK_D=block_d, ROWS=_ROWS)
     return rk, rv
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _triton_ok(win_k: Tensor, win_v: Tensor, win_len: Tensor, arch_len: Tensor, groups: Sequence) -> bool:
