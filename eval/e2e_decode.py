@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "programmatic dependents; an experiment, recorded in the config")
     p.add_argument("--flush-kernel", action="store_true",
                    help="LeanK's decode flush through its Triton kernels (leank.flush_kernel.ENABLED: one launch "
-                        "per archive group + two, instead of about fifty per layer); an experiment, recorded in "
-                        "the config")
+                        "per archive group + two, instead of 31-41 PyTorch operations per layer); an experiment, "
+                        "recorded in the config")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
