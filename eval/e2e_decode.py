@@ -37,7 +37,11 @@ against plain greedy decoding (dense-dynamic and leank, batch 1).
 
 Per-token latency comes from CUDA events recorded by a logits processor inside the real
 generate loop (median and mean over the measured steps; the mean includes LeanK's flush
-every ``--flush-every`` steps); tokens/s = batch x steps / measured time. Peak memory is
+every ``--flush-every`` steps); tokens/s = batch x steps / measured time. One warm-up call per
+method at batch 1 compiles first; each LeanK row is preceded by one short call at its own batch
+(``--row-warmup``, on by default: a new batch size recompiles the decode step once per process), so
+a row's ``call_extra_ms`` (its call's decode minus steps x median) is what every call pays: the
+eager first flush and the flush recording of a new cache. Peak memory is
 ``torch.cuda.max_memory_allocated`` during prefill and during decode; the KV bytes are the
 allocation still held by the returned cache. ``--max-batch`` finds, for each method, the
 largest batch whose decode phase (weights + caches + step; ``--budget-phase all``: the whole
@@ -166,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LeanK's decode flush through its Triton kernels (leank.flush_kernel.ENABLED: one launch "
                         "per archive group + two, instead of 31-41 PyTorch operations per layer); an experiment, "
                         "recorded in the config")
+    p.add_argument("--row-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="before each LeanK row, one short call at the row's batch size (a prompt of up to 2K tokens, "
+                        "2 x --flush-every + 2 new tokens), timed as the row's row_warmup_s, so the row's call_extra_ms is what every call pays "
+                        "and not what a process pays once per batch size (default: on)")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
@@ -426,6 +434,10 @@ def prefill_chunk_for(method: str, args) -> int:
     return args.leank_prefill_chunk if method.startswith("leank") else args.dense_prefill_chunk
 
 
+# prompt tokens of the short warm-up call before each LeanK row (--row-warmup)
+ROW_WARMUP_TOKENS = 2048
+
+
 def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, mask, weight_bytes, total_gib) -> dict:
     import torch
 
@@ -437,6 +449,17 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
         row["status"] = f"skipped: needs at least {est:.1f} GiB of {total_gib:.1f}"
         return row
     gen = torch.Generator().manual_seed(args.seed + length + batch)
+    if args.row_warmup and method.startswith("leank"):
+        # a short call at this batch first: what a process pays once per batch size (the decode step's
+        # recompile for a new batch, the flush kernels' JIT) stays out of this call's call_extra_ms
+        warm = torch.randint(100, cfg.vocab_size, (batch, min(ROW_WARMUP_TOKENS, length)), generator=gen).to(device)
+        t0 = time.perf_counter()
+        res = oom_safe(run_generate, model, method, warm, 2 * args.flush_every + 2, device)
+        if isinstance(res, str):
+            row["status"] = f"{res} (in the row's warm-up call)"
+            return row
+        row["row_warmup_s"] = time.perf_counter() - t0
+        del res, warm
     ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
     res = oom_safe(run_generate, model, method, ids, new_tokens, device, prefill_chunk_for(method, args))
     if isinstance(res, str):

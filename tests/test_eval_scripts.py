@@ -110,6 +110,31 @@ def test_e2e_decode_second_turn_and_row_fields(tmp_path):
     leank_row = next(r for r in res["runs"] if r["method"] == "leank")
     dense_row = next(r for r in res["runs"] if r["method"] == "dense-dynamic")
     assert 0 < leank_row["kv_bytes"] < dense_row["kv_bytes"]
+    # the LeanK row ran a short call at its batch first (--row-warmup, the default); dense rows do not
+    assert leank_row["row_warmup_s"] > 0 and "row_warmup_s" not in dense_row
+
+
+def test_e2e_decode_row_warmup_is_one_short_call_at_the_rows_batch(tmp_path, monkeypatch):
+    """--row-warmup: before each LeanK row one generate at the row's batch on a prompt of at most
+    ROW_WARMUP_TOKENS tokens with 2 x flush_every + 2 new tokens, then the row's own call;
+    --no-row-warmup: the row's call only."""
+    real, calls = e2e_decode.run_generate, []
+
+    def recording(model, method, ids, new_tokens, device, chunk=0):
+        calls.append((method, tuple(ids.shape), new_tokens))
+        return real(model, method, ids, new_tokens, device, chunk)
+
+    monkeypatch.setattr(e2e_decode, "run_generate", recording)
+    monkeypatch.setattr(e2e_decode, "ROW_WARMUP_TOKENS", 24)
+    base = [*SMALL, "--models", "llama3.1-8b", "--lengths", "40", "--batches", "2", "--warmup", "1", "--steps", "2",
+            "--methods", "leank,dense-dynamic", "--no-max-batch", "--flush-every", "4"]
+    assert e2e_decode.main([*base, "--out", str(tmp_path / "a.json")]) == 0
+    rows = [c for c in calls if c[1][0] == 2]  # the global warm-up runs at batch 1
+    assert rows == [("leank", (2, 24), 10), ("leank", (2, 40), 4), ("dense-dynamic", (2, 40), 4)]
+    calls.clear()
+    assert e2e_decode.main([*base, "--no-row-warmup", "--out", str(tmp_path / "b.json")]) == 0
+    assert [c for c in calls if c[1][0] == 2] == [("leank", (2, 40), 4), ("dense-dynamic", (2, 40), 4)]
+    assert "row_warmup_s" not in json.loads((tmp_path / "b.json").read_text())["runs"][0]
 
 
 def test_e2e_decode_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
