@@ -355,16 +355,20 @@ class LeanKLayer(CacheLayerMixin):
 
     def flush_index(self, due: list) -> tuple:
         """Device ``(seq [n], sink [n])`` int64 of ``due``: one async copy per due set, shared by the layers
-        and kept while the set recurs (a recorded flush reads them by address)."""
+        and kept while the set recurs (a recorded flush reads them by address). Both start on a 16-byte
+        boundary whatever ``n`` (the rows of one buffer, padded to an even width): Triton specialises a
+        kernel on its pointers' 16-byte alignment, so the flush kernels compile once for every batch."""
         key = (self.device, tuple((b, s) for b, s, _ in due))  # layers may sit on different GPUs
         hit = self._flush_index_cache.get(key)
+        n = len(key[1])
         if hit is None:
-            host = torch.tensor(list(zip(*key[1])), dtype=torch.long)
+            host = torch.zeros(2, n + n % 2, dtype=torch.long)
+            host[:, :n] = torch.tensor(list(zip(*key[1])), dtype=torch.long)
             if self.device.type == "cuda":
                 host = host.pin_memory()
             hit = host.to(self.device, non_blocking=True)
             self._flush_index_cache[key] = hit
-        return hit[0], hit[1]
+        return hit[0, :n], hit[1, :n]
 
     def prepare_flush(self, due: list) -> None:
         """Host part before a batched flush's device work: the archive holds the moved rows."""

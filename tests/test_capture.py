@@ -185,6 +185,20 @@ def test_flush_index_follows_each_layers_device():
     assert first.flush_index(due)[0].tolist() == [0, 2]
 
 
+def test_flush_index_rows_start_16_byte_aligned_for_every_count():
+    """seq and sink of any number of flushing sequences start on a 16-byte boundary (Triton compiles a
+    kernel variant per pointer alignment: with sink at offset 8 * n, odd n compiled the flush kernels
+    anew) and hold exactly the due sequences and their sinks."""
+    cache = leank.LeanKCache(ChannelMask(keep=sparse_keep(2, 4, 32), align=8), CFG)
+    layer = cache.layers[0]
+    layer.device = torch.device("cpu")
+    for n in (1, 2, 3, 8):
+        due = [(b, 4 + b, 4) for b in range(n)]
+        seq, sink = layer.flush_index(due)
+        assert seq.tolist() == list(range(n)) and sink.tolist() == [4 + b for b in range(n)], n
+        assert seq.data_ptr() % 16 == 0 and sink.data_ptr() % 16 == 0, n
+
+
 def _due(layer):
     out = []
     for b in range(layer.batch_size):

@@ -30,8 +30,9 @@ CASES = [  # (batch, kv_heads, head_dim, kept per head, flushing sequences, move
 ]
 
 
-def _case(batch, kvh, d, kept, seqs, move, recent, keep, bias, seed, device, dtype):
-    """``flush_rows_reference``'s arguments: a random window and archive, the due sequences' windows full."""
+def _case(batch, kvh, d, kept, seqs, move, recent, keep, bias, seed, device, dtype, cap=80):
+    """``flush_rows_reference``'s arguments: a random window and archive of ``cap`` rows, the due
+    sequences' windows full."""
     g = torch.Generator().manual_seed(seed)
     sinks = [int(torch.randint(0, 6, (1,), generator=g)) for _ in seqs]
     rows = max(sinks) + move + recent + 3
@@ -40,7 +41,6 @@ def _case(batch, kvh, d, kept, seqs, move, recent, keep, bias, seed, device, dty
     win_len = torch.randint(0, rows, (batch,), generator=g, dtype=torch.int32)
     for b, s in zip(seqs, sinks):
         win_len[b] = s + move + recent
-    cap = 80
     arch_len = torch.randint(0, cap - move, (batch,), generator=g, dtype=torch.int32)
     groups = []
     for dk in sorted({c for c in kept if c}):
@@ -94,6 +94,43 @@ def test_triton_flush_equals_pytorch_indexing_in_the_interpreter():
 def test_triton_flush_equals_pytorch_indexing_on_cuda(dtype):
     """The compiled kernels on the GPU, bf16 and fp16, same cases and same exact equality."""
     assert check_all("cuda", dtype) == len(CASES)
+
+
+def _variants(fn) -> int:
+    """Compiled variants a Triton ``JITFunction`` holds (its per-device kernel caches)."""
+    caches = getattr(fn, "device_caches", None)
+    if caches is not None:  # Triton >= 3.2: device -> (kernel cache, ...)
+        return sum(len(c[0]) for c in caches.values())
+    if isinstance(getattr(fn, "cache", None), dict):
+        return sum(len(c) for c in fn.cache.values())
+    pytest.skip(f"this Triton ({type(fn).__name__}) keeps its compiled kernels where the test cannot count them")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flush_kernels_compile_once_for_every_batch_and_capacity():
+    """A generate() call at a new batch or prompt length must not compile the flush kernels again: after a
+    flush of 1 sequence of a batch of 1 with an archive of 80 rows, flushes of 8 of 8 (97 rows), 3 of 5
+    (130 rows) and 2 of 3 add no compiled variant. seq/sink come from ``LeanKLayer.flush_index`` as in
+    the cache (on the H200 a first flush at batch 8 after batch 1 took 716 ms: the kernels compiled anew)."""
+    import leank
+    from leank import flush_kernel as fk
+    from leank.masks import ChannelMask
+
+    layer = leank.LeanKCache(ChannelMask(keep=torch.ones(1, 2, 64, dtype=torch.bool), align=8),
+                             leank.LeanKConfig(sink=4, recent=8, flush_every=4)).layers[0]
+    layer.device = torch.device("cuda")
+    kernels = fk._kernels()
+    counts = None
+    for batch, seqs, cap in ((1, [0], 80), (8, list(range(8)), 97), (5, [0, 2, 4], 130), (3, [1, 2], 80)):
+        case = list(_case(batch, 4, 128, [32, 0, 128, 32], seqs, 17, 23, 17, True, seed=batch, device="cuda",
+                          dtype=torch.bfloat16, cap=cap))
+        ref = copy.deepcopy(case)
+        case[5], case[6] = layer.flush_index([(b, int(s), 17) for b, s in zip(seqs, case[6].tolist())])
+        assert torch.equal(fk.flush_rows_triton(*case)[0], fk.flush_rows_reference(*ref)[0])
+        now = [_variants(k) for k in kernels]
+        assert counts is None or now == counts, (batch, len(seqs), cap, counts, now)
+        counts = now
 
 
 def test_flush_kernel_is_off_by_default_and_the_cache_flush_is_the_reference(monkeypatch):
