@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "per archive group + two, instead of 31-41 PyTorch operations per layer); an experiment, "
                         "recorded in the config")
     p.add_argument("--row-warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="before each LeanK row, one short call at the row's batch size (a prompt of up to 2K tokens, "
-                        "2 x --flush-every + 2 new tokens), timed as the row's row_warmup_s, so the row's call_extra_ms is what every call pays "
-                        "and not what a process pays once per batch size (default: on)")
+                   help="before each LeanK row, one short call at the row's batch size (a prompt of up to 2K "
+                        "tokens, 2 x --flush-every + 2 new tokens), timed as the row's row_warmup_s, so the row's "
+                        "call_extra_ms is what every call pays and not what a process pays once per batch size "
+                        "(default: on)")
     p.add_argument("--no-skip", action="store_true", help="try configurations whose estimated memory exceeds the GPU")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     common.add_common_args(p, default_out=common.scratch_out("e2e_decode.json"))
