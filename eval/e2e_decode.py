@@ -596,43 +596,68 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
 
     Peak memory (of the decode phase, or of the whole call with ``--budget-phase all``) is
     linear in the batch (weights + batch x per-sequence bytes), so two small runs (batch 1
-    and 4) predict the largest batch; it is then run for real and stepped down while it
-    exceeds the budget or runs out of memory. Prefill as in the sweep (by default LeanK in
-    one shot, so at large batches the prefill's activations, not the budget, can stop it:
-    the result then says ``limited_by: "prefill OOM"``; ``--leank-prefill-chunk`` avoids that).
+    and 4; 2 when 4 runs out of memory, as a 70B model at 128K can) predict the largest batch.
+    It is then run for real and stepped down while it exceeds the budget or runs out of memory,
+    and the batch above the one found is run too (stepping up while that one fits), so the
+    result is the largest batch that fits, not only one that fits: ``next_batch`` records what
+    the next one measured (None: out of memory) and ``limited_by`` says which stopped it. Prefill
+    as in the sweep (by default LeanK in one shot, so at large batches the prefill's activations,
+    not the budget, can stop it; ``--leank-prefill-chunk`` avoids that).
     """
     import torch
 
     L, chunk = args.budget_length, prefill_chunk_for(method, args)
     key = "decode_peak_gib" if args.budget_phase == "decode" else "peak_gib"
     new_tokens = args.warmup + max(args.steps // 2, 8) + 1
+    results: dict = {}  # batch -> run result (None: out of memory)
 
     def attempt(b: int):
-        gen = torch.Generator().manual_seed(args.seed + b)
-        ids = torch.randint(100, cfg.vocab_size, (b, L), generator=gen).to(device)
-        res = oom_safe(run_generate, model, method, ids, new_tokens, device, chunk)
-        return ranks_agree(None if isinstance(res, str) else res, ("decode_peak_gib", "peak_gib"), device)
+        if b not in results:
+            gen = torch.Generator().manual_seed(args.seed + b)
+            ids = torch.randint(100, cfg.vocab_size, (b, L), generator=gen).to(device)
+            res = oom_safe(run_generate, model, method, ids, new_tokens, device, chunk)
+            results[b] = ranks_agree(None if isinstance(res, str) else res, ("decode_peak_gib", "peak_gib"), device)
+        return results[b]
 
-    probes = {b: attempt(b) for b in (1, 4)}
-    if any(r is None for r in probes.values()):
-        return {"method": method, "status": "OOM at batch 1 or 4"}
-    per_seq = (probes[4][key] - probes[1][key]) / 3
-    fixed = probes[1][key] - per_seq
-    predicted = int((budget_gib - fixed) / per_seq) if per_seq > 0 else 1
-    tried, b, oom = [], max(1, predicted), False
-    for _ in range(6):
+    def fits(b: int) -> bool:
         r = attempt(b)
-        tried.append({"batch": b, key: None if r is None else r[key]})
-        oom = oom or r is None
-        if r is not None and r[key] <= budget_gib:
-            stats = step_stats(r["intervals_ms"], args.warmup, b)
-            return {"method": method, "status": "ok", "budget_gib": budget_gib, "budget_phase": args.budget_phase,
-                    "length": L, "predicted_batch": predicted, "max_batch": b, "decode_peak_gib": r["decode_peak_gib"],
-                    "prefill_peak_gib": r["prefill_peak_gib"], "kv_held_gib": r["kv_held_bytes"] / 2**30,
-                    "per_sequence_gib": per_seq, "fixed_gib": fixed, "tried": tried,
-                    "limited_by": "prefill OOM" if oom else "budget", **stats}
+        return r is not None and r[key] <= budget_gib
+
+    if attempt(1) is None:
+        return {"method": method, "status": "OOM at batch 1", "length": L}
+    probe = 4 if attempt(4) is not None else 2 if attempt(2) is not None else 1
+    per_seq = (results[probe][key] - results[1][key]) / (probe - 1) if probe > 1 else None
+    fixed = results[1][key] - per_seq if per_seq is not None else None
+    predicted = max(1, int((budget_gib - fixed) / per_seq)) if per_seq else 1
+    b = predicted
+    for _ in range(6):  # down while it does not fit
+        if fits(b) or b == 1:
+            break
         b = max(1, b - max(1, b // 16))
-    return {"method": method, "status": "no batch fit", "predicted_batch": predicted, "tried": tried}
+    if not fits(b):
+        return {"method": method, "status": "no batch fit", "length": L, "predicted_batch": predicted,
+                "tried": _tried(results, key)}
+    for _ in range(6):  # up while the next one fits too
+        if not fits(b + 1):
+            break
+        b += 1
+    nxt = results.get(b + 1)
+    if nxt is not None and nxt[key] <= budget_gib:  # still fitting after six steps up: say so, do not claim a maximum
+        return {"method": method, "status": "no maximum found (the batch kept fitting)", "length": L,
+                "predicted_batch": predicted, "tried": _tried(results, key)}
+    r = results[b]
+    stats = step_stats(r["intervals_ms"], args.warmup, b)
+    return {"method": method, "status": "ok", "budget_gib": budget_gib, "budget_phase": args.budget_phase,
+            "length": L, "predicted_batch": predicted, "max_batch": b, "decode_peak_gib": r["decode_peak_gib"],
+            "prefill_peak_gib": r["prefill_peak_gib"], "kv_held_gib": r["kv_held_bytes"] / 2**30,
+            "per_sequence_gib": per_seq, "fixed_gib": fixed, "tried": _tried(results, key),
+            "next_batch": {"batch": b + 1, key: None if nxt is None else nxt[key]},
+            "limited_by": "out of memory" if nxt is None else "budget", **stats}
+
+
+def _tried(results: dict, key: str) -> list:
+    """Every batch a max-batch search ran, in order, with its peak (None: out of memory)."""
+    return [{"batch": b, key: None if r is None else r[key]} for b, r in results.items()]
 
 
 # ----------------------------------------------------------------------------- output

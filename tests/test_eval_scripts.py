@@ -222,8 +222,9 @@ def test_tensor_bytes_counts_storages_once():
     assert b == {"k": 24 + 5, "v": 32, "other": 0}
 
 
-def test_max_batch_search_logic(monkeypatch):
-    """Linear peak model -> predicted batch; over-budget and OOM answers step it down."""
+def _fake_search(monkeypatch, peak_of, oom_above):
+    """``max_batch_search`` (40 GiB) against a fake ``run_generate``: decode peak ``peak_of(b)``, out of
+    memory above ``oom_above``; returns ``(result, batches run in order)``."""
     args = e2e_decode.build_parser().parse_args(["--budget-length", "16", "--warmup", "1", "--steps", "4"])
     e2e_decode.resolve_args(args)
 
@@ -236,20 +237,55 @@ def test_max_batch_search_logic(monkeypatch):
     def fake_run(model, method, ids, new_tokens, device, chunk):
         b = ids.shape[0]
         calls.append(b)
-        if b > 14:
+        if b > oom_above:
             raise FakeOOM("out of memory")
-        peak = 10.0 + 2.0 * b + (3.0 if b == 14 else 0.0)  # b=14 measures above the linear model
+        peak = peak_of(b)
         return {"decode_peak_gib": peak, "prefill_peak_gib": peak + 5, "peak_gib": peak + 5, "kv_held_bytes": 2**30 * b,
                 "intervals_ms": [100.0] + [10.0] * (new_tokens - 1)}
 
     monkeypatch.setattr(e2e_decode, "run_generate", fake_run)
     cfg = common.model_config("llama3.1-8b", tiny=True)
     res = e2e_decode.max_batch_search(None, cfg, "leank", args, torch.device("cpu"), budget_gib=40.0, quiet=True)
+    return res, calls
+
+
+def test_max_batch_search_steps_down_from_the_prediction(monkeypatch):
+    """Linear peak model -> predicted batch; over-budget and OOM answers step it down; the batch above the
+    result is known not to fit (here from the way down), so nothing more runs."""
     # fixed 10 GiB + 2 GiB/seq: 15 predicted; OOM at 15; 14 measures 41 GiB > 40; 13 fits at 36
+    res, calls = _fake_search(monkeypatch, lambda b: 10.0 + 2.0 * b + (3.0 if b == 14 else 0.0), oom_above=14)
     assert res["predicted_batch"] == 15 and calls == [1, 4, 15, 14, 13]
     assert res["status"] == "ok" and res["max_batch"] == 13 and res["decode_peak_gib"] == 36.0
-    assert [t["decode_peak_gib"] for t in res["tried"]] == [None, 41.0, 36.0]
+    assert [t["batch"] for t in res["tried"]] == calls
+    assert [t["decode_peak_gib"] for t in res["tried"]] == [12.0, 18.0, None, 41.0, 36.0]
+    assert res["next_batch"] == {"batch": 14, "decode_peak_gib": 41.0} and res["limited_by"] == "budget"
     assert res["tokens_per_s"] == pytest.approx(13 / 0.010)
+
+
+def test_max_batch_search_steps_up_until_the_next_batch_does_not_fit(monkeypatch):
+    """A prediction below the real maximum (the peak grows slower than batches 1 and 4 suggest) is not
+    reported as the maximum: the search runs the next batch until one does not fit."""
+    # 1: 14, 4: 20 -> 2 GiB/seq + 12: 14 predicted; really 12 + 1.8 b from 5 on: 14 (37.2), 15 (39) fit, 16 (40.8) not
+    res, calls = _fake_search(monkeypatch, lambda b: 12.0 + 2.0 * b if b <= 4 else 12.0 + 1.8 * b, oom_above=64)
+    assert res["predicted_batch"] == 14 and calls == [1, 4, 14, 15, 16]
+    assert res["max_batch"] == 15 and res["next_batch"]["batch"] == 16 and res["limited_by"] == "budget"
+    assert res["next_batch"]["decode_peak_gib"] == pytest.approx(40.8)
+
+
+def test_max_batch_search_when_four_sequences_run_out_of_memory(monkeypatch):
+    """Batch 4 out of memory (a 70B model at 128K): batch 2 is the second probe; when 2 runs out too,
+    the result is batch 1, limited by memory; when 1 does, the search says so."""
+    res, calls = _fake_search(monkeypatch, lambda b: 30.0 + 4.0 * b, oom_above=2)
+    assert calls == [1, 4, 2, 3] and res["per_sequence_gib"] == 4.0
+    assert res["max_batch"] == 2 and res["next_batch"] == {"batch": 3, "decode_peak_gib": None}
+    assert res["limited_by"] == "out of memory"
+    res, calls = _fake_search(monkeypatch, lambda b: 30.0 + 4.0 * b, oom_above=1)
+    assert calls == [1, 4, 2] and res["max_batch"] == 1 and res["limited_by"] == "out of memory"
+    assert res["per_sequence_gib"] is None
+    res, calls = _fake_search(monkeypatch, lambda b: 30.0, oom_above=0)
+    assert calls == [1] and res["status"] == "OOM at batch 1"
+    res, calls = _fake_search(monkeypatch, lambda b: 41.0 + b, oom_above=64)  # batch 1 over the budget
+    assert calls == [1, 4] and res["status"] == "no batch fit" and "max_batch" not in res
 
 
 # ----------------------------------------------------------------------------- defaults and smoke sizes
