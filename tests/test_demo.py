@@ -7,10 +7,13 @@ from leank.cli import main
 
 def test_demo_small(capsys):
     rc = main(["demo", "--prompt-tokens", "300", "--new-tokens", "40", "--sink", "8", "--recent", "32",
-               "--flush-every", "8", "--random-weights", "--device", "cpu"])
+               "--flush-every", "8", "--random-weights", "--device", "cpu", "--timed-calls", "2"])
     captured = capsys.readouterr()
     out = captured.out
     assert rc == 0
+    # two timed generate calls per method (the default on CUDA, where the first compiles and records)
+    for label in ("tokens/s, 1st generate", "tokens/s, 2nd generate"):
+        assert all(float(x) > 0 for x in re.search(label + r"\s+([\d.]+)\s+([\d.]+)", out).groups())
     # progress on stderr while it works (issue 11: the demo was silent for ~30 s)
     assert re.findall(r"\[(\d)/4\] done in", captured.err) == ["1", "2", "3", "4"]
     dev = float(re.search(r"dense float64 LeanK function\| = ([0-9.e+-]+)", out).group(1))
@@ -38,6 +41,7 @@ def test_demo_half_precision(capsys):
                "--flush-every", "8", "--random-weights", "--device", "cpu", "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert rc == 0 and "device cpu, bfloat16" in out
+    assert "tokens/s (generate)" in out and "2nd generate" not in out  # one timed call on the CPU by default
     m = re.search(r"dense float64 LeanK function\| = ([0-9.e+-]+) \(bfloat16 model; logits up to ([0-9.]+)\)", out)
     assert m, out
     dev, scale = float(m.group(1)), float(m.group(2))
