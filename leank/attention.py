@@ -71,10 +71,17 @@ def resolve_backend(backend: str, device: torch.device, call: Optional[dict] = N
 
 def layer_backend(layer: LeanKLayer, q: Tensor) -> str:
     """The concrete backend of ``layer`` for queries like ``q [batch, num_heads, head_dim]`` (decided once)."""
+    return resolve_layer_backend(layer, q.shape[1], q.dtype, q.device)
+
+
+def resolve_layer_backend(layer: LeanKLayer, num_heads: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The concrete backend of ``layer`` for ``num_heads`` query heads of ``dtype`` on ``device``, decided
+    once and kept on the layer (``resolved_backend``); ``leank.capture`` decides it before a cache's first
+    decode step, so that step can already run compiled."""
     if layer.resolved_backend is None:
-        call = dict(dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[1], num_kv_heads=layer.num_kv_heads,
+        call = dict(dtype=dtype, head_dim=layer.head_dim, num_heads=num_heads, num_kv_heads=layer.num_kv_heads,
                     kept_counts=[int(c) for c in layer.keep.sum(-1).tolist()])
-        layer.resolved_backend = resolve_backend(layer.config.backend, q.device, call)
+        layer.resolved_backend = resolve_backend(layer.config.backend, device, call)
     return layer.resolved_backend
 
 

@@ -10,10 +10,10 @@ device-side length, TileLang decode over window + archive) is one opaque custom 
 Qwen2 ``leank.fused_decode.decode_logits`` (q/k/v and gate/up as one product each), else
 the model's own forward. Per cache it
 
-1. runs the first decode step eagerly (the backend is resolved, kernels and plans load),
-2. runs the next one through the step function, compiled by ``torch.compile`` when
+1. decides every layer's backend before the first decode step (only 'tilelang' is captured),
+2. runs that step through the step function, compiled by ``torch.compile`` when
    ``LeanKConfig.compile_decode`` (Inductor fuses norms, RoPE, activations and residual
-   adds; the compile happens here, outside any recording),
+   adds; the compile happens here, outside any recording; kernels load and plans are built),
 3. records the step after that in a CUDA graph: inputs from static buffers, the cache
    from preallocated tensors with device-side lengths, so no host value is baked in,
 4. replays that graph for every following step, then does the host part of the step
@@ -172,6 +172,7 @@ class DecodeGraphRunner:
         self._flush_warm: set = set()  # flush keys run once eagerly (recorded at their next flush)
         self.flushes = 0  # flushes of all layers run by the runner (replayed, or emulated)
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
+        self.eager_steps = 0  # decode steps that ran the model's own forward instead
         self.captures = 0
         self.compiled_steps = 0  # decode steps whose forward ran compiled (warm-up, recording, emulated replays)
         self.capture_s = 0.0  # host seconds spent compiling and recording (reported apart from prefill and decode)
@@ -190,10 +191,12 @@ class DecodeGraphRunner:
             why = "empty cache"
         if why is not None:
             self._eager_reason(why)
+            self.eager_steps += why not in ("prefill", "empty cache")
             return self._eager(*args, **kwargs)
         if cache.decode_room_pending:  # the call's first decode step: archive room for all its tokens
             cache.ensure_decode_room()
         if any(not layer.decode_ready() for layer in cache.layers):
+            self.eager_steps += 1
             return self._eager(*args, **kwargs)  # the window grows first (eager), then it is recaptured
         key = self._key(kwargs, cache)
         g = self._graph
@@ -209,6 +212,7 @@ class DecodeGraphRunner:
                 self._graph = None
                 self._disabled = True
                 self._eager_reason(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                self.eager_steps += 1
                 return self._eager(*args, **kwargs)
         return self._replay(g, kwargs, cache)
 
@@ -234,7 +238,7 @@ class DecodeGraphRunner:
         self._release_fused()
 
     def _eager_reason(self, why: str) -> None:
-        if why in ("prefill", "empty cache", "backend not resolved yet"):
+        if why in ("prefill", "empty cache"):
             return  # the expected eager steps: nothing to report
         msg = f"leank: decode step not captured in a CUDA graph, running eagerly: {why}"
         if getattr(self.model, "device", torch.device("cpu")).type == "cuda":
@@ -275,12 +279,24 @@ class DecodeGraphRunner:
             return f"batch {ids.shape[0]} != cache batch {layer.batch_size}", cache
         if any(other.device != layer.device for other in cache.layers):
             return "cache layers on several devices (a CUDA graph records one device)", cache
-        backend = layer.resolved_backend  # decided by the first decode step (eager), None before it
-        if backend is None:
-            return "backend not resolved yet", cache
+        backend = self._backend(cache, ids)
+        if backend == "mixed":
+            return "the layers resolved to different backends (only 'tilelang' is captured)", cache
         if not self.emulate and backend != "tilelang":
             return f"backend {backend!r} reads device values on the host (only 'tilelang' is captured)", cache
         return None, cache
+
+    def _backend(self, cache: LeanKCache, ids: Tensor) -> str:
+        """Every layer's concrete backend, decided before the cache's first decode step runs (from the
+        model's head counts and the dtype of the keys the prefill stored, which the queries share), so
+        that step already runs compiled instead of eagerly; "mixed" if the layers differ."""
+        from .attention import resolve_layer_backend
+
+        cfg = self.model.config
+        group = cfg.num_attention_heads // cfg.num_key_value_heads  # query heads per KV head (also per TP rank)
+        found = {resolve_layer_backend(layer, layer.num_kv_heads * group, layer.win_k.dtype, ids.device)
+                 for layer in cache.layers}
+        return found.pop() if len(found) == 1 else "mixed"
 
     def _key(self, kwargs, cache: LeanKCache) -> tuple:
         # the output head's address stands for the weights: a model moved away and back gets new ones

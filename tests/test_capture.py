@@ -53,6 +53,7 @@ def test_emulated_capture_equals_eager_on_ragged_batch(kind):
     eager, _ = _run(model, keep, ids, am, n, capture=False)
     cap, runner = _run(model, keep, ids, am, n, capture=True)
     assert runner.replays >= n - 3, "the decode steps must be served by the runner"
+    assert runner.eager_steps == 0, "no decode step runs the model's own forward (not even a cache's first)"
     assert runner.compiled_steps == 0, "compile_decode=False: no step may count as compiled"
     _assert_same_run(eager, cap)
     assert runner.fused, "the tiny Llama / Qwen2 decode step runs leank.fused_decode"
@@ -81,7 +82,8 @@ def test_compiled_decode_step_matches_eager(kind):
         warnings.simplefilter("always")
         cap, runner = _run(model, keep, ids, am, n, capture=True, compile_decode=True)
     assert not [w for w in caught if "leank" in str(w.message)], [str(w.message) for w in caught]
-    assert runner.compiled_steps >= n - 2 and not runner._compile_failed, "decode steps must run the compiled forward"
+    assert runner.compiled_steps == n - 1 and not runner._compile_failed, "every decode step runs the compiled forward"
+    assert runner.eager_steps == 0
     _assert_same_run(eager, cap, tol=1e-4)
     assert all(layer.arch_len_host[1] > 0 for layer in cap.past_key_values.layers), "the archive must be in use"
 
