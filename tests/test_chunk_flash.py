@@ -56,6 +56,65 @@ def test_cached_part_equals_reference(device, dtype, tol):
     assert (out - ref_out).abs().max() <= tol
 
 
+def _chunk_oracle(q, k, v, valid, layer, scale):
+    """float64 LeanK function of a chunk, built from the layer's raw storage: per sequence and query head,
+    the window at full width, the archive with keys zero outside the head's kept channels plus its
+    attention-matching bias (no archive for a head with no kept channel), and the chunk causally."""
+    b, h, L, d = q.shape
+    rep = h // layer.num_kv_heads
+    out = torch.zeros(b, h, L, d, dtype=torch.float64)
+    for s in range(b):
+        w, a, n = layer.win_len_host[s], layer.arch_len_host[s], int(valid[s].sum())
+        for qh in range(h):
+            kv = qh // rep
+            keys = [layer.win_k[s, kv, :w].double()]
+            vals = [layer.win_v[s, kv, :w].double()]
+            bias = [torch.zeros(w, dtype=torch.float64)]
+            for g in layer.groups:
+                for j, head in enumerate(g.heads.tolist()):
+                    if head == kv:
+                        full = torch.zeros(a, d, dtype=torch.float64)
+                        full[:, g.chan[j]] = g.keys[s, j, :a].double()
+                        keys.append(full)
+                        vals.append(g.values[s, j, :a].double())
+                        bias.append(g.bias[s, j, :a].double() if g.bias is not None else torch.zeros(a, dtype=torch.float64))
+            K, V, B = torch.cat(keys), torch.cat(vals), torch.cat(bias)
+            for i in range(L - n, L):  # the valid (left-padded) query rows
+                mine = slice(L - n, i + 1)
+                logits = torch.cat([q[s, qh, i].double() @ K.T * scale + B,
+                                    q[s, qh, i].double() @ k[s, kv, mine].double().T * scale])
+                p = torch.softmax(logits, 0)
+                out[s, qh, i] = p @ torch.cat([V, v[s, kv, mine].double()])
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_chunk_with_attention_matching_bias_equals_the_float64_function(dtype, tol):
+    """β on the archive (what ``leank.compact`` leaves): a multi-token chunk (left-padded, an all-pruned
+    head, empty and full archives) takes the exact reference path and equals the LeanK function with
+    the bias added to the archive logits, computed in float64 from the layer's raw storage."""
+    keep = sparse_keep(1, 4, 32, seed=2)
+    assert (keep.sum(-1) == 0).any()
+    layer = _filled_layer([1, 9, 30, 57], dtype, keep)
+    g = torch.Generator().manual_seed(4)
+    for grp in layer.groups:
+        grp.bias = torch.randn(grp.keys.shape[:3], generator=g) * 2.0  # float32 [batch, heads_d, capacity]
+    q = torch.randn(4, 8, 5, 32, generator=g).to(dtype)
+    k = torch.randn(4, 4, 5, 32, generator=g).to(dtype)
+    v = torch.randn(4, 4, 5, 32, generator=g).to(dtype)
+    valid = torch.ones(4, 5, dtype=torch.bool)
+    valid[1, :2] = False  # left padding inside the chunk
+    assert attn.fast_path_reason(q, layer) is not None  # β: the reference path, never FlashAttention
+    out = attn.chunk_attention(q, k, v, valid, layer, 0.3)
+    ref = _chunk_oracle(q, k, v, valid, layer, 0.3)
+    m = valid[:, None, :, None].expand_as(out)
+    assert (out.double()[m] - ref[m]).abs().max() <= tol
+    # the bias matters: without it the same chunk gives a different answer
+    for grp in layer.groups:
+        grp.bias = torch.zeros_like(grp.bias)
+    assert (attn.chunk_attention(q, k, v, valid, layer, 0.3).double()[m] - ref[m]).abs().max() > 10 * tol
+
+
 @pytest.mark.parametrize("device,dtype,tol", CASES)
 def test_self_part_equals_reference(device, dtype, tol):
     g = torch.Generator().manual_seed(3)
