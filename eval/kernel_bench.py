@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K/V tokens per tile of the split kernel (default: the kernel's 64; 128 halves the block "
                         "barriers and softmax rounds per byte, with twice the shared memory per stage); a tuning "
                         "experiment, recorded in the JSON")
+    p.add_argument("--threads", type=int, choices=[32, 64, 128], default=None,
+                   help="threads per split-kernel block (default: the kernel's 128, one warpgroup). 32 makes a "
+                        "block one warp: its softmax max and sum are warp shuffles instead of block-wide "
+                        "reductions through shared memory with barriers (two per tile at 128), and with "
+                        "--block-n 32 (37 KiB of shared memory) up to 5 blocks fit an SM (pair with "
+                        "--blocks-per-sm); a tuning experiment, recorded in the JSON")
     p.add_argument("--num-stages", type=int, choices=[2, 3], default=None,
                    help="K/V tiles in flight per split-kernel block (default: the kernel's 2; each more stage "
                         "takes 32 KiB of shared memory at head_dim 128); a tuning experiment, recorded in the JSON")
@@ -144,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def tile_config(args) -> dict | None:
     """The kernels' tile-config override the tuning flags ask for (None: the kernels' defaults)."""
     cfg = {k: v for k, v in (("block_H", args.block_h), ("block_N", args.block_n), ("num_stages", args.num_stages),
-                             ("combine_vector", args.combine_vector), ("pdl", args.pdl))
+                             ("threads", args.threads), ("combine_vector", args.combine_vector), ("pdl", args.pdl))
            if v is not None}
     return cfg or None
 

@@ -108,6 +108,8 @@ def test_tuning_flags_reach_the_kernels(monkeypatch):
     monkeypatch.setattr(dec, "SPLIT_RULE", dec.SPLIT_RULE)
     args = kb.build_parser().parse_args(["--pdl", "--block-h", "32"])
     assert kb.tile_config(args) == {"block_H": 32, "pdl": True}
+    args = kb.build_parser().parse_args(["--threads", "32", "--block-n", "32"])
+    assert kb.tile_config(args) == {"block_N": 32, "threads": 32}
     assert kb.tile_config(kb.build_parser().parse_args([])) is None
     assert kb.main(["--dry-run", "--batches", "1", "--kv-lens", "8192", "--min-split-tiles", "0", "--pdl",
                     "--split-rule", "bytes"]) == 0

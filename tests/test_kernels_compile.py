@@ -161,6 +161,24 @@ def test_compile_128_token_tiles(cache_dir):
     assert "(n0 + 256)" in split.get_kernel_source(), "the refill two 128-token tiles ahead"
 
 
+def test_compile_one_warp_blocks(cache_dir):
+    """``--threads 32 --block-n 32``: a block is one warp, so the softmax's row max and sum are warp
+    shuffles (no shared-memory workspace, which 128-thread blocks reduce through), and it takes the q
+    tile, two stages of 32-token K and V tiles and 1 KiB of shared memory (no P exchange tile with one
+    warp: seen, not derived), 37,888 B at head_dim 128: five blocks fit an SM."""
+    from leank.tilelang_kernels import decode as dec
+
+    dec._kernels.clear()
+    slots = dec.default_slot_dims(128, [32, 64])
+    split, _ = dec.get_kernels(32, 8, 128, BF16, slots, False, config={"threads": 32, "block_N": 32})
+    src = split.get_kernel_source()
+    assert "AllReduce" in src and "workspace" not in src and "tma_load" in src
+    smem = 2 * (16 * 128 + 2 * 32 * 2 * 128) + 1024
+    assert f"((int64_t){smem})" in split.get_host_source() and 5 * (smem + 1024) <= 233472, smem
+    default, _ = dec.get_kernels(32, 8, 128, BF16, slots, False)
+    assert "workspace" in default.get_kernel_source(), "128 threads reduce across warps through shared memory"
+
+
 def test_compile_programmatic_dependent_launch(cache_dir):
     """``--pdl``: the split kernel waits for the kernel before it (``cudaGridDependencySynchronize``)
     before its first global read or TMA load, and lets the combine launch after its tiles, before the
