@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch._inductor.config.triton.enable_pdl = True for every compiled method of the run "
                         "(LeanK's decode step and dense-static alike): Inductor's Triton kernels launch as "
                         "programmatic dependents; an experiment, recorded in the config")
+    p.add_argument("--inductor-combo", action="store_true",
+                   help="torch._inductor.config.combo_kernels = True for every compiled method of the run: "
+                        "Inductor launches independent small kernels together (each layer of LeanK's decode step "
+                        "runs RoPE of q and of k as two kernels in the H200 profile); an experiment, recorded in "
+                        "the config")
     p.add_argument("--flush-kernel", action="store_true",
                    help="LeanK's decode flush through its Triton kernels (leank.flush_kernel.ENABLED: one launch "
                         "per archive group + two, instead of 31-41 PyTorch operations per layer); an experiment, "
@@ -1010,6 +1015,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(inductor_config.triton, "enable_pdl"):
             raise SystemExit(f"--inductor-pdl: torch {torch.__version__} has no torch._inductor.config.triton.enable_pdl")
         inductor_config.triton.enable_pdl = True
+    if args.inductor_combo:
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config, "combo_kernels"):
+            raise SystemExit(f"--inductor-combo: torch {torch.__version__} has no torch._inductor.config.combo_kernels")
+        inductor_config.combo_kernels = True
     if args.flush_kernel:
         from leank import flush_kernel
 

@@ -43,8 +43,8 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
 
 
 def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
-    """--split-rule / --pdl / --inductor-pdl / --flush-kernel set the TileLang planner's and kernels' knobs,
-    Inductor's PDL switch and LeanK's flush kernel for the run (what a GPU A/B needs) and are recorded in the
+    """--split-rule / --pdl / --inductor-pdl / --inductor-combo / --flush-kernel set the TileLang planner's and
+    kernels' knobs, Inductor's PDL and combo-kernel switches and LeanK's flush kernel for the run (what a GPU A/B needs) and are recorded in the
     config; without them the defaults stay."""
     from leank.tilelang_kernels import decode as dec
 
@@ -53,25 +53,28 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_config.triton.enable_pdl)
+    monkeypatch.setattr(inductor_config, "combo_kernels", inductor_config.combo_kernels)
     from leank import flush_kernel
 
     monkeypatch.setattr(flush_kernel, "ENABLED", flush_kernel.ENABLED)
     out = tmp_path / "e2e.json"
     base = [*SMALL, "--models", "llama3.1-8b", "--methods", "leank", "--lengths", "40", "--batches", "1",
             "--warmup", "1", "--steps", "2"]
-    assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--flush-kernel",
-                            "--out", str(out)]) == 0
+    assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--inductor-combo",
+                            "--flush-kernel", "--out", str(out)]) == 0
     assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True} and inductor_config.triton.enable_pdl
-    assert flush_kernel.ENABLED
+    assert flush_kernel.ENABLED and inductor_config.combo_kernels
     cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
     assert cfg["split_rule"] == "bytes" and cfg["pdl"] is True and cfg["inductor_pdl"] is True and cfg["flush_kernel"]
+    assert cfg["inductor_combo"] is True
     monkeypatch.setattr(dec, "SPLIT_RULE", "window")
     monkeypatch.setattr(dec, "TILE_CONFIG", None)
     monkeypatch.setattr(flush_kernel, "ENABLED", False)
     monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
+    monkeypatch.setattr(inductor_config, "combo_kernels", False)
     assert e2e_decode.main([*base, "--out", str(out)]) == 0
     assert dec.SPLIT_RULE == "window" and dec.TILE_CONFIG is None
-    assert not flush_kernel.ENABLED and not inductor_config.triton.enable_pdl
+    assert not flush_kernel.ENABLED and not inductor_config.triton.enable_pdl and not inductor_config.combo_kernels
 
 
 def test_e2e_decode_second_turn_and_row_fields(tmp_path):
