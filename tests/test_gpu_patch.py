@@ -136,6 +136,8 @@ def forced_generate(model, ids, am, tokens, backend, capture, mask, compile_deco
     finally:
         leank.unpatch(model)
     assert torch.equal(out.sequences[:, ids.shape[1]:], tokens)
+    if capture and backend == "tilelang":  # the backend is decided before the first decode step: none runs eagerly
+        assert runner.eager_steps == 0, runner.eager_steps
     return torch.stack(out.logits, 1).float(), (runner.replays if runner is not None else 0)
 
 
