@@ -686,8 +686,9 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 def multi_token_records(runs: list[dict], turns: list[dict], config: dict) -> list[dict]:
     """One record per multi-token measurement, LeanK against the dense dynamic cache of the same run.
 
-    ``chunked_prefill`` (only when LeanK prefilled in chunks, ``leank_prefill_chunk`` > 0): the
-    prefill seconds of ``leank`` and ``dense-dynamic`` rows of the same model, length and batch.
+    ``chunked_prefill`` (only when LeanK prefilled in chunks: ``leank_prefill_chunk`` > 0 and a prompt
+    longer than one chunk): the prefill seconds of ``leank`` and ``dense-dynamic`` rows of the same model,
+    length and batch.
     ``second_turn``: the seconds to the first token of the follow-up message. ``ratio`` =
     ``leank_s / dense_s`` (below 1: LeanK is faster). ``config`` is the run's resolved arguments
     (``vars(args)``, or the ``config`` of a written ``.config.json``).
@@ -698,7 +699,7 @@ def multi_token_records(runs: list[dict], turns: list[dict], config: dict) -> li
         ok = {(r["model"], r["method"], r["length"], r["batch"]): r for r in runs if r.get("status") == "ok"}
         for (model, method, length, batch), r in ok.items():
             dense = ok.get((model, "dense-dynamic", length, batch))
-            if method == "leank" and dense is not None:
+            if method == "leank" and dense is not None and length > chunk:  # one chunk is a one-shot prefill
                 records.append({"measure": "chunked_prefill", "model": model, "length": length, "batch": batch,
                                 "chunk": chunk, "dense_chunk": config.get("dense_prefill_chunk"),
                                 "leank_s": r["prefill_s"], "dense_s": dense["prefill_s"],

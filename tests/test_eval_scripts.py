@@ -140,6 +140,19 @@ def test_e2e_decode_row_warmup_is_one_short_call_at_the_rows_batch(tmp_path, mon
     assert "row_warmup_s" not in json.loads((tmp_path / "b.json").read_text())["runs"][0]
 
 
+def test_chunked_prefill_records_only_for_prompts_of_several_chunks():
+    """A prompt no longer than one LeanK chunk was prefilled in one shot: no ``chunked_prefill`` record for it
+    (an H200 run's 1K rows with 8K chunks gave one, ratio 1.6, that measured no chunking)."""
+    def row(method, length, s):
+        return {"model": "m", "method": method, "length": length, "batch": 1, "status": "ok", "prefill_s": s}
+
+    runs = [row("leank", 8192, 1.0), row("dense-dynamic", 8192, 0.5), row("leank", 8193, 2.0),
+            row("dense-dynamic", 8193, 4.0)]
+    recs = e2e_decode.multi_token_records(runs, [], {"leank_prefill_chunk": 8192, "dense_prefill_chunk": 8192})
+    assert [(r["length"], r["ratio"]) for r in recs] == [(8193, 0.5)]
+    assert e2e_decode.multi_token_records(runs, [], {"leank_prefill_chunk": 0}) == []
+
+
 def test_e2e_decode_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
     """The JSON is written after every row (``complete: false``), so a run killed by its time limit keeps
     what it measured; a finished run says ``complete: true``."""
