@@ -824,9 +824,10 @@ def run_model(shape: str, args, device, dtype, attn: str, bar, budget_gib,
 
     cfg = common.model_config(shape, layers=args.layers, tiny=args.tiny)
     family = common.MODEL_SHAPES[shape][1]
-    model = common.build_model(cfg, device, dtype, attn)
     if args.tp > 1:
-        model = shard_tensor_parallel(model, args.tp)
+        model = build_sharded_model(cfg, device, dtype, attn, args.tp, args.seed)
+    else:
+        model = common.build_model(cfg, device, dtype, attn)
     weight_bytes = local_weight_bytes(model)
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     mask, setups = method_setups(model, family, args, need_mask=any(m.startswith("leank") for m in args.methods))
@@ -939,6 +940,38 @@ def shard_tensor_parallel(model, tp: int):
     cls = type(model)
     dist_config, _, mesh = cls.prepare_distribute_model(DistributedConfig(tp_size=tp))
     return cls.maybe_distribute_model(model, dist_config, mesh)
+
+
+def build_sharded_model(cfg, device, dtype, attn: str, tp: int, seed: int):
+    """This rank's shard of a random-weight model, never the whole model on one device.
+
+    The model is built on the meta device, sharded by transformers' TP plan (``shard_tensor_parallel``,
+    as ``from_pretrained`` does before it loads weights), then only the shards are allocated on
+    ``device`` and initialised by the model's own ``init_weights`` from ``seed`` (replicated weights come
+    out equal on every rank). So the Llama-3.1-70B widths at all 80 layers (131 GiB of bf16 weights)
+    build on 2 x H200, where building the whole model per rank first could not. The rotary module is
+    rebuilt on ``device``: its frequency buffers are not parameters and ``to_empty`` leaves them unset.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    model = shard_tensor_parallel(model, tp)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights()
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    probe = model.model.layers[0].self_attn.k_proj.weight
+    local = probe.to_local() if hasattr(probe, "to_local") else probe
+    if not (torch.isfinite(local).all() and local.float().std() > 0):
+        raise SystemExit(f"--tp {tp}: init_weights left the sharded k_proj weight unset (transformers "
+                         f"{__import__('transformers').__version__}); its initialisation changed")
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model.eval()
 
 
 def local_weight_bytes(model) -> int:

@@ -477,6 +477,51 @@ def test_e2e_decode_tensor_parallel_rows(tmp_path):
     assert res["models"][0]["weights_gib"] < json.loads(one.read_text())["models"][0]["weights_gib"]
 
 
+SHARDED_BUILD_CHECK = """
+import torch, torch.distributed as dist
+from eval import common, e2e_decode
+dist.init_process_group("gloo")
+cfg = common.model_config("llama3.1-8b", layers=2, tiny=True)
+model = e2e_decode.build_sharded_model(cfg, torch.device("cpu"), torch.float32, "sdpa", 2, seed=3)
+whole = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+assert torch.equal(model.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq), "rotary buffers"
+k = model.model.layers[0].self_attn.k_proj.weight
+assert hasattr(k, "to_local") and k.to_local().shape[0] * 2 == k.shape[0], "k_proj sharded by rows"
+for name, p in model.named_parameters():
+    local = p.to_local() if hasattr(p, "to_local") else p
+    assert torch.isfinite(local).all(), name
+    if name.endswith("proj.weight"):
+        assert 0.01 < float(local.std()) < 0.04, (name, float(local.std()))  # initializer_range 0.02
+ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+both = [torch.empty_like(logits) for _ in range(2)]
+dist.all_gather(both, logits)
+assert torch.isfinite(logits).all() and torch.equal(both[0], both[1]), "every rank computes the same logits"
+rank = dist.get_rank()
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.skipif(not _has_tp_api(), reason="this transformers has no tensor-parallel prepare/maybe_distribute_model")
+def test_sharded_build_allocates_only_shards_and_initialises_them(tmp_path):
+    """``build_sharded_model`` (what ``torchrun ... e2e_decode.py`` builds): on two gloo ranks the k_proj weight
+    is a row shard, every parameter is finite with the model's initialiser scale, the rotary frequencies equal a
+    normally built model's (``to_empty`` leaves buffers unset), and both ranks compute the same logits."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(SHARDED_BUILD_CHECK)
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.count("ok") == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_step_weight_bytes_counts_one_embedding_row_per_sequence():
     """The floor's weight bytes: an untied input embedding is read one row per sequence, a tied one whole
     (it is the output head)."""
