@@ -953,11 +953,8 @@ def build_sharded_model(cfg, device, dtype, attn: str, tp: int, seed: int):
     rebuilt on ``device``: its frequency buffers are not parameters and ``to_empty`` leaves them unset.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
-    model = shard_tensor_parallel(model, tp)
+    model = shard_tensor_parallel(common.build_model(cfg, torch.device("meta"), dtype, attn), tp)
     model.to_empty(device=device)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -969,9 +966,7 @@ def build_sharded_model(cfg, device, dtype, attn: str, tp: int, seed: int):
     if not (torch.isfinite(local).all() and local.float().std() > 0):
         raise SystemExit(f"--tp {tp}: init_weights left the sharded k_proj weight unset (transformers "
                          f"{__import__('transformers').__version__}); its initialisation changed")
-    model.generation_config.eos_token_id = None  # random weights: never stop early
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return model
 
 
 def local_weight_bytes(model) -> int:

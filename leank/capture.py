@@ -173,6 +173,7 @@ class DecodeGraphRunner:
         self.flushes = 0  # flushes of all layers run by the runner (replayed, or emulated)
         self.replays = 0  # decode steps served by the graph (for tests and benchmarks)
         self.eager_steps = 0  # decode steps that ran the model's own forward instead
+        self._backend_of: tuple = (None, None)  # ((cache id, uid), its layers' backend)
         self.captures = 0
         self.compiled_steps = 0  # decode steps whose forward ran compiled (warm-up, recording, emulated replays)
         self.capture_s = 0.0  # host seconds spent compiling and recording (reported apart from prefill and decode)
@@ -292,11 +293,15 @@ class DecodeGraphRunner:
         that step already runs compiled instead of eagerly; "mixed" if the layers differ."""
         from .attention import resolve_layer_backend
 
+        key = (id(cache), cache.uid)
+        if self._backend_of[0] == key:  # decided once per cache, not on every step
+            return self._backend_of[1]
         cfg = self.model.config
         group = cfg.num_attention_heads // cfg.num_key_value_heads  # query heads per KV head (also per TP rank)
         found = {resolve_layer_backend(layer, layer.num_kv_heads * group, layer.win_k.dtype, ids.device)
                  for layer in cache.layers}
-        return found.pop() if len(found) == 1 else "mixed"
+        self._backend_of = (key, found.pop() if len(found) == 1 else "mixed")
+        return self._backend_of[1]
 
     def _key(self, kwargs, cache: LeanKCache) -> tuple:
         # the output head's address stands for the weights: a model moved away and back gets new ones

@@ -63,6 +63,21 @@ def test_emulated_capture_equals_eager_on_ragged_batch(kind):
         assert b.arch_len_host[1] > 0, "the archive must be in use"
 
 
+def test_backend_is_decided_once_per_cache_not_per_step(monkeypatch):
+    """The runner decides each layer's backend before a cache's first decode step and keeps the answer: over
+    a 12-token generate of a 2-layer model, one decision per layer, not one per layer and step."""
+    import leank.attention as attention
+
+    real, calls = attention.resolve_layer_backend, []
+    monkeypatch.setattr(attention, "resolve_layer_backend", lambda *a: calls.append(1) or real(*a))
+    # the attention's own per-call lookup is not the runner's: it goes straight to the real function
+    monkeypatch.setattr(attention, "layer_backend", lambda layer, q: real(layer, q.shape[1], q.dtype, q.device))
+    model = tiny_model("llama")
+    ids, am = _ragged([9, 20])
+    _, runner = _run(model, sparse_keep(2, 4, 32), ids, am, 12, capture=True)
+    assert runner.replays >= 9 and len(calls) == len(model.model.layers)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_compiled_decode_step_matches_eager(kind):
     """LeanKConfig.compile_decode: the step torch.compile builds around torch.ops.leank.decode_step
