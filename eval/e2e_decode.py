@@ -171,10 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Inductor launches independent small kernels together (each layer of LeanK's decode step "
                         "runs RoPE of q and of k as two kernels in the H200 profile); an experiment, recorded in "
                         "the config")
-    p.add_argument("--flush-kernel", action="store_true",
-                   help="LeanK's decode flush through its Triton kernels (leank.flush_kernel.ENABLED: one launch "
-                        "per archive group + two, instead of 31-41 PyTorch operations per layer); an experiment, "
-                        "recorded in the config")
+    p.add_argument("--flush-kernel", action=argparse.BooleanOptionalAction, default=True,
+                   help="LeanK's decode flush through its Triton kernels on CUDA (leank.flush_kernel.ENABLED, the "
+                        "default: one launch per archive group + two, instead of 31-41 PyTorch operations per layer); "
+                        "--no-flush-kernel flushes through PyTorch indexing. Recorded in the config")
     p.add_argument("--row-warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="before each LeanK row, one short call at the row's batch size (a prompt of up to 2K "
                         "tokens, 2 x --flush-every + 2 new tokens), timed as the row's row_warmup_s, so the row's "
@@ -1050,10 +1050,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(inductor_config, "combo_kernels"):
             raise SystemExit(f"--inductor-combo: torch {torch.__version__} has no torch._inductor.config.combo_kernels")
         inductor_config.combo_kernels = True
-    if args.flush_kernel:
-        from leank import flush_kernel
+    from leank import flush_kernel
 
-        flush_kernel.ENABLED = True
+    flush_kernel.ENABLED = args.flush_kernel
     if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode
 

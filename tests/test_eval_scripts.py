@@ -43,9 +43,9 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
 
 
 def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
-    """--split-rule / --pdl / --inductor-pdl / --inductor-combo / --flush-kernel set the TileLang planner's and
-    kernels' knobs, Inductor's PDL and combo-kernel switches and LeanK's flush kernel for the run (what a GPU A/B needs) and are recorded in the
-    config; without them the defaults stay."""
+    """--split-rule / --pdl / --inductor-pdl / --inductor-combo / --no-flush-kernel set the TileLang planner's and
+    kernels' knobs, Inductor's PDL and combo-kernel switches and LeanK's flush kernel for the run (what a GPU A/B
+    needs) and are recorded in the config; without them the defaults stay (the Triton flush on)."""
     from leank.tilelang_kernels import decode as dec
 
     monkeypatch.setattr(dec, "SPLIT_RULE", dec.SPLIT_RULE)  # restored after the test
@@ -61,20 +61,21 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     base = [*SMALL, "--models", "llama3.1-8b", "--methods", "leank", "--lengths", "40", "--batches", "1",
             "--warmup", "1", "--steps", "2"]
     assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--inductor-combo",
-                            "--flush-kernel", "--out", str(out)]) == 0
+                            "--no-flush-kernel", "--out", str(out)]) == 0
     assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True} and inductor_config.triton.enable_pdl
-    assert flush_kernel.ENABLED and inductor_config.combo_kernels
+    assert not flush_kernel.ENABLED and inductor_config.combo_kernels
     cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
-    assert cfg["split_rule"] == "bytes" and cfg["pdl"] is True and cfg["inductor_pdl"] is True and cfg["flush_kernel"]
+    assert cfg["split_rule"] == "bytes" and cfg["pdl"] is True and cfg["inductor_pdl"] is True
+    assert cfg["flush_kernel"] is False
     assert cfg["inductor_combo"] is True
     monkeypatch.setattr(dec, "SPLIT_RULE", "window")
     monkeypatch.setattr(dec, "TILE_CONFIG", None)
-    monkeypatch.setattr(flush_kernel, "ENABLED", False)
     monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
     monkeypatch.setattr(inductor_config, "combo_kernels", False)
     assert e2e_decode.main([*base, "--out", str(out)]) == 0
     assert dec.SPLIT_RULE == "window" and dec.TILE_CONFIG is None
-    assert not flush_kernel.ENABLED and not inductor_config.triton.enable_pdl and not inductor_config.combo_kernels
+    assert flush_kernel.ENABLED and not inductor_config.triton.enable_pdl and not inductor_config.combo_kernels
+    assert json.loads((tmp_path / "e2e.config.json").read_text())["config"]["flush_kernel"] is True
 
 
 def test_e2e_decode_second_turn_and_row_fields(tmp_path):

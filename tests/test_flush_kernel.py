@@ -133,16 +133,23 @@ def test_flush_kernels_compile_once_for_every_batch_and_capacity():
         counts = now
 
 
-def test_flush_kernel_is_off_by_default_and_the_cache_flush_is_the_reference(monkeypatch):
-    """``ENABLED`` is False: every device runs PyTorch indexing; enabled on a CPU tensor it still does (the
-    Triton path is CUDA-only outside the interpreter)."""
+def test_flush_kernel_is_on_by_default_and_cpu_tensors_take_the_reference(monkeypatch):
+    """``ENABLED`` is True (the Triton flush on CUDA); a CPU tensor still goes through PyTorch indexing (the
+    Triton path is CUDA-only outside the interpreter), and so does every device with ``ENABLED = False``."""
     from leank import flush_kernel as fk
 
-    assert fk.ENABLED is False
-    calls = []
+    assert fk.ENABLED is True
+    calls, tri = [], []
     monkeypatch.setattr(fk, "flush_rows_reference", lambda *a: calls.append(a) or (None, None))
-    monkeypatch.setattr(fk, "ENABLED", True)
-    fk.flush_rows_(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, dtype=torch.int32),
-                   torch.zeros(1, dtype=torch.int32), [], torch.zeros(1, dtype=torch.long),
-                   torch.zeros(1, dtype=torch.long), 1, 2, 1)
-    assert len(calls) == 1
+    monkeypatch.setattr(fk, "flush_rows_triton", lambda *a: tri.append(a) or (None, None))
+    args = (torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32), [], torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+            1, 2, 1)
+    fk.flush_rows_(*args)
+    assert len(calls) == 1 and not tri
+    monkeypatch.setattr(fk, "_triton_ok", lambda *a: True)  # as a CUDA tensor would: the Triton path
+    fk.flush_rows_(*args)
+    assert len(calls) == 1 and len(tri) == 1
+    monkeypatch.setattr(fk, "ENABLED", False)  # switched off: the reference, whatever the device
+    fk.flush_rows_(*args)
+    assert len(calls) == 2 and len(tri) == 1

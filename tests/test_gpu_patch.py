@@ -181,8 +181,8 @@ def test_captured_decode_equals_eager_reference(dtype, heads, kv_heads):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_captured_decode_with_the_flush_kernel_equals_without(monkeypatch, dtype):
-    """``leank.flush_kernel.ENABLED`` (the Triton flush, an experiment): the captured generate() gives the same
-    logits as with the PyTorch-indexing flush, through the same ragged batch and its flushes (the flush only
+    """``leank.flush_kernel.ENABLED`` (the Triton flush, the default on CUDA): the captured generate() gives the
+    same logits as with the PyTorch-indexing flush (``ENABLED = False``), through the same ragged batch and its flushes (the flush only
     copies rows, so any difference is a wrong row)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -192,6 +192,7 @@ def test_captured_decode_with_the_flush_kernel_equals_without(monkeypatch, dtype
     mask = mix_mask(2, 2, 128, seed=5)
     ids, am = _ragged_batch([23, 300, 517], "cuda")
     tokens = torch.randint(3, 96, (3, 110), generator=torch.Generator().manual_seed(4)).to("cuda")
+    monkeypatch.setattr(flush_kernel, "ENABLED", False)
     base, _ = forced_generate(model, ids, am, tokens, "tilelang", True, mask)
     monkeypatch.setattr(flush_kernel, "ENABLED", True)
     calls = []

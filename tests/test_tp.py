@@ -356,7 +356,8 @@ def test_tp2_nccl_equals_single_gpu(tmp_path, variant):
     2 x H200, 2026-11-30: all three passed (``eval/results/tp2_nccl_h200x2_release.log``) once
     ``leank.unpatch`` released the recorded graphs; before, both bf16 runs hung in
     ``destroy_process_group`` after the ranks had finished (the graph / compile checks above were
-    added after that run).
+    added after that run). With those checks all three passed on a922d06
+    (``eval/results/tp2_nccl_h200x2_a922d06.log``).
     """
     proc = _launch(tmp_path, variant)  # ranks on cuda:0 and cuda:1 while this process computes on cuda:0
     try:
