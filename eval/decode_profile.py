@@ -3,6 +3,7 @@
     python eval/decode_profile.py                         # Llama-3.1-8B shape, 32K, batch 1: leank vs dense-static
     python eval/decode_profile.py --methods leank --lengths 128K
     python eval/decode_profile.py --device cpu --tiny     # CPU smoke run of the code path
+    torchrun --nproc-per-node 2 eval/decode_profile.py --methods leank,leank-dense --lengths 128K --batches 8
 
 For each method (the ones of ``eval/e2e_decode.py``) it runs one greedy ``generate`` and traces
 ``--steps`` decode steps after ``--warmup`` with ``torch.profiler``: a logits processor inside
@@ -18,16 +19,23 @@ it reports
 - kernel time and kernel count by kind (``gemm``: cuBLAS/CUTLASS/nvjet matmuls,
   ``attention``: LeanK's TileLang split/combine or flash/cuDNN attention, ``norm-elementwise``:
   PyTorch elementwise and reduction kernels, ``triton``: kernels torch.compile generated,
-  ``copy``: memcpy/memset/copy kernels, ``other``);
+  ``copy``: memcpy/memset/copy kernels, ``comm``: NCCL collectives, ``other``);
 - the byte floor (weights read + K/V read) / copy bandwidth measured in the same run (the
   input-embedding table counts one row per sequence, not whole: ``e2e_decode.step_weight_bytes``).
 
 It also lists the kernels that take the most time per step. Writes JSON (and ``*.config.json``).
+
+Under ``torchrun --nproc-per-node N`` the model is sharded by transformers' TP plan as in
+``eval/e2e_decode.py`` (each rank builds only its shards); every rank runs the same generate
+calls and rank 0 traces, prints and writes its own kernels: the rows carry ``tp``, and
+``kv_bytes`` and the floor count one rank's bytes (for LeanK the mask's byte fraction over all
+heads, split evenly over the ranks).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -40,12 +48,14 @@ if __package__ in (None, ""):  # `python eval/decode_profile.py` from a checkout
 from eval import common  # noqa: E402
 from eval import e2e_decode  # noqa: E402
 
-KINDS = ("gemm", "attention", "norm-elementwise", "triton", "copy", "other")
+KINDS = ("gemm", "attention", "norm-elementwise", "triton", "copy", "comm", "other")
 
 
 def kernel_kind(name: str) -> str:
     """The kind of a CUDA kernel, from its (demangled) name."""
     n = name.lower()
+    if "nccl" in n:
+        return "comm"
     if n.startswith(("split", "combine")) or any(s in n for s in ("flash", "fmha", "attention", "cudnn")):
         return "attention"
     if n.startswith("triton"):
@@ -174,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
-    device = common.resolve_device(args.device)
+    rank, tp, device = e2e_decode.distributed_setup(args)
+    if rank:  # every rank runs every generate call (collectives); rank 0 alone prints and writes
+        sys.stdout = open(os.devnull, "w")
     dtype = common.resolve_dtype(args.dtype, device)
     attn = common.best_attention(args.attn)
     if args.backend is None:
@@ -183,8 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.lengths, args.sink, args.recent, args.flush_every = [96], 8, 16, 4
     cfg = common.model_config(args.model, layers=args.layers, tiny=args.tiny)
     family = common.MODEL_SHAPES[args.model][1]
-    model = common.build_model(cfg, device, dtype, attn)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if tp > 1:
+        model = e2e_decode.build_sharded_model(cfg, device, dtype, attn, tp, args.seed)
+    else:
+        model = common.build_model(cfg, device, dtype, attn)
+    weight_bytes = e2e_decode.local_weight_bytes(model)  # this rank's
     copy_gbps = common.copy_bandwidth_gbps() if device.type == "cuda" else None
     mask, setups = e2e_decode.method_setups(model, family, args)
     rows = []
@@ -194,11 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
             for method in args.methods:
                 with e2e_decode.method_context(model, setups, method):
-                    row = {"model": args.model, "length": length, "batch": batch,
+                    row = {"model": args.model, "tp": tp, "length": length, "batch": batch,
                            **profile_method(model, method, ids, args, device)}
                 mid = length + args.warmup + args.steps
                 row["kv_bytes"] = int(batch * mid * e2e_decode.kv_bytes_per_token(cfg, dtype.itemsize)
-                                      * e2e_decode.kv_fraction(method, mask))
+                                      * e2e_decode.kv_fraction(method, mask) / tp)  # this rank's heads
                 if copy_gbps:
                     read = e2e_decode.step_weight_bytes(model, batch)
                     row["floor_ms"] = (read + row["kv_bytes"]) / (copy_gbps * 1e9) * 1e3
@@ -208,14 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                       + (f", floor {row['floor_ms']:.2f} ms" if copy_gbps else ""), flush=True)
                 for k in row["top_kernels"]:
                     print(f"    {k['ms_per_step']:7.3f} ms  x{k['per_step']:<5.0f} {k['kind']:<16} {k['name'][:100]}")
-    cols = ["method", "length", "batch", "step_ms_median", "gpu_busy_ms", "gpu_idle_ms", "floor_ms",
+    cols = ["method", "tp", "length", "batch", "step_ms_median", "gpu_busy_ms", "gpu_idle_ms", "floor_ms",
             "kernels_per_step"] + [f"{k}_ms" for k in KINDS]
     print(common.format_table([{c: r.get(c) for c in cols} for r in rows], floatfmt=".3g"))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "attn_implementation": attn,
-              "dtype": str(dtype), "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
-    out, cfgp = common.write_results(args.out, result, {**vars(args), "device": str(device), "dtype": str(dtype)})
-    print(f"wrote {out}, {cfgp}")
+              "dtype": str(dtype), "tp": tp, "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
+    if rank == 0:
+        out, cfgp = common.write_results(args.out, result, {**vars(args), "device": str(device), "dtype": str(dtype)})
+        print(f"wrote {out}, {cfgp}")
+    if tp > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 

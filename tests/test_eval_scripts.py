@@ -400,6 +400,42 @@ def test_decode_profile_cpu_tiny(tmp_path, capsys):
     assert "| method" in capsys.readouterr().out
 
 
+def _has_tp_api() -> bool:
+    from transformers import PreTrainedModel
+
+    return hasattr(PreTrainedModel, "prepare_distribute_model") and hasattr(PreTrainedModel, "maybe_distribute_model")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.skipif(not _has_tp_api(), reason="this transformers has no tensor-parallel prepare/maybe_distribute_model")
+def test_decode_profile_tensor_parallel(tmp_path):
+    """``torchrun --nproc-per-node 2 eval/decode_profile.py``: two gloo ranks shard the model; rank 0 alone
+    prints and writes; rows carry tp=2, half the single-process K/V bytes and fewer weight bytes."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference", "--no-progress",
+            "--methods", "dense-dynamic,leank", "--warmup", "1", "--steps", "2"]
+    one = tmp_path / "p1.json"
+    from eval import decode_profile
+
+    assert decode_profile.main([*args, "--out", str(one)]) == 0
+    two = tmp_path / "p2.json"
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(common.REPO_ROOT / "eval" / "decode_profile.py"), *args, "--out", str(two)],
+                          env=env, cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("| method") == 1, "rank 0 alone prints the table"
+    r1, r2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert r1["tp"] == 1 and r2["tp"] == 2 and [r["tp"] for r in r2["runs"]] == [2, 2]
+    assert r2["weight_bytes"] < r1["weight_bytes"]
+    for a, b in zip(r1["runs"], r2["runs"]):
+        assert a["method"] == b["method"] and b["kv_bytes"] * 2 == pytest.approx(a["kv_bytes"], abs=2)
+        assert b["steps_traced"] == 2 and b["step_ms_median"] > 0
+
+
 def test_decode_profile_kernel_kinds_and_busy_time():
     from eval.decode_profile import busy_union, kernel_kind
 
@@ -414,6 +450,7 @@ def test_decode_profile_kernel_kinds_and_busy_time():
             "norm-elementwise",
         "Memcpy DtoD (Device -> Device)": "copy",
         "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>": "attention",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "comm",  # TP all-reduce
     }
     for name, kind in names.items():
         assert kernel_kind(name) == kind, name
@@ -438,12 +475,6 @@ def test_e2e_decode_speculative_rows(tmp_path):
     assert ids.shape == (1, 10) and torch.equal(ids[0, :4], ids[0, 4:8])
     with pytest.raises(SystemExit, match="speculative"):
         e2e_decode.main([*SMALL, "--speculative", "-1"])
-
-
-def _has_tp_api() -> bool:
-    from transformers import PreTrainedModel
-
-    return hasattr(PreTrainedModel, "prepare_distribute_model") and hasattr(PreTrainedModel, "maybe_distribute_model")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
