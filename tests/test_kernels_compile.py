@@ -200,6 +200,26 @@ def test_compile_programmatic_dependent_launch(cache_dir):
     assert "GridDependency" not in plain_split.get_kernel_source() + plain_combine.get_kernel_source()
 
 
+def test_combine_kernel_is_compiled_once_for_every_slot_set(monkeypatch):
+    """Layers whose kept counts differ compile their own split kernels but share one combine (it does not
+    depend on the slots or β): a second ``tilelang.compile`` of it made TileLang log "Found kernel 'combine'
+    in memory cache" at users (the demo on the H200). ``tilelang.compile`` is counted, not run."""
+    import tilelang
+
+    from leank.tilelang_kernels import decode as dec
+
+    monkeypatch.setattr(dec, "_kernels", {})
+    monkeypatch.setattr(dec, "_combines", {})
+    compiled = []
+    monkeypatch.setattr(tilelang, "compile", lambda func, **kw: compiled.append(func) or object())
+    a = dec.get_kernels(28, 4, 128, BF16, dec.default_slot_dims(128, [32, 64]), False)
+    b = dec.get_kernels(28, 4, 128, BF16, dec.default_slot_dims(128, [16, 32]), True)
+    assert a[0] is not b[0] and a[1] is b[1] and len(compiled) == 3
+    c = dec.get_kernels(28, 4, 128, FP16, dec.default_slot_dims(128, [32, 64]), False)  # another dtype: its own
+    d = dec.get_kernels(28, 4, 128, BF16, dec.default_slot_dims(128, [32, 64]), False, config={"pdl": True})
+    assert c[1] is not a[1] and d[1] is not a[1] and len(compiled) == 7
+
+
 def test_block_h_is_checked():
     from leank.tilelang_kernels import decode_kernels as dk
 

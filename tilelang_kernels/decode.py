@@ -60,6 +60,7 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _TARGET = {"kind": "cuda", "arch": "sm_90a"}
 _lock = threading.Lock()
 _kernels: dict = {}
+_combines: dict = {}  # the combine kernel depends on fewer inputs than the split: shared by every slot set
 _plans: dict = {}
 _dummies: dict = {}
 _sms: dict = {}
@@ -128,9 +129,14 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     split = tilelang.compile(
         dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
         target=tgt, pass_configs=dk.PASS_CONFIGS)
-    combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector, pdl=pdl),
-                               target=tgt, pass_configs=dk.PASS_CONFIGS)
+    ckey = (num_heads, num_kv_heads, head_dim, name, vector, pdl, tuple(sorted(tgt.items())))
     with _lock:
+        combine = _combines.get(ckey)
+    if combine is None:  # compiled once: a second tilelang.compile of it would only log TileLang's cache warning
+        combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector, pdl=pdl),
+                                   target=tgt, pass_configs=dk.PASS_CONFIGS)
+    with _lock:
+        combine = _combines.setdefault(ckey, combine)
         _kernels[key] = (split, combine)
     return split, combine
 
