@@ -110,7 +110,7 @@ def profile_method(model, method: str, ids, args, device) -> dict:
     # step 0 of the schedule is the prefill (the first logits-processor call comes after it)
     sched = schedule(wait=1 + args.warmup, warmup=1, active=args.steps, repeat=1)
     new_tokens = 1 + args.warmup + 1 + args.steps + 1
-    kwargs = e2e_decode.greedy_kwargs(method, new_tokens, args.dense_prefill_chunk if method.startswith("dense") else 0)
+    kwargs = e2e_decode.greedy_kwargs(method, new_tokens, e2e_decode.prefill_chunk_for(method, args))
     with profile(activities=acts, schedule=sched) as prof:
         stepper = ProfilerStepper(prof, device)
         with torch.inference_mode():
@@ -164,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=6, help="untraced decode steps first (default: %(default)s)")
     p.add_argument("--steps", type=int, default=8, help="traced decode steps (default: %(default)s)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per method (default: %(default)s)")
-    p.add_argument("--dense-prefill-chunk", type=int, default=8192,
+    p.add_argument("--dense-prefill-chunk", type=common.int_k, default=8192,
                    help="prefill_chunk_size of the dense methods (default: %(default)s)")
+    p.add_argument("--leank-prefill-chunk", type=common.int_k, default=0,
+                   help="prefill_chunk_size of the LeanK methods, 0 = one shot (8K keeps 128K x 8 within one "
+                        "H200's memory; the traced decode steps do not depend on it; default: %(default)s)")
     p.add_argument("--attn", default="auto", help="dense attention (default: auto = flash_attention_2 if importable, else sdpa)")
     common.add_common_args(p, default_out=common.scratch_out("decode_profile.json"))
     common.add_leank_args(p)

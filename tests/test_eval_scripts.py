@@ -410,13 +410,14 @@ def _has_tp_api() -> bool:
 @pytest.mark.skipif(not _has_tp_api(), reason="this transformers has no tensor-parallel prepare/maybe_distribute_model")
 def test_decode_profile_tensor_parallel(tmp_path):
     """``torchrun --nproc-per-node 2 eval/decode_profile.py``: two gloo ranks shard the model; rank 0 alone
-    prints and writes; rows carry tp=2, half the single-process K/V bytes and fewer weight bytes."""
+    prints and writes; rows carry tp=2, half the single-process K/V bytes and fewer weight bytes. LeanK's
+    prompt is prefilled in chunks (``--leank-prefill-chunk``, what 128K x 8 needs on a GPU)."""
     import os
     import subprocess
     import sys
 
     args = ["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference", "--no-progress",
-            "--methods", "dense-dynamic,leank", "--warmup", "1", "--steps", "2"]
+            "--methods", "dense-dynamic,leank", "--warmup", "1", "--steps", "2", "--leank-prefill-chunk", "40"]
     one = tmp_path / "p1.json"
     from eval import decode_profile
 
