@@ -16,7 +16,7 @@ destination overlap). Nothing is read on the host, so it can be recorded in a CU
 On by default on CUDA (``ENABLED``; set ``leank.flush_kernel.ENABLED = False`` for PyTorch indexing,
 ``eval/e2e_decode.py --no-flush-kernel``); CPU tensors always take ``flush_rows_reference``. On the H200,
 Llama-3.1-8B shape at 32K, 64 decode steps of ``generate()`` (two flushes: the first runs eagerly, the
-second is recorded), it made the flush steps 12.5 and 6.6 ms instead of 28.4 and 16.7 ms at batch 1, and
+second is recorded), it made the flush steps 6.6 and 12.5 ms instead of 16.7 and 28.4 ms at batch 1, and
 tokens/s 169.3 instead of 156.9-160.5 in the same run; at batch 8 770.5 instead of 736.6 tokens/s
 (``eval/results/e2e_decode_h200_capture_ab.json``). The kernels are compiled once per process: the
 strides that vary with the archive capacity are not specialised on, and ``LeanKLayer.flush_index`` starts
