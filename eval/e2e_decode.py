@@ -40,8 +40,9 @@ generate loop (median and mean over the measured steps; the mean includes LeanK'
 every ``--flush-every`` steps); tokens/s = batch x steps / measured time. One warm-up call per
 method at batch 1 compiles first; each LeanK row is preceded by one short call at its own batch
 (``--row-warmup``, on by default: a new batch size recompiles the decode step once per process), so
-a row's ``call_extra_ms`` (its call's decode minus steps x median) is what every call pays: the
-eager first flush and the flush recording of a new cache. Peak memory is
+a row's ``call_extra_ms`` (its call's decode minus steps x median) is what every call pays for a
+new cache: its first decode step run compiled but unrecorded, the step that records the graph, and
+its first two flushes (eager, then recorded). Peak memory is
 ``torch.cuda.max_memory_allocated`` during prefill and during decode; the KV bytes are the
 allocation still held by the returned cache. ``--max-batch`` finds, for each method, the
 largest batch whose decode phase (weights + caches + step; ``--budget-phase all``: the whole

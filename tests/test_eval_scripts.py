@@ -400,6 +400,22 @@ def test_decode_profile_cpu_tiny(tmp_path, capsys):
     assert "| method" in capsys.readouterr().out
 
 
+def _torchrun2(script, *args: str):
+    """``torchrun --standalone --nproc-per-node 2 script *args`` as two CPU (gloo) ranks with the repository
+    importable (``PYTHONPATH``, and ``REPO`` for workers that read it); fails the test with the ranks' output
+    if it exits non-zero. Returns the finished process (rank 0 and 1's stdout together)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "REPO": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *args], env=env, cwd=common.REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def _has_tp_api() -> bool:
     from transformers import PreTrainedModel
 
@@ -412,10 +428,6 @@ def test_decode_profile_tensor_parallel(tmp_path):
     """``torchrun --nproc-per-node 2 eval/decode_profile.py``: two gloo ranks shard the model; rank 0 alone
     prints and writes; rows carry tp=2, half the single-process K/V bytes and fewer weight bytes. LeanK's
     prompt is prefilled in chunks (``--leank-prefill-chunk``, what 128K x 8 needs on a GPU)."""
-    import os
-    import subprocess
-    import sys
-
     args = ["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference", "--no-progress",
             "--methods", "dense-dynamic,leank", "--warmup", "1", "--steps", "2", "--leank-prefill-chunk", "40"]
     one = tmp_path / "p1.json"
@@ -423,11 +435,7 @@ def test_decode_profile_tensor_parallel(tmp_path):
 
     assert decode_profile.main([*args, "--out", str(one)]) == 0
     two = tmp_path / "p2.json"
-    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(common.REPO_ROOT / "eval" / "decode_profile.py"), *args, "--out", str(two)],
-                          env=env, cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _torchrun2(common.REPO_ROOT / "eval" / "decode_profile.py", *args, "--out", str(two))
     assert proc.stdout.count("| method") == 1, "rank 0 alone prints the table"
     r1, r2 = json.loads(one.read_text()), json.loads(two.read_text())
     assert r1["tp"] == 1 and r2["tp"] == 2 and [r["tp"] for r in r2["runs"]] == [2, 2]
@@ -483,20 +491,12 @@ def test_e2e_decode_speculative_rows(tmp_path):
 def test_e2e_decode_tensor_parallel_rows(tmp_path):
     """``torchrun --nproc-per-node 2 eval/e2e_decode.py``: two gloo ranks shard the model with transformers'
     TP plan; rows carry tp=2 and one rank's K/V bytes (dense: half of the single-process bytes)."""
-    import os
-    import subprocess
-    import sys
-
     args = [*SMALL, "--models", "llama3.1-8b", "--methods", "dense-dynamic,leank", "--lengths", "64",
             "--batches", "1", "--warmup", "1", "--steps", "3", "--no-max-batch"]
     one = tmp_path / "tp1.json"
     assert e2e_decode.main([*args, "--out", str(one)]) == 0
     two = tmp_path / "tp2.json"
-    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(common.REPO_ROOT / "eval" / "e2e_decode.py"), *args, "--out", str(two)],
-                          env=env, cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _torchrun2(common.REPO_ROOT / "eval" / "e2e_decode.py", *args, "--out", str(two))
     assert proc.stdout.count("| model") == 1, "rank 0 alone prints the table"
     r1 = {r["method"]: r for r in json.loads(one.read_text())["runs"]}
     res = json.loads(two.read_text())
@@ -543,16 +543,10 @@ def test_sharded_build_allocates_only_shards_and_initialises_them(tmp_path):
     """``build_sharded_model`` (what ``torchrun ... e2e_decode.py`` builds): on two gloo ranks the k_proj weight
     is a row shard, every parameter is finite with the model's initialiser scale, the rotary frequencies equal a
     normally built model's (``to_empty`` leaves buffers unset), and both ranks compute the same logits."""
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "check.py"
     script.write_text(SHARDED_BUILD_CHECK)
-    env = {**os.environ, "PYTHONPATH": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], env=env, cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.count("ok") == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _torchrun2(script)
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("ok ")) == ["ok 0", "ok 1"], proc.stdout
 
 
 def test_step_weight_bytes_counts_one_embedding_row_per_sequence():
@@ -589,17 +583,10 @@ dist.destroy_process_group()
 def test_max_batch_ranks_agree(tmp_path):
     """Under TP the max-batch search takes one verdict on every rank: the largest peak of any rank, and
     out of memory if any rank ran out (ranks that decided apart would wait in different collectives)."""
-    import os
-    import subprocess
-    import sys
-
     assert e2e_decode.ranks_agree({"peak_gib": 3.0}, ("peak_gib",), torch.device("cpu")) == {"peak_gib": 3.0}
     script = tmp_path / "agree.py"
     script.write_text(_AGREE_WORKER)
-    env = {**os.environ, "REPO": str(common.REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _torchrun2(script, str(tmp_path))
     for rank in (0, 1):
         got = json.loads((tmp_path / f"r{rank}.json").read_text())
         assert got["both"] == {"decode_peak_gib": 11.5, "peak_gib": 12.0, "other": rank}
