@@ -260,6 +260,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         t.run(resume=False)
         if rank == 0:
             torch.save(t.factors.detach(), Path(out) / "factors.pt")
+        dist.barrier()  # no rank leaves while its peer's last gloo collective is in flight (aborts the peer)
     finally:
         dist.destroy_process_group()
 
