@@ -85,7 +85,10 @@ EXTRA_METHODS = ("leank-autotune",)
 # what each method is, for the JSON and the README
 METHOD_DOC = {
     "dense-static": "unpatched model, transformers' static cache; transformers compiles the decode step "
-                    "(torch.compile, CUDA graphs) automatically on CUDA",
+                    "(torch.compile, CUDA graphs) automatically on CUDA. With --dense-prefill-chunk the prompt "
+                    "(all but its last token) is prefilled eagerly in chunks into the StaticCache before generate "
+                    "(static_prefill): generate(prefill_chunk_size=...) sends every chunk through the compiled "
+                    "call, which did not finish a 128K x 4 prefill in minutes under TP2 on 2 x H200",
     "dense-dynamic": "unpatched model, transformers' dynamic cache, eager",
     "leank": "leank.patch with the kept-count mix; decode steps compiled (torch.compile around LeanK's attention op) "
              "and replayed as one CUDA graph (LeanKConfig.capture, compile_decode), q/k/v and gate/up products fused "
@@ -357,15 +360,44 @@ def kv_fraction(method: str, mask) -> float:
     return 1.0 if is_dense(method) else leank_fraction(mask)
 
 
+def static_prefill(model, input_ids, new_tokens: int, chunk: int):
+    """A ``StaticCache`` for ``input_ids [batch, length]`` plus ``new_tokens``, holding every prompt token but
+    the last, prefilled eagerly ``chunk`` tokens per forward (unpadded prompts, as this benchmark's are).
+
+    ``generate(input_ids, cache=<it>)`` then runs the last prompt token as its (uncompiled) prefill and
+    compiles the decode steps as it does for ``cache_implementation="static"``. Its own chunked prefill
+    (``prefill_chunk_size``) sends every chunk through the compiled call (transformers 5.17 and 5.24), whose
+    compile and CUDA-graph recording per chunk kept a 128K x 4 prefill under TP2 from finishing in minutes
+    (``eval/results/tp_decode_h200x2_cut.log``); the decode steps are the same either way.
+    """
+    import torch
+    from transformers import StaticCache
+
+    from leank.patching import cache_kwarg
+
+    if chunk <= 0:
+        raise ValueError(f"chunk: expected a positive number of tokens, got {chunk}")
+    cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + new_tokens)
+    name = cache_kwarg(model)
+    with torch.inference_mode():
+        for start in range(0, input_ids.shape[1] - 1, chunk):
+            part = input_ids[:, start:min(start + chunk, input_ids.shape[1] - 1)]
+            model(input_ids=part, use_cache=True, logits_to_keep=1, **{name: cache})
+    return cache
+
+
 def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0) -> dict:
-    """One greedy ``generate`` with step timestamps and memory readings (model patched already for leank)."""
+    """One greedy ``generate`` with step timestamps and memory readings (model patched already for leank).
+
+    ``dense-static`` with ``prefill_chunk`` prefills through ``static_prefill`` (timed as part of the prefill)."""
     import torch
     from transformers import LogitsProcessorList
 
-    from leank.patching import output_cache
+    from leank.patching import cache_kwarg, output_cache
 
     clock = StepClock(device)
-    kwargs = greedy_kwargs(method, new_tokens, prefill_chunk, LogitsProcessorList([clock]))
+    eager_static = method == "dense-static" and prefill_chunk > 0 and input_ids.shape[1] > 1
+    kwargs = greedy_kwargs(method, new_tokens, 0 if eager_static else prefill_chunk, LogitsProcessorList([clock]))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -375,6 +407,9 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
         base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     clock.start()
+    if eager_static:
+        kwargs.pop("cache_implementation")
+        kwargs[cache_kwarg(model)] = static_prefill(model, input_ids, new_tokens, prefill_chunk)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     intervals = clock.intervals_ms()

@@ -204,6 +204,29 @@ def test_strongest_dense_includes_leank_dense():
     assert rows[3]["baseline"] == "dense-static" and "kv_ratio" not in rows[3]
 
 
+def test_static_prefill_in_chunks_equals_generates_own_static_prefill():
+    """dense-static's eager chunked prefill (``static_prefill``, then ``generate`` on that cache) gives the
+    tokens and logits of ``generate(cache_implementation="static")`` with a one-shot prefill; chunk sizes that
+    do not divide the prompt, a prompt of one chunk, and a bad chunk size."""
+    from leank.patching import cache_kwarg
+
+    cfg = common.model_config("llama3.1-8b", layers=2, tiny=True)
+    model = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+    ids = torch.randint(1, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), cache_implementation="static", **kw)
+        for chunk in (4, 7, 22, 64):
+            cache = e2e_decode.static_prefill(model, ids, 5, chunk)
+            assert cache.get_seq_length() == ids.shape[1] - 1
+            got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(model): cache}, **kw)
+            assert torch.equal(got.sequences, ref.sequences), chunk
+            for a, b in zip(got.logits, ref.logits):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="chunk"):
+        e2e_decode.static_prefill(model, ids, 5, 0)
+
+
 def test_step_stats_exact():
     s = e2e_decode.step_stats([1000.0, 50.0, 10.0, 20.0, 30.0, 40.0], warmup=1, batch=4)
     assert s["prefill_s"] == 1.0 and s["latency_ms_median"] == 25.0 and s["latency_ms_mean"] == 25.0
