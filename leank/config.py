@@ -39,7 +39,9 @@ class LeanKConfig:
         fuse_projections: in the captured decode step of a Llama / Qwen2 model, run each
             layer's q/k/v and gate/up projections as one matrix product each over weights
             made views of one buffer (``leank.fused_decode``; memory and ``state_dict``
-            unchanged). False records transformers' forward with its separate products.
+            unchanged). Under tensor parallelism each rank fuses its own column shards (and
+            ``o_proj`` / ``down_proj`` keep their all-reduce). False records transformers'
+            forward with its separate products.
 
     Buffers are sized by what a call needs (prompt + ``max_new_tokens``), never by these
     maxima alone, so a large ``recent`` costs nothing for short prompts.

@@ -39,19 +39,19 @@ def unsupported_reason(model) -> Optional[str]:
     """Why ``decode_logits`` cannot stand in for this model's forward, or None when it can.
 
     It needs a Llama / Qwen2 decoder whose layers, attention and MLP modules are the plain
-    transformers ones: ``nn.Linear`` projections without hooks (not quantized, not LoRA),
-    no tensor-parallel sharding, one device.
+    transformers ones: ``nn.Linear`` projections without hooks (not quantized, not LoRA), one
+    device. Under transformers' tensor parallelism the fused products are this rank's shards:
+    q/k/v and gate/up must be column-sharded (their weights and biases ``Shard(0)`` DTensors, as
+    transformers' ``colwise`` plan makes them; their forward is then a local product, which
+    ``decode_logits`` does on the fused local rows), and ``o_proj`` / ``down_proj`` /
+    ``lm_head`` keep their own forward and collectives.
     """
-    from .tp import detect
-
     model_type = getattr(model.config, "model_type", None)
     if model_type not in FAMILIES:
         return f"model type {model_type!r} (fused decode knows {FAMILIES})"
     base = getattr(model, "model", None)
     if base is None or not all(hasattr(base, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "the model has no embed_tokens / layers / norm / rotary_emb"
-    if detect(model) is not None:
-        return "tensor parallel (the sharded projections keep their own forward and collectives)"
     devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
         return f"parameters on {len(devices)} devices"
@@ -69,9 +69,40 @@ def unsupported_reason(model) -> Optional[str]:
         for m in (layer, attn, mlp, *linears):
             if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None:
                 return f"layer {i}: {type(m).__name__} has forward hooks (they would be bypassed)"
+        for name, m in zip(ATTN_PROJ + MLP_PROJ, linears[:3] + linears[4:6]):  # the products decode_logits replaces
+            why = _bypass_reason(m)
+            if why is not None:
+                return f"layer {i}: {name} {why}"
         for group in (linears[:3], linears[4:6]):
             if len({m.bias is None for m in group}) > 1:
                 return f"layer {i}: some fused projections have a bias and some do not"
+    return None
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """This rank's part of a tensor-parallel (DTensor) parameter, or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _bypass_reason(m: nn.Module) -> Optional[str]:
+    """Why ``F.linear`` on ``m``'s (local) weight would not equal ``m(x)``, or None.
+
+    A plain ``nn.Linear`` keeps its class forward. A tensor-parallel one must be column-sharded:
+    weight (and bias) a one-dimensional-mesh DTensor placed ``Shard(0)``, whose forward at inference
+    is the product of the replicated input with the local rows (transformers' ``colwise`` style).
+    """
+    params = [p for p in (m.weight, m.bias) if p is not None]
+    if not any(_is_dtensor(p) for p in params):
+        return "has its forward replaced" if "forward" in m.__dict__ else None
+    for p in params:
+        placements = getattr(p, "placements", None)
+        if not _is_dtensor(p) or placements is None or len(placements) != 1 \
+                or type(placements[0]).__name__ != "Shard" or placements[0].dim != 0:
+            return f"is tensor-parallel but not column-sharded (placements {placements}; fused decode needs Shard(0))"
     return None
 
 
@@ -95,22 +126,35 @@ def _fuse(owner: nn.Module, names: tuple) -> bool:
     """Make ``owner``'s projections ``names`` views of one buffer and note it on ``owner``; True when it
     had to copy (first time, or the parameters have their own storage again)."""
     linears = [getattr(owner, n) for n in names]
-    sizes = [m.out_features for m in linears]
+    weights = [_local(m.weight) for m in linears]  # this rank's rows under tensor parallelism
+    sizes = [w.shape[0] for w in weights]
     has_bias = linears[0].bias is not None
     with torch.inference_mode(False):  # parameters and views stay ordinary tensors inside an inference-mode generate
-        weight = _adjacent_view([m.weight for m in linears])
-        bias = _adjacent_view([m.bias for m in linears]) if has_bias else None
+        weight = _adjacent_view(weights)
+        bias = _adjacent_view([_local(m.bias) for m in linears]) if has_bias else None
         copied = weight is None or (has_bias and bias is None)
         if copied:
-            weight = torch.cat([m.weight.detach() for m in linears])
+            weight = torch.cat([w.detach() for w in weights])
             for m, w in zip(linears, weight.split(sizes)):
-                m.weight.data = w  # the same Parameter object (optimizers, hooks and tying see no change)
+                _point(m, "weight", w)
             if has_bias:
-                bias = torch.cat([m.bias.detach() for m in linears])
+                bias = torch.cat([_local(m.bias).detach() for m in linears])
                 for m, b in zip(linears, bias.split(sizes)):
-                    m.bias.data = b
+                    _point(m, "bias", b)
     owner.__dict__[_FUSED] = (weight, bias, sizes)
     return copied
+
+
+def _point(m: nn.Module, name: str, rows: Tensor) -> None:
+    """Make parameter ``name`` of ``m`` (its local shard under tensor parallelism) a view of ``rows``: the same
+    Parameter object, so optimizers, hooks, tying and the DTensor wrapper see no change."""
+    p = getattr(m, name)
+    if _is_dtensor(p):
+        p._local_tensor.set_(rows)  # the DTensor's local shard now lives in the fused buffer
+        if _local(p).data_ptr() != rows.data_ptr():
+            raise RuntimeError(f"{type(m).__name__}.{name}: the DTensor's local shard did not take the fused rows")
+    else:
+        p.data = rows
 
 
 def fuse_projections(model) -> int:

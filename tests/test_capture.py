@@ -416,6 +416,11 @@ def test_fused_decode_refuses_models_it_would_change():
     handle = model.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *a: None)
     assert "hooks" in unsupported_reason(model)
     handle.remove()
+    gate = model.model.layers[1].mlp.gate_proj
+    gate.forward = lambda x: torch.nn.functional.linear(x, gate.weight) * 2  # a patched forward would be bypassed
+    assert "gate_proj has its forward replaced" in unsupported_reason(model)
+    del gate.forward
+    assert unsupported_reason(model) is None
     model.model.layers[0].mlp.up_proj = torch.nn.Sequential(model.model.layers[0].mlp.up_proj)
     assert "not plain nn.Linear (Sequential)" in unsupported_reason(model)
     ids, am = _ragged([6, 17], seed=5)

@@ -40,6 +40,7 @@ if ROOT not in sys.path:
 import leank  # noqa: E402
 from leank import LeanKConfig  # noqa: E402
 from leank.cache import LeanKCache  # noqa: E402
+from leank.fused_decode import _bypass_reason  # noqa: E402
 from leank.masks import ChannelMask  # noqa: E402
 from leank.patching import cache_kwarg  # noqa: E402
 from leank.tp import TPShard, detect, rank_report, shard_from_rows, shard_of, slice_mask, sync_sampling_rng  # noqa: E402
@@ -163,6 +164,12 @@ def _worker(out: str, variant: str) -> None:
         runner = model._leank.runner
         results[kind]["replays"] = runner.replays if runner is not None else 0
         results[kind]["compiled_steps"] = runner.compiled_steps if runner is not None else 0
+        results[kind]["fused"] = runner.fused if runner is not None else None
+        # a row-sharded projection (the plan's o_proj) is one the fused step must never replace by a local product
+        results[kind]["rowwise_reason"] = _bypass_reason(model.model.layers[0].self_attn.o_proj)
+        attn = model.model.layers[1].self_attn  # fused without a second copy: the shards are rows of one buffer
+        results[kind]["qkv_storages"] = len({getattr(attn, n).weight.to_local().untyped_storage().data_ptr()
+                                             for n in ("q_proj", "k_proj", "v_proj")})
         results[kind]["shard"] = shard.as_dict()
         results[kind]["local_keep"] = model._leank.mask.keep.clone()
         print(f"rank {rank}: {kind} ({variant}) done at {time.perf_counter() - t0:.1f} s: replays {results[kind]['replays']}, "
@@ -340,6 +347,11 @@ def test_tp2_gloo_equals_single_process(tmp_path):
         if kind == "qwen2":  # those ranks ran decode through the capture runner (emulated, compiled), the reference eagerly
             assert all(got[kind]["replays"] > 10 for got in ranks), [got[kind]["replays"] for got in ranks]
             assert all(got[kind]["compiled_steps"] > 10 for got in ranks), [got[kind]["compiled_steps"] for got in ranks]
+            # the step ran leank.fused_decode on each rank's shards (q/k/v with Qwen2's biases, gate/up fused)
+            assert all(got[kind]["fused"] for got in ranks), [got[kind]["fused"] for got in ranks]
+            assert all(got[kind]["qkv_storages"] == 1 for got in ranks), [got[kind]["qkv_storages"] for got in ranks]
+        for got in ranks:
+            assert "not column-sharded" in got[kind]["rowwise_reason"] and "Shard(dim=1)" in got[kind]["rowwise_reason"]
 
 
 # ----------------------------------------------------------------------------- GPU, two CUDA ranks
