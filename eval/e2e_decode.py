@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LeanK's decode flush through its Triton kernels on CUDA (leank.flush_kernel.ENABLED, the "
                         "default: one launch per archive group + two, instead of 31-41 PyTorch operations per layer); "
                         "--no-flush-kernel flushes through PyTorch indexing. Recorded in the config")
+    p.add_argument("--direct-record", action=argparse.BooleanOptionalAction, default=False,
+                   help="leank.capture.DIRECT_RECORD (experiment, off by default): a generate() call whose batch "
+                        "size already ran records its first decode step directly instead of running it unrecorded "
+                        "first; shows in call_extra_ms and the first warmup_step_ms. Recorded in the config")
     p.add_argument("--row-warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="before each LeanK row, one short call at the row's batch size (a prompt of up to 2K "
                         "tokens, 2 x --flush-every + 2 new tokens), timed as the row's row_warmup_s, so the row's "
@@ -1086,9 +1090,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(inductor_config, "combo_kernels"):
             raise SystemExit(f"--inductor-combo: torch {torch.__version__} has no torch._inductor.config.combo_kernels")
         inductor_config.combo_kernels = True
-    from leank import flush_kernel
+    from leank import capture, flush_kernel
 
     flush_kernel.ENABLED = args.flush_kernel
+    capture.DIRECT_RECORD = args.direct_record
     if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode
 

@@ -309,6 +309,70 @@ def test_compiled_step_serves_another_batch_size():
         _assert_same_run(eager, cap, tol=1e-4)
 
 
+def _direct_calls(model, keep, calls, monkeypatch, fail_first_direct=False):
+    """``generate`` once per prompt set in ``calls`` on one patched model with ``capture.DIRECT_RECORD``; returns
+    the outputs and per call the runner's (warm-ups, direct recordings) after it."""
+    from leank import capture
+
+    monkeypatch.setattr(capture, "DIRECT_RECORD", True)
+    leank.patch(model, masks=ChannelMask(keep=keep, align=8),
+                config=LeanKConfig(**{**CFG.__dict__, "compile_decode": False}))
+    model._leank.emulate_capture = True
+    outs, counts = [], []
+    try:
+        for i, lens in enumerate(calls):
+            runner = model._leank.runner
+            if fail_first_direct and runner is not None and i == 1:
+                real = runner._capture
+                failed = []
+
+                def capture_once(key, kwargs, cache):
+                    if not failed:
+                        failed.append(1)
+                        raise RuntimeError("operation not permitted when stream is capturing")
+                    return real(key, kwargs, cache)
+                monkeypatch.setattr(runner, "_capture", capture_once)
+            ids, am = _ragged(lens, seed=len(lens) + i)
+            with torch.no_grad():
+                outs.append(model.generate(input_ids=ids, attention_mask=am, max_new_tokens=11, min_new_tokens=11,
+                                           do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                           pad_token_id=0))
+            runner = model._leank.runner
+            counts.append((runner.warm_ups, runner.direct_records))
+            assert runner.eager_steps == 0
+    finally:
+        leank.unpatch(model)
+    for i, (lens, cap) in enumerate(zip(calls, outs)):
+        ids, am = _ragged(lens, seed=len(lens) + i)
+        eager, _ = _run(model, keep, ids, am, 11, capture=False)
+        _assert_same_run(eager, cap)
+    return counts
+
+
+def test_direct_record_skips_the_warm_up_step_of_a_layout_that_ran(monkeypatch):
+    """``capture.DIRECT_RECORD``: a later call at the same batch records its first decode step directly (no
+    unrecorded warm-up step; other prompt lengths, so other capacities), a new batch size warms up first,
+    and every call equals eager decoding."""
+    counts = _direct_calls(tiny_model("llama"), sparse_keep(2, 4, 32), ([7, 25, 16], [30, 3, 12], [19, 4]),
+                           monkeypatch)
+    assert counts == [(1, 0), (1, 1), (2, 1)], counts
+
+
+def test_direct_record_failure_warms_up_and_says_so(monkeypatch):
+    """A direct recording that fails (as a host sync inside a CUDA-graph capture would) falls back to the warm-up
+    step for that call, warns once, and the runner warms up every later layout; results stay exact."""
+    with pytest.warns(RuntimeWarning, match="without a warm-up step failed"):
+        counts = _direct_calls(tiny_model("llama"), sparse_keep(2, 4, 32), ([7, 25, 16], [30, 3, 12], [9, 21, 5]),
+                               monkeypatch, fail_first_direct=True)
+    assert counts == [(1, 0), (2, 0), (3, 0)], counts
+
+
+def test_direct_record_is_off_by_default():
+    from leank import capture
+
+    assert capture.DIRECT_RECORD is False  # until it has run on a GPU (see its comment)
+
+
 # ----------------------------------------------------------------------------- fused projections
 def _views_of_one_buffer(*linears) -> bool:
     ptrs = {m.weight.untyped_storage().data_ptr() for m in linears}

@@ -365,6 +365,48 @@ def _pad_group(k: Tensor, chan: Tensor, d_to: int):
     return k, chan
 
 
+def _plan_for(b: int, h: int, win_k: Tensor, dev, dtype, slot_dims: tuple, dims: list, arch_heads, caps: list,
+              validate=None) -> DecodePlan:
+    """The plan of one layout (built on the host the first time it is seen, then cached in ``_plans``).
+
+    ``dims`` are the groups' kept counts after padding to 16, ``caps`` their archive capacities;
+    ``validate()`` runs before a plan is built (the full input checks of ``decode_attention``)."""
+    d, kvh, wcap = win_k.shape[3], win_k.shape[1], win_k.shape[2]
+    heads_key = tuple(_host_list(x) for x in arch_heads)
+    n = len(dims)
+    key = (b, h, kvh, d, wcap, dev, dtype, slot_dims, tuple((dims[g], heads_key[g], caps[g]) for g in range(n)),
+           SPLIT_RULE, BLOCKS_PER_SM, MIN_SPLIT_TILES)
+    plan = _plans.get(key)
+    if plan is None:
+        if validate is not None:
+            validate()
+        reason = supports(device=dev, dtype=dtype, head_dim=d, num_heads=h, num_kv_heads=kvh, kept_counts=dims)
+        if reason is not None:
+            raise ValueError(f"decode_attention: the TileLang kernel does not support this call: {reason} "
+                             "(the reference backend does)")
+        plan = build_plan(b, kvh, d, wcap, [(dims[g], list(heads_key[g]), caps[g]) for g in range(n)],
+                          slot_dims, dev, num_sms(dev))
+        _plans[key] = plan
+    return plan
+
+
+def prepare_plan(num_heads: int, dtype: torch.dtype, win_k: Tensor, arch_k: Sequence[Tensor],
+                 arch_heads: Sequence[Tensor], slot_dims: Optional[tuple] = None, **_unused) -> None:
+    """Build, on the host, the plan ``decode_attention`` will look up for these tensors and ``num_heads``
+    query heads of ``dtype`` (``q`` is ``[win_k.shape[0], num_heads, head_dim]``), so that its first call
+    for a new cache allocates and copies nothing: that call can then be recorded in a CUDA graph
+    without an unrecorded warm-up call first. Takes ``LeanKLayer.kernel_args(host_heads=True)``
+    (other keys are ignored)."""
+    d = win_k.shape[3]
+    dims = []
+    for k in arch_k:
+        dg = k.shape[-1] if k.dim() == 4 else -1
+        dims.append(dg if dg % 16 == 0 else (dg + 15) // 16 * 16)  # as decode_attention pads them
+    slot_dims = call_slot_dims(d, dims) if slot_dims is None else tuple(slot_dims)
+    _plan_for(win_k.shape[0], num_heads, win_k, win_k.device, dtype, slot_dims, dims, arch_heads,
+              [k.shape[2] for k in arch_k])
+
+
 def decode_attention(
     q: Tensor,
     win_k: Tensor,
@@ -402,7 +444,7 @@ def decode_attention(
     if q.dim() != 3 or win_k.dim() != 4:
         validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
     b, h, d = q.shape
-    kvh, wcap = win_k.shape[1], win_k.shape[2]
+    kvh = win_k.shape[1]
     dev = q.device
     for name, t in (("win_k", win_k), ("win_v", win_v)):
         if t.dtype != q.dtype or t.device != dev:
@@ -431,21 +473,10 @@ def decode_attention(
         bs.append(bias)
         dims.append(k.shape[-1])
 
-    heads_key = tuple(_host_list(x) for x in arch_heads)
     slot_dims = call_slot_dims(d, dims) if slot_dims is None else tuple(slot_dims)
-    key = (b, h, kvh, d, wcap, dev, q.dtype, slot_dims,
-           tuple((dims[g], heads_key[g], ks[g].shape[2]) for g in range(n)), SPLIT_RULE, BLOCKS_PER_SM,
-           MIN_SPLIT_TILES)
-    plan = _plans.get(key)
-    if plan is None:
-        validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
-        reason = supports(device=dev, dtype=q.dtype, head_dim=d, num_heads=h, num_kv_heads=kvh, kept_counts=dims)
-        if reason is not None:
-            raise ValueError(f"decode_attention: the TileLang kernel does not support this call: {reason} "
-                             "(the reference backend does)")
-        plan = build_plan(b, kvh, d, wcap, [(dims[g], list(heads_key[g]), ks[g].shape[2]) for g in range(n)],
-                          slot_dims, dev, num_sms(dev))
-        _plans[key] = plan
+    plan = _plan_for(b, h, win_k, dev, q.dtype, slot_dims, dims, arch_heads, [k.shape[2] for k in ks],
+                     lambda: validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan,
+                                                    arch_len, arch_bias))
     split, combine = get_kernels(h, kvh, d, q.dtype, slot_dims, has_bias, config=TILE_CONFIG)
 
     df = _dummy(dev, torch.float32, (1,))
