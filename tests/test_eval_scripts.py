@@ -518,8 +518,9 @@ def test_e2e_decode_speculative_rows(tmp_path):
 @pytest.mark.skipif(not _has_tp_api(), reason="this transformers has no tensor-parallel prepare/maybe_distribute_model")
 def test_e2e_decode_tensor_parallel_rows(tmp_path):
     """``torchrun --nproc-per-node 2 eval/e2e_decode.py``: two gloo ranks shard the model with transformers'
-    TP plan; rows carry tp=2 and one rank's K/V bytes (dense: half of the single-process bytes)."""
-    args = [*SMALL, "--models", "llama3.1-8b", "--methods", "dense-dynamic,leank", "--lengths", "64",
+    TP plan; rows carry tp=2 and one rank's K/V bytes (dense: half of the single-process bytes); dense-static
+    prefills its chunks eagerly into each rank's StaticCache (``static_prefill``) under TP too."""
+    args = [*SMALL, "--models", "llama3.1-8b", "--methods", "dense-dynamic,dense-static,leank", "--lengths", "64",
             "--batches", "1", "--warmup", "1", "--steps", "3", "--no-max-batch"]
     one = tmp_path / "tp1.json"
     assert e2e_decode.main([*args, "--out", str(one)]) == 0
@@ -532,6 +533,7 @@ def test_e2e_decode_tensor_parallel_rows(tmp_path):
     assert res["tp"] == 2 and all(r["tp"] == 2 and r["status"] == "ok" for r in r2.values())
     assert all(r["tp"] == 1 for r in r1.values())
     assert r2["dense-dynamic"]["kv_bytes_per_rank"] * 2 == r1["dense-dynamic"]["kv_bytes"]
+    assert r2["dense-static"]["status"] == "ok" and r1["dense-static"]["status"] == "ok"
     report = r2["leank"]["report"]
     assert (report["tp_rank"], report["tp_size"], report["kv_heads"]) == (0, 2, [0, 1])
     assert 0 < r2["leank"]["kv_bytes_per_rank"] < r1["leank"]["kv_bytes"]
