@@ -50,7 +50,7 @@ _IGNORED = {"return_dict", "use_cache", "attention_mask", "cache_position", "log
 
 
 # Experiment (off by default until it has run on a GPU): record the first decode step of a new cache directly,
-# without the unrecorded warm-up step before it, when a step of the same layout (batch, weights, backend) has
+# without the unrecorded warm-up step before it, when a step of the same layout (batch shape, weights) has
 # already run in this runner and the layers' host-side plans can be built first (leank.attention.prepare_decode).
 # On the H200 a call's first two decode steps cost 33-42 ms each against 5.7 for a replay (Llama 32K x 1,
 # eval/results/e2e_decode_h200_capture_ab.json): this removes one of them from every generate() call after the

@@ -103,6 +103,8 @@ def _bypass_reason(m: nn.Module) -> Optional[str]:
         if not _is_dtensor(p) or placements is None or len(placements) != 1 \
                 or type(placements[0]).__name__ != "Shard" or placements[0].dim != 0:
             return f"is tensor-parallel but not column-sharded (placements {placements}; fused decode needs Shard(0))"
+        if not isinstance(getattr(p, "_local_tensor", None), Tensor):  # what _point re-points (a torch internal)
+            return "is a DTensor without a local tensor to re-point (this torch version)"
     return None
 
 
