@@ -201,6 +201,10 @@ def _generate(model, original_generate, *args, **kwargs):
         if new_tokens is not None and new_tokens > 0:
             cache.reserve(new_tokens + 1)
     sync_sampling_rng(state.mask, model.device)  # tensor parallel: every rank samples what rank 0 samples
+    if isinstance(cache, LeanKCache):
+        from . import defer
+
+        defer.install()  # with leank.defer.ENABLED, transformers defers its stop decision for this cache on CUDA
     if not (state.config.capture and isinstance(cache, LeanKCache)):
         return original_generate(model, *args, **kwargs)
     _warn_speculative(model, state, kwargs)

@@ -242,3 +242,59 @@ def test_direct_record_equals_warmed_up_recording(monkeypatch, dtype):
     assert base_counts == (2, 0, 0) and fast_counts == (1, 1, 0), (base_counts, fast_counts)
     for a, b in zip(fast, base):  # as graph vs eager above: the same kernels (cuBLAS may pick another algorithm)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deferred_stop_equals_synchronous_stop(monkeypatch, dtype):
+    """``leank.defer.ENABLED`` on CUDA: transformers decides one step late whether generation has finished (no host
+    wait per step), for the captured TileLang decode. A call stopped by an end-of-sequence token (one step run too
+    many, undone by ``crop(-1)``) and a second call continuing its cache give the tokens and logits of the same
+    calls decided synchronously; ragged batch of 3, compiled step, flushes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from transformers.generation import utils as gen_utils
+
+    from leank import defer
+    from leank.patching import output_cache
+
+    if not hasattr(gen_utils, "DeferredStopCheck"):
+        pytest.skip("this transformers has no DeferredStopCheck")
+    model = tiny_model("llama", head_dim=128, heads=8, kv_heads=2, init=0.05).to("cuda", dtype)
+    mask = mix_mask(2, 2, 128, seed=5)
+    ids, am = _ragged_batch([23, 300, 517], "cuda")
+    built = []
+    real_init = gen_utils.DeferredStopCheck.__init__
+    monkeypatch.setattr(gen_utils.DeferredStopCheck, "__init__", lambda self, *a, **k: built.append(1) or real_init(self, *a, **k))
+
+    def conversation(enabled, eos):
+        monkeypatch.setattr(defer, "ENABLED", enabled)
+        leank.patch(model, masks=mask, config=LeanKConfig(sink=16, recent=64, flush_every=32, backend="tilelang"))
+        try:
+            kw = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=70, eos_token_id=eos, **kw)
+                cache = output_cache(out)
+                follow = torch.randint(3, 96, (3, 5), generator=torch.Generator().manual_seed(8)).to("cuda")
+                ids2 = torch.cat([out.sequences, follow], 1)
+                am2 = torch.cat([am, torch.ones(3, ids2.shape[1] - am.shape[1], dtype=am.dtype, device="cuda")], 1)
+                out2 = model.generate(input_ids=ids2, attention_mask=am2, max_new_tokens=40,
+                                      **{cache_kwarg(model): cache}, **kw)
+        finally:
+            leank.unpatch(model)
+        return out.sequences, torch.stack(out.logits, 1).float(), out2.sequences, torch.stack(out2.logits, 1).float()
+
+    free = conversation(False, None)
+    eos = sorted({int(t) for t in free[0][:, ids.shape[1] + 50]})  # every row stops by its 51st token
+    for stop in (None, eos):
+        base = conversation(False, stop)
+        built.clear()
+        got = conversation(True, stop)
+        assert len(built) == 2, "both calls deferred their stop decision"
+        if stop is not None:
+            assert got[0].shape[1] <= ids.shape[1] + 51, "the end-of-sequence tokens stopped the first call early"
+        for a, b in zip(got, base):
+            if a.dtype == torch.long:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * b.abs().max().item())
