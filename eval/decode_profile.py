@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill_chunk_size of the LeanK methods, 0 = one shot (8K keeps 128K x 8 within one "
                         "H200's memory; the traced decode steps do not depend on it; default: %(default)s)")
     p.add_argument("--attn", default="auto", help="dense attention (default: auto = flash_attention_2 if importable, else sdpa)")
+    p.add_argument("--defer-stop", action="store_true",
+                   help="leank.defer.ENABLED for the LeanK methods: transformers decides one step late whether "
+                        "generation has finished, so the GPU idle between steps shows without the per-step wait "
+                        "(experiment; recorded in the JSON)")
     common.add_common_args(p, default_out=common.scratch_out("decode_profile.json"))
     common.add_leank_args(p)
     p.set_defaults(backend=None)
@@ -187,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
+    from leank import defer
+
+    defer.ENABLED = args.defer_stop
     rank, tp, device = e2e_decode.distributed_setup(args)
     if rank:  # every rank runs every generate call (collectives); rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
@@ -231,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(common.format_table([{c: r.get(c) for c in cols} for r in rows], floatfmt=".3g"))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "attn_implementation": attn,
-              "dtype": str(dtype), "tp": tp, "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
+              "dtype": str(dtype), "tp": tp, "defer_stop": args.defer_stop, "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
     if rank == 0:
         out, cfgp = common.write_results(args.out, result, {**vars(args), "device": str(device), "dtype": str(dtype)})
         print(f"wrote {out}, {cfgp}")

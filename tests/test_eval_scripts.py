@@ -430,6 +430,16 @@ def test_decode_profile_cpu_tiny(tmp_path, capsys):
         assert r["step_ms_median"] > 0 and r["steps_traced"] >= 1
         assert all(f"{k}_ms" in r for k in decode_profile.KINDS)
     assert "| method" in capsys.readouterr().out
+    assert res["defer_stop"] is False
+    from leank import defer
+
+    try:
+        assert decode_profile.main(["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference",
+                                    "--no-progress", "--methods", "leank", "--warmup", "1", "--steps", "2",
+                                    "--defer-stop", "--out", str(out)]) == 0
+        assert defer.ENABLED and json.loads(out.read_text())["defer_stop"] is True
+    finally:
+        defer.ENABLED = False
 
 
 def _torchrun2(script, *args: str):
