@@ -97,13 +97,21 @@ def test_deferred_stop_changes_nothing_but_when_the_host_waits(deferring, monkey
     free, _, _ = _generate(leank.patch(model, masks=ChannelMask(keep=keep, align=8), config=LeanKConfig(**CFG)),
                            ids, am, 12)
     leank.unpatch(model)
-    eos = int(free[0, ids.shape[1] + 6])  # the 7th new token: an EOS there stops the loop early
     from leank.cache import LeanKCache
 
-    crops = []
+    crops, undone_flushes = [], []
     real_crop = LeanKCache.crop
-    monkeypatch.setattr(LeanKCache, "crop", lambda self, n: crops.append(n) or real_crop(self, n))
-    for stop in (eos, None):
+
+    def crop(self, n):
+        crops.append(n)
+        if n == -1:  # did the step being undone move rows to the archive (a flush)?
+            undone_flushes.append(any(r.get("moved", 0) > 0 for r in self.layers[0]._rollback.values()))
+        return real_crop(self, n)
+
+    monkeypatch.setattr(LeanKCache, "crop", crop)
+    # an EOS at the 5th..8th new token stops the loop early; flush_every=4, so one of the steps run too many flushes
+    stops = [int(free[0, ids.shape[1] + i]) for i in (4, 5, 6, 7)] + [None]
+    for stop in stops:
         monkeypatch.setattr(defer, "ENABLED", False)
         base = _conversation(model, keep, ids, am, stop, capture)
         assert not deferring and not crops
@@ -122,6 +130,7 @@ def test_deferred_stop_changes_nothing_but_when_the_host_waits(deferring, monkey
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert any(undone_flushes) and not all(undone_flushes), undone_flushes  # an undone flush step, and a plain one
 
 
 def test_other_caches_and_the_switch(deferring, monkeypatch):
