@@ -3,9 +3,9 @@
 transformers' decoding loop (5.17 and later) decides after every token whether all sequences have
 finished. Read directly, that flag makes the host wait for the GPU at every step, so the next step
 is queued only after the host has run its own work between steps (input preparation, LeanK's
-checks, the graph launch): on the H200 the GPU then idles about 0.46 ms of a 5.7 ms Llama 32K x 1
-step (the step's 5.26 ms of kernels in ``eval/results/decode_profile_h200_plan.json`` against the
-5.72 ms median of ``e2e_decode_h200_capture_ab.json``). transformers' ``DeferredStopCheck`` copies
+checks, the graph launch): on the H200 at Llama 32K x 1 the GPU idles about 0.46 ms per step by an
+estimate from two runs (5.26 ms of kernels per step in ``eval/results/decode_profile_h200_plan.json``
+against the 5.72 ms median step of ``e2e_decode_h200_capture_ab.json``). transformers' ``DeferredStopCheck`` copies
 the flag asynchronously and reads it one step later instead, so the host queues step t+1 while
 step t runs; when an end-of-sequence token stops the loop, the one step run too many is undone
 with ``Cache.crop(-1)``. transformers turns it on for ``"mps"`` devices only.

@@ -365,6 +365,13 @@ def _pad_group(k: Tensor, chan: Tensor, d_to: int):
     return k, chan
 
 
+def _kernel_dim(k: Tensor) -> int:
+    """The kept count an archive group's keys ``k [batch, heads, capacity, d]`` run at: ``d`` rounded up to 16
+    (``decode_attention`` zero-pads other counts per call)."""
+    dg = k.shape[-1] if k.dim() == 4 else -1
+    return (dg + 15) // 16 * 16
+
+
 def _plan_for(b: int, h: int, win_k: Tensor, dev, dtype, slot_dims: tuple, dims: list, arch_heads, caps: list,
               validate=None) -> DecodePlan:
     """The plan of one layout (built on the host the first time it is seen, then cached in ``_plans``).
@@ -398,10 +405,7 @@ def prepare_plan(num_heads: int, dtype: torch.dtype, win_k: Tensor, arch_k: Sequ
     without an unrecorded warm-up call first. Takes ``LeanKLayer.kernel_args(host_heads=True)``
     (other keys are ignored)."""
     d = win_k.shape[3]
-    dims = []
-    for k in arch_k:
-        dg = k.shape[-1] if k.dim() == 4 else -1
-        dims.append(dg if dg % 16 == 0 else (dg + 15) // 16 * 16)  # as decode_attention pads them
+    dims = [_kernel_dim(k) for k in arch_k]
     slot_dims = call_slot_dims(d, dims) if slot_dims is None else tuple(slot_dims)
     _plan_for(win_k.shape[0], num_heads, win_k, win_k.device, dtype, slot_dims, dims, arch_heads,
               [k.shape[2] for k in arch_k])
@@ -457,9 +461,9 @@ def decode_attention(
     for g in range(n):
         k, v, chan = arch_k[g], arch_v[g], arch_chan[g]
         dg = k.shape[-1] if k.dim() == 4 else -1
-        if dg % 16:
+        if dg != _kernel_dim(k):
             _warn_once(f"pad{dg}", f"kept count {dg} is not a multiple of 16: padding K per call (slow path)")
-            k, chan = _pad_group(k, chan.to(dev), (dg + 15) // 16 * 16)
+            k, chan = _pad_group(k, chan.to(dev), _kernel_dim(k))
         if chan.device != dev or chan.dtype != torch.int64:
             _warn_once("chan", "arch_chan is not int64 on the device: copying it every call")
             chan = chan.to(dev, torch.int64)
