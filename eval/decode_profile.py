@@ -170,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill_chunk_size of the LeanK methods, 0 = one shot (8K keeps 128K x 8 within one "
                         "H200's memory; the traced decode steps do not depend on it; default: %(default)s)")
     p.add_argument("--attn", default="auto", help="dense attention (default: auto = flash_attention_2 if importable, else sdpa)")
-    p.add_argument("--defer-stop", action="store_true",
-                   help="leank.defer.ENABLED for the LeanK methods: transformers decides one step late whether "
-                        "generation has finished, so the GPU idle between steps shows without the per-step wait "
-                        "(experiment; recorded in the JSON)")
+    p.add_argument("--defer-stop", action=argparse.BooleanOptionalAction, default=True,
+                   help="leank.defer.ENABLED for the LeanK methods (default: on): transformers decides one step late "
+                        "whether generation has finished instead of waiting for the GPU every step; "
+                        "--no-defer-stop waits (recorded in the JSON)")
     common.add_common_args(p, default_out=common.scratch_out("decode_profile.json"))
     common.add_leank_args(p)
     p.set_defaults(backend=None)

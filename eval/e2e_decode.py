@@ -183,11 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leank.capture.DIRECT_RECORD (experiment, off by default): a generate() call whose batch "
                         "size already ran records its first decode step directly instead of running it unrecorded "
                         "first; shows in call_extra_ms and the first warmup_step_ms. Recorded in the config")
-    p.add_argument("--defer-stop", action=argparse.BooleanOptionalAction, default=False,
-                   help="leank.defer.ENABLED (experiment, off by default): transformers decides one step late whether "
-                        "generation has finished, for LeanK caches on CUDA, so the host queues the next decode step "
-                        "while the current one runs instead of waiting for it; the dense methods are unaffected. "
-                        "Recorded in the config")
+    p.add_argument("--defer-stop", action=argparse.BooleanOptionalAction, default=True,
+                   help="leank.defer.ENABLED (default: on): transformers decides one step late whether generation "
+                        "has finished, for LeanK caches on CUDA, so the host queues the next decode step while the "
+                        "current one runs instead of waiting for it; --no-defer-stop waits every step as transformers "
+                        "does on CUDA. The dense methods are unaffected. Recorded in the config")
     p.add_argument("--row-warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="before each LeanK row, one short call at the row's batch size (a prompt of up to 2K "
                         "tokens, 2 x --flush-every + 2 new tokens), timed as the row's row_warmup_s, so the row's "

@@ -67,9 +67,9 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     base = [*SMALL, "--models", "llama3.1-8b", "--methods", "leank", "--lengths", "40", "--batches", "1",
             "--warmup", "1", "--steps", "2"]
     assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--inductor-combo",
-                            "--no-flush-kernel", "--direct-record", "--defer-stop", "--out", str(out)]) == 0
+                            "--no-flush-kernel", "--direct-record", "--no-defer-stop", "--out", str(out)]) == 0
     assert capture.DIRECT_RECORD and json.loads((tmp_path / "e2e.config.json").read_text())["config"]["direct_record"]
-    assert defer.ENABLED and json.loads((tmp_path / "e2e.config.json").read_text())["config"]["defer_stop"]
+    assert not defer.ENABLED and json.loads((tmp_path / "e2e.config.json").read_text())["config"]["defer_stop"] is False
     assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True} and inductor_config.triton.enable_pdl
     assert not flush_kernel.ENABLED and inductor_config.combo_kernels
     cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
@@ -83,7 +83,7 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     assert e2e_decode.main([*base, "--out", str(out)]) == 0
     assert dec.SPLIT_RULE == "window" and dec.TILE_CONFIG is None
     assert flush_kernel.ENABLED and not inductor_config.triton.enable_pdl and not inductor_config.combo_kernels
-    assert not capture.DIRECT_RECORD and not defer.ENABLED
+    assert not capture.DIRECT_RECORD and defer.ENABLED  # the defaults: no direct recording, deferred stop
     assert json.loads((tmp_path / "e2e.config.json").read_text())["config"]["flush_kernel"] is True
 
 
@@ -430,16 +430,16 @@ def test_decode_profile_cpu_tiny(tmp_path, capsys):
         assert r["step_ms_median"] > 0 and r["steps_traced"] >= 1
         assert all(f"{k}_ms" in r for k in decode_profile.KINDS)
     assert "| method" in capsys.readouterr().out
-    assert res["defer_stop"] is False
+    assert res["defer_stop"] is True  # the default
     from leank import defer
 
     try:
         assert decode_profile.main(["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference",
                                     "--no-progress", "--methods", "leank", "--warmup", "1", "--steps", "2",
-                                    "--defer-stop", "--out", str(out)]) == 0
-        assert defer.ENABLED and json.loads(out.read_text())["defer_stop"] is True
+                                    "--no-defer-stop", "--out", str(out)]) == 0
+        assert not defer.ENABLED and json.loads(out.read_text())["defer_stop"] is False
     finally:
-        defer.ENABLED = False
+        defer.ENABLED = True
 
 
 def _torchrun2(script, *args: str):
