@@ -179,10 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LeanK's decode flush through its Triton kernels on CUDA (leank.flush_kernel.ENABLED, the "
                         "default: one launch per archive group + two, instead of 31-41 PyTorch operations per layer); "
                         "--no-flush-kernel flushes through PyTorch indexing. Recorded in the config")
-    p.add_argument("--direct-record", action=argparse.BooleanOptionalAction, default=False,
-                   help="leank.capture.DIRECT_RECORD (experiment, off by default): a generate() call whose batch "
-                        "size already ran records its first decode step directly instead of running it unrecorded "
-                        "first; shows in call_extra_ms and the first warmup_step_ms. Recorded in the config")
     p.add_argument("--defer-stop", action=argparse.BooleanOptionalAction, default=True,
                    help="leank.defer.ENABLED (default: on): transformers decides one step late whether generation "
                         "has finished, for LeanK caches on CUDA, so the host queues the next decode step while the "
@@ -1095,10 +1091,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(inductor_config, "combo_kernels"):
             raise SystemExit(f"--inductor-combo: torch {torch.__version__} has no torch._inductor.config.combo_kernels")
         inductor_config.combo_kernels = True
-    from leank import capture, defer, flush_kernel
+    from leank import defer, flush_kernel
 
     flush_kernel.ENABLED = args.flush_kernel
-    capture.DIRECT_RECORD = args.direct_record
     defer.ENABLED = args.defer_stop
     if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode

@@ -94,17 +94,6 @@ def decode_attention(q: Tensor, layer: LeanKLayer, scale: float) -> Tensor:
     return decode_attention_reference(q, **layer.kernel_args(), scale=scale, compute_dtype=_reference_dtype(q))
 
 
-def prepare_decode(layer: LeanKLayer, num_heads: int) -> None:
-    """Host work ``decode_attention`` would do on its first call for this layer's current tensors, done now:
-    the TileLang plan of the layout (``tilelang_kernels.decode.prepare_plan``). After it, that first call
-    allocates and copies nothing on the host side, so it can be recorded in a CUDA graph directly
-    (``leank.capture.DIRECT_RECORD``). Nothing to do for the reference backend."""
-    if resolve_layer_backend(layer, num_heads, layer.win_k.dtype, layer.device) == "tilelang":
-        from leank.tilelang_kernels.decode import prepare_plan
-
-        prepare_plan(num_heads, layer.win_k.dtype, **layer.kernel_args(host_heads=True))
-
-
 def _reference_dtype(q: Tensor) -> torch.dtype:
     """float32 accumulation for half inputs; float64 for float32 models (CPU tests, exactness)."""
     return torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32

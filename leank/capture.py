@@ -49,14 +49,6 @@ CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.2x calls it `ca
 _IGNORED = {"return_dict", "use_cache", "attention_mask", "cache_position", "logits_to_keep", "num_logits_to_keep"}
 
 
-# Experiment (off by default until it has run on a GPU): record the first decode step of a new cache directly,
-# without the unrecorded warm-up step before it, when a step of the same layout (batch shape, weights) has
-# already run in this runner and the layers' host-side plans can be built first (leank.attention.prepare_decode).
-# On the H200 a call's first two decode steps cost 33-42 ms each against 5.7 for a replay (Llama 32K x 1,
-# eval/results/e2e_decode_h200_capture_ab.json): this removes one of them from every generate() call after the
-# first. A direct recording that fails turns it off for the runner (one warning) and that step warms up as before.
-DIRECT_RECORD = False
-
 _ACTIVE: list = []  # [cache] while a decode step runs through ``decode_step_attention`` (warm-up, recording)
 _OP = None  # torch.ops.leank.decode_step, registered on first use (nothing is registered at import)
 
@@ -185,10 +177,6 @@ class DecodeGraphRunner:
         self.captures = 0
         self.compiled_steps = 0  # decode steps whose forward ran compiled (warm-up, recording, emulated replays)
         self.capture_s = 0.0  # host seconds spent compiling and recording (reported apart from prefill and decode)
-        self._ran_layouts: set = set()  # (batch shape, weights) of the steps run or recorded since the last release
-        self._direct_failed = False  # a direct recording failed: every new layout warms up first (DIRECT_RECORD)
-        self.direct_records = 0  # recordings made without a warm-up step first
-        self.warm_ups = 0  # unrecorded first steps of a layout
 
     def __deepcopy__(self, memo):
         """A copied model (``copy.deepcopy`` of a patched model) gets a fresh runner: recorded graphs and
@@ -214,57 +202,20 @@ class DecodeGraphRunner:
         key = self._key(kwargs, cache)
         g = self._graph
         if g is None or g.key != key:
-            direct = self._warm_key != key and self._record_directly(key, cache)
-            if self._warm_key != key and not direct:
-                return self._warm_up(key, kwargs, cache)
+            if self._warm_key != key:  # first step of this layout: not recorded (compiles, builds plans, loads kernels)
+                self._graph = None
+                logits = self._step(kwargs["input_ids"], kwargs["position_ids"], cache)
+                self._warm_key = key
+                return self._output(logits, kwargs, cache)
             try:
                 g = self._capture(key, kwargs, cache)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back, and says so
                 self._graph = None
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                if direct:  # the layout warms up first after all, as without DIRECT_RECORD
-                    self._direct_failed = True
-                    msg = f"leank: recording a decode step without a warm-up step failed ({why}); warming up first"
-                    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                    logger.warning(msg)
-                    return self._warm_up(key, kwargs, cache)
                 self._disabled = True
-                self._eager_reason(f"capture failed ({why})")
+                self._eager_reason(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
                 self.eager_steps += 1
                 return self._eager(*args, **kwargs)
-            self.direct_records += direct
         return self._replay(g, kwargs, cache)
-
-    def _warm_up(self, key, kwargs, cache: LeanKCache):
-        """The first step of a layout, run and not recorded (compiles, builds plans, loads kernels)."""
-        self._graph = None
-        logits = self._step(kwargs["input_ids"], kwargs["position_ids"], cache)
-        self._warm_key = key
-        self._ran_layouts.add(self._layout(key))
-        self.warm_ups += 1
-        return self._output(logits, kwargs, cache)
-
-    @staticmethod
-    def _layout(key: tuple) -> tuple:
-        """What a recorded step's code depends on besides the cache: the batch shape and the weights."""
-        return key[1], key[3]
-
-    def _record_directly(self, key, cache: LeanKCache) -> bool:
-        """``DIRECT_RECORD``: whether this step can be recorded without a warm-up step first (a step of the
-        same layout ran before in this runner), after building the layers' host-side plans."""
-        if not DIRECT_RECORD or self._direct_failed or self._layout(key) not in self._ran_layouts:
-            return False
-        from .attention import prepare_decode
-
-        group = self.model.config.num_attention_heads // self.model.config.num_key_value_heads
-        try:
-            for layer in cache.layers:
-                prepare_decode(layer, layer.num_kv_heads * group)
-        except Exception as e:  # noqa: BLE001 - the warm-up step runs instead (and raises what is really wrong)
-            self._direct_failed = True
-            logger.warning("leank: preparing a direct recording failed (%s: %s); warming up first", type(e).__name__, e)
-            return False
-        return True
 
     def _eager(self, *args, **kwargs):
         return type(self.model).__call__(self.model, *args, **kwargs)
@@ -282,7 +233,6 @@ class DecodeGraphRunner:
             torch.cuda.synchronize()  # no replay may still be running on the graphs' memory
         self._graph = None
         self._warm_key = None
-        self._ran_layouts.clear()  # the step compiles again: its next layout warms up first
         self._flush_graphs.clear()
         self._flush_warm.clear()
         self._compiled = None
@@ -528,7 +478,6 @@ class DecodeGraphRunner:
                 g.logits = self._device_step(fn, g.ids, g.pos, cache)
             warn_if_collectives(self.model)
         self._graph = g
-        self._ran_layouts.add(self._layout(key))
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
         logger.info("leank: captured the decode step of batch %d in a CUDA graph%s", ids.shape[0],

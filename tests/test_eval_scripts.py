@@ -57,9 +57,6 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     from leank import flush_kernel
 
     monkeypatch.setattr(flush_kernel, "ENABLED", flush_kernel.ENABLED)
-    from leank import capture
-
-    monkeypatch.setattr(capture, "DIRECT_RECORD", capture.DIRECT_RECORD)
     from leank import defer
 
     monkeypatch.setattr(defer, "ENABLED", defer.ENABLED)
@@ -67,8 +64,7 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     base = [*SMALL, "--models", "llama3.1-8b", "--methods", "leank", "--lengths", "40", "--batches", "1",
             "--warmup", "1", "--steps", "2"]
     assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--inductor-combo",
-                            "--no-flush-kernel", "--direct-record", "--no-defer-stop", "--out", str(out)]) == 0
-    assert capture.DIRECT_RECORD and json.loads((tmp_path / "e2e.config.json").read_text())["config"]["direct_record"]
+                            "--no-flush-kernel", "--no-defer-stop", "--out", str(out)]) == 0
     assert not defer.ENABLED and json.loads((tmp_path / "e2e.config.json").read_text())["config"]["defer_stop"] is False
     assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True} and inductor_config.triton.enable_pdl
     assert not flush_kernel.ENABLED and inductor_config.combo_kernels
@@ -83,7 +79,7 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     assert e2e_decode.main([*base, "--out", str(out)]) == 0
     assert dec.SPLIT_RULE == "window" and dec.TILE_CONFIG is None
     assert flush_kernel.ENABLED and not inductor_config.triton.enable_pdl and not inductor_config.combo_kernels
-    assert not capture.DIRECT_RECORD and defer.ENABLED  # the defaults: no direct recording, deferred stop
+    assert defer.ENABLED  # the default: deferred stop
     assert json.loads((tmp_path / "e2e.config.json").read_text())["config"]["flush_kernel"] is True
 
 

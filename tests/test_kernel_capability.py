@@ -312,28 +312,3 @@ def test_split_rule_is_validated_and_needs_capacities(monkeypatch):
     by_bytes = dec.choose_splits(1, 128, 1184, [32, 64], 132)
     monkeypatch.setattr(dec, "SPLIT_RULE", "window")
     assert by_bytes == dec.choose_splits(1, 128, 1184, [32, 64], 132)
-
-
-@pytest.mark.parametrize("kept", [(16, 40), (32, 64, 96)])  # 40: padded to 48 per call, as the plan must know
-def test_prepare_plan_builds_the_plan_decode_attention_uses(monkeypatch, kept):
-    """``prepare_plan`` (what a direct CUDA-graph recording relies on, ``leank.capture.DIRECT_RECORD``) builds on
-    the host the very plan ``decode_attention`` looks up for the same tensors: the call then builds none.
-    The kernels are stand-ins (no GPU); ``supports`` and the SM count are answered as on an H200."""
-    from leank.tilelang_kernels import decode as dec
-
-    monkeypatch.setattr(dec, "_plans", {})
-    monkeypatch.setattr(dec, "supports", lambda **kw: None)
-    monkeypatch.setattr(dec, "num_sms", lambda dev: 132)
-    launched = []
-    monkeypatch.setattr(dec, "get_kernels", lambda *a, **kw: (lambda *args: launched.append("split"),
-                                                               lambda *args: launched.append("combine")))
-    q, wk, wv, wl, ak, av, ah, ac, al = _inputs(dtype=torch.bfloat16, head_dim=128, kv=4, kept=kept)
-    dec.prepare_plan(q.shape[1], q.dtype, win_k=wk, arch_k=ak, arch_heads=ah, win_v=wv, arch_chan=ac)
-    assert len(dec._plans) == 1
-    built = dict(dec._plans)
-    dec.decode_attention(q, wk, wv, wl, ak, av, ah, ac, al)
-    assert launched == ["split", "combine"]
-    assert dec._plans == built, "decode_attention built a plan prepare_plan had not"
-    wider = [torch.cat([k, k], 2) for k in ak]  # another archive capacity is another plan
-    dec.prepare_plan(q.shape[1], q.dtype, win_k=wk, arch_k=wider, arch_heads=ah)
-    assert len(dec._plans) == 2

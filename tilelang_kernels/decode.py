@@ -397,20 +397,6 @@ def _plan_for(b: int, h: int, win_k: Tensor, dev, dtype, slot_dims: tuple, dims:
     return plan
 
 
-def prepare_plan(num_heads: int, dtype: torch.dtype, win_k: Tensor, arch_k: Sequence[Tensor],
-                 arch_heads: Sequence[Tensor], slot_dims: Optional[tuple] = None, **_unused) -> None:
-    """Build, on the host, the plan ``decode_attention`` will look up for these tensors and ``num_heads``
-    query heads of ``dtype`` (``q`` is ``[win_k.shape[0], num_heads, head_dim]``), so that its first call
-    for a new cache allocates and copies nothing: that call can then be recorded in a CUDA graph
-    without an unrecorded warm-up call first. Takes ``LeanKLayer.kernel_args(host_heads=True)``
-    (other keys are ignored)."""
-    d = win_k.shape[3]
-    dims = [_kernel_dim(k) for k in arch_k]
-    slot_dims = call_slot_dims(d, dims) if slot_dims is None else tuple(slot_dims)
-    _plan_for(win_k.shape[0], num_heads, win_k, win_k.device, dtype, slot_dims, dims, arch_heads,
-              [k.shape[2] for k in arch_k])
-
-
 def decode_attention(
     q: Tensor,
     win_k: Tensor,
