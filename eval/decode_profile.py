@@ -4,6 +4,7 @@
     python eval/decode_profile.py --methods leank --lengths 128K
     python eval/decode_profile.py --device cpu --tiny     # CPU smoke run of the code path
     torchrun --nproc-per-node 2 eval/decode_profile.py --methods leank,leank-dense --lengths 128K --batches 8
+    python eval/decode_profile.py --methods leank --call-profile 64   # + host time of a later call, by function
 
 For each method (the ones of ``eval/e2e_decode.py``) it runs one greedy ``generate`` and traces
 ``--steps`` decode steps after ``--warmup`` with ``torch.profiler``: a logits processor inside
@@ -23,7 +24,11 @@ it reports
 - the byte floor (weights read + K/V read) / copy bandwidth measured in the same run (the
   input-embedding table counts one row per sequence, not whole: ``e2e_decode.step_weight_bytes``).
 
-It also lists the kernels that take the most time per step. Writes JSON (and ``*.config.json``).
+It also lists the kernels that take the most time per step. With ``--call-profile N`` it then runs
+one more call of N new tokens per method under ``cProfile``, from the first decode step to the
+call's end, and lists the Python functions by self and cumulative host time (``call_profile``): what
+every call after the first pays on the host (a new cache's first decode steps and flushes).
+Writes JSON (and ``*.config.json``).
 
 Under ``torchrun --nproc-per-node N`` the model is sharded by transformers' TP plan as in
 ``eval/e2e_decode.py`` (each rank builds only its shards); every rank runs the same generate
@@ -151,6 +156,68 @@ def profile_method(model, method: str, ids, args, device) -> dict:
     }
 
 
+class CallProfiler:
+    """Logits processor: starts ``cProfile`` at its first call (the prefill has run) and marks each step on
+    the host clock, without synchronising (what a user's call does)."""
+
+    def __init__(self):
+        import cProfile
+
+        self.prof, self.marks = cProfile.Profile(), []
+
+    def __call__(self, input_ids, scores):
+        if not self.marks:
+            self.prof.enable()
+        self.marks.append(time.perf_counter())
+        return scores
+
+
+def _function_name(key: tuple) -> str:
+    """``pstats`` key ``(file, line, function)`` as ``path/tail.py:line(function)`` (built-ins: ``{name}``)."""
+    path, line, func = key
+    if path == "~":
+        return func
+    return f"{'/'.join(Path(path).parts[-2:])}:{line}({func})"
+
+
+def profile_call(model, method: str, ids, args, device) -> dict:
+    """Host time of one more ``generate`` call's decode (``args.call_profile`` new tokens), by Python function.
+
+    The method has run a call before (compiled, kernels loaded), so this is what every later call pays:
+    the first decode steps of a new cache (LeanK: run unrecorded, then recorded in a CUDA graph), the
+    first flushes, the steady steps. ``cProfile`` runs from the first decode step to the call's end and
+    slows Python down (the steps' own times are in ``step_ms`` of the other measurements); the
+    functions' shares show where the host time of a call's first steps goes."""
+    import pstats
+
+    import torch
+    from transformers import LogitsProcessorList
+
+    kwargs = e2e_decode.greedy_kwargs(method, args.call_profile, e2e_decode.prefill_chunk_for(method, args))
+    prof = CallProfiler()
+    try:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 logits_processor=LogitsProcessorList([prof]), **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    finally:
+        prof.prof.disable()
+        end = time.perf_counter()
+    del out
+    stats = pstats.Stats(prof.prof).stats  # {(file, line, func): (primitive calls, calls, self s, cumulative s, callers)}
+
+    def top(index: int) -> list:
+        rows = sorted(stats.items(), key=lambda kv: -kv[1][index])[:args.top]
+        return [{"function": _function_name(k), "calls": v[1], "self_ms": 1e3 * v[2], "cum_ms": 1e3 * v[3]}
+                for k, v in rows]
+
+    marks = prof.marks + [end]
+    return {"new_tokens": args.call_profile, "decode_s": end - prof.marks[0] if prof.marks else 0.0,
+            "step_ms": [1e3 * (b - a) for a, b in zip(marks, marks[1:])],  # the last: to the call's end
+            "top_self": top(2), "top_cumulative": top(3)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval/decode_profile.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -170,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill_chunk_size of the LeanK methods, 0 = one shot (8K keeps 128K x 8 within one "
                         "H200's memory; the traced decode steps do not depend on it; default: %(default)s)")
     p.add_argument("--attn", default="auto", help="dense attention (default: auto = flash_attention_2 if importable, else sdpa)")
+    p.add_argument("--call-profile", type=int, default=0, metavar="N",
+                   help="after tracing, one more generate call of N new tokens per method under cProfile, from its "
+                        "first decode step to its end: host time by Python function of what every call after the "
+                        "first pays (a new cache's first steps and flushes; JSON field call_profile; default: off)")
     p.add_argument("--defer-stop", action=argparse.BooleanOptionalAction, default=True,
                    help="leank.defer.ENABLED for the LeanK methods (default: on): transformers decides one step late "
                         "whether generation has finished instead of waiting for the GPU every step; "
@@ -188,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{list(e2e_decode.METHODS + e2e_decode.EXTRA_METHODS)}")
     if args.steps < 1 or args.warmup < 1:
         raise SystemExit(f"--steps and --warmup: expected >= 1, got {args.steps} and {args.warmup}")
+    if args.call_profile < 0:
+        raise SystemExit(f"--call-profile: expected 0 (off) or a number of new tokens >= 1, got {args.call_profile}")
     import torch
 
     common.allow_recompiles()
@@ -221,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with e2e_decode.method_context(model, setups, method):
                     row = {"model": args.model, "tp": tp, "length": length, "batch": batch,
                            **profile_method(model, method, ids, args, device)}
+                    if args.call_profile:
+                        row["call_profile"] = profile_call(model, method, ids, args, device)
                 mid = length + args.warmup + args.steps
                 row["kv_bytes"] = int(batch * mid * e2e_decode.kv_bytes_per_token(cfg, dtype.itemsize)
                                       * e2e_decode.kv_fraction(method, mask) / tp)  # this rank's heads
@@ -233,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       + (f", floor {row['floor_ms']:.2f} ms" if copy_gbps else ""), flush=True)
                 for k in row["top_kernels"]:
                     print(f"    {k['ms_per_step']:7.3f} ms  x{k['per_step']:<5.0f} {k['kind']:<16} {k['name'][:100]}")
+                if "call_profile" in row:
+                    cp = row["call_profile"]
+                    print(f"  host profile of a {cp['new_tokens']}-token call's decode: {1e3 * cp['decode_s']:.1f} ms, "
+                          f"steps (ms) {[round(x, 1) for x in cp['step_ms'][:6]]}...; by self time:")
+                    for f in cp["top_self"][:12]:
+                        print(f"    {f['self_ms']:8.2f} ms self {f['cum_ms']:8.2f} ms cum  x{f['calls']:<6} {f['function'][:100]}")
     cols = ["method", "tp", "length", "batch", "step_ms_median", "gpu_busy_ms", "gpu_idle_ms", "floor_ms",
             "kernels_per_step"] + [f"{k}_ms" for k in KINDS]
     print(common.format_table([{c: r.get(c) for c in cols} for r in rows], floatfmt=".3g"))
