@@ -438,6 +438,28 @@ def test_decode_profile_cpu_tiny(tmp_path, capsys):
         defer.ENABLED = True
 
 
+def test_decode_profile_call_profile(tmp_path):
+    """``--call-profile N``: a later call's decode under cProfile, from its first decode step to its end (flushes
+    included: flush_every 4 in --tiny), its host step times chaining up to the decode time, and LeanK's decode
+    path among the functions."""
+    from eval import decode_profile
+
+    out = tmp_path / "prof.json"
+    assert decode_profile.main(["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference", "--no-progress",
+                                "--methods", "leank", "--warmup", "1", "--steps", "1", "--call-profile", "9",
+                                "--top", "40", "--out", str(out)]) == 0
+    cp = json.loads(out.read_text())["runs"][0]["call_profile"]
+    assert cp["new_tokens"] == 9 and len(cp["step_ms"]) == 9  # 8 decode steps and the loop's end
+    assert cp["decode_s"] > 0 and abs(sum(cp["step_ms"]) / 1e3 - cp["decode_s"]) < 1e-6
+    for key, field in (("top_self", "self_ms"), ("top_cumulative", "cum_ms")):
+        values = [f[field] for f in cp[key]]
+        assert len(values) == 40 and values == sorted(values, reverse=True) and values[-1] >= 0
+    names = [f["function"] for f in cp["top_cumulative"]]
+    assert any(n.startswith("leank/attention.py") and n.endswith("(decode_attention)") for n in names), names
+    with pytest.raises(SystemExit, match="--call-profile"):
+        decode_profile.main(["--device", "cpu", "--tiny", "--call-profile", "-1"])
+
+
 def _torchrun2(script, *args: str):
     """``torchrun --standalone --nproc-per-node 2 script *args`` as two CPU (gloo) ranks with the repository
     importable (``PYTHONPATH``, and ``REPO`` for workers that read it); fails the test with the ranks' output
@@ -462,28 +484,6 @@ def _has_tp_api() -> bool:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 @pytest.mark.skipif(not _has_tp_api(), reason="this transformers has no tensor-parallel prepare/maybe_distribute_model")
-def test_decode_profile_call_profile(tmp_path):
-    """``--call-profile N``: a later call's decode under cProfile, from its first decode step to its end (flushes
-    included: flush_every 4 in --tiny), its host step times chaining up to the decode time, and LeanK's decode
-    path among the functions."""
-    from eval import decode_profile
-
-    out = tmp_path / "prof.json"
-    assert decode_profile.main(["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference", "--no-progress",
-                                "--methods", "leank", "--warmup", "1", "--steps", "1", "--call-profile", "9",
-                                "--top", "40", "--out", str(out)]) == 0
-    cp = json.loads(out.read_text())["runs"][0]["call_profile"]
-    assert cp["new_tokens"] == 9 and len(cp["step_ms"]) == 9  # 8 decode steps and the loop's end
-    assert cp["decode_s"] > 0 and abs(sum(cp["step_ms"]) / 1e3 - cp["decode_s"]) < 1e-6
-    for key, field in (("top_self", "self_ms"), ("top_cumulative", "cum_ms")):
-        values = [f[field] for f in cp[key]]
-        assert len(values) == 40 and values == sorted(values, reverse=True) and values[-1] >= 0
-    names = [f["function"] for f in cp["top_cumulative"]]
-    assert any(n.startswith("leank/attention.py") and n.endswith("(decode_attention)") for n in names), names
-    with pytest.raises(SystemExit, match="--call-profile"):
-        decode_profile.main(["--device", "cpu", "--tiny", "--call-profile", "-1"])
-
-
 def test_decode_profile_tensor_parallel(tmp_path):
     """``torchrun --nproc-per-node 2 eval/decode_profile.py``: two gloo ranks shard the model; rank 0 alone
     prints and writes; rows carry tp=2, half the single-process K/V bytes and fewer weight bytes. LeanK's
