@@ -365,38 +365,6 @@ def _pad_group(k: Tensor, chan: Tensor, d_to: int):
     return k, chan
 
 
-def _kernel_dim(k: Tensor) -> int:
-    """The kept count an archive group's keys ``k [batch, heads, capacity, d]`` run at: ``d`` rounded up to 16
-    (``decode_attention`` zero-pads other counts per call)."""
-    dg = k.shape[-1] if k.dim() == 4 else -1
-    return (dg + 15) // 16 * 16
-
-
-def _plan_for(b: int, h: int, win_k: Tensor, dev, dtype, slot_dims: tuple, dims: list, arch_heads, caps: list,
-              validate=None) -> DecodePlan:
-    """The plan of one layout (built on the host the first time it is seen, then cached in ``_plans``).
-
-    ``dims`` are the groups' kept counts after padding to 16, ``caps`` their archive capacities;
-    ``validate()`` runs before a plan is built (the full input checks of ``decode_attention``)."""
-    d, kvh, wcap = win_k.shape[3], win_k.shape[1], win_k.shape[2]
-    heads_key = tuple(_host_list(x) for x in arch_heads)
-    n = len(dims)
-    key = (b, h, kvh, d, wcap, dev, dtype, slot_dims, tuple((dims[g], heads_key[g], caps[g]) for g in range(n)),
-           SPLIT_RULE, BLOCKS_PER_SM, MIN_SPLIT_TILES)
-    plan = _plans.get(key)
-    if plan is None:
-        if validate is not None:
-            validate()
-        reason = supports(device=dev, dtype=dtype, head_dim=d, num_heads=h, num_kv_heads=kvh, kept_counts=dims)
-        if reason is not None:
-            raise ValueError(f"decode_attention: the TileLang kernel does not support this call: {reason} "
-                             "(the reference backend does)")
-        plan = build_plan(b, kvh, d, wcap, [(dims[g], list(heads_key[g]), caps[g]) for g in range(n)],
-                          slot_dims, dev, num_sms(dev))
-        _plans[key] = plan
-    return plan
-
-
 def decode_attention(
     q: Tensor,
     win_k: Tensor,
@@ -434,7 +402,7 @@ def decode_attention(
     if q.dim() != 3 or win_k.dim() != 4:
         validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
     b, h, d = q.shape
-    kvh = win_k.shape[1]
+    kvh, wcap = win_k.shape[1], win_k.shape[2]
     dev = q.device
     for name, t in (("win_k", win_k), ("win_v", win_v)):
         if t.dtype != q.dtype or t.device != dev:
@@ -447,9 +415,9 @@ def decode_attention(
     for g in range(n):
         k, v, chan = arch_k[g], arch_v[g], arch_chan[g]
         dg = k.shape[-1] if k.dim() == 4 else -1
-        if dg != _kernel_dim(k):
+        if dg % 16:
             _warn_once(f"pad{dg}", f"kept count {dg} is not a multiple of 16: padding K per call (slow path)")
-            k, chan = _pad_group(k, chan.to(dev), _kernel_dim(k))
+            k, chan = _pad_group(k, chan.to(dev), (dg + 15) // 16 * 16)
         if chan.device != dev or chan.dtype != torch.int64:
             _warn_once("chan", "arch_chan is not int64 on the device: copying it every call")
             chan = chan.to(dev, torch.int64)
@@ -463,10 +431,21 @@ def decode_attention(
         bs.append(bias)
         dims.append(k.shape[-1])
 
+    heads_key = tuple(_host_list(x) for x in arch_heads)
     slot_dims = call_slot_dims(d, dims) if slot_dims is None else tuple(slot_dims)
-    plan = _plan_for(b, h, win_k, dev, q.dtype, slot_dims, dims, arch_heads, [k.shape[2] for k in ks],
-                     lambda: validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan,
-                                                    arch_len, arch_bias))
+    key = (b, h, kvh, d, wcap, dev, q.dtype, slot_dims,
+           tuple((dims[g], heads_key[g], ks[g].shape[2]) for g in range(n)), SPLIT_RULE, BLOCKS_PER_SM,
+           MIN_SPLIT_TILES)
+    plan = _plans.get(key)
+    if plan is None:
+        validate_decode_inputs(q, win_k, win_v, win_len, arch_k, arch_v, arch_heads, arch_chan, arch_len, arch_bias)
+        reason = supports(device=dev, dtype=q.dtype, head_dim=d, num_heads=h, num_kv_heads=kvh, kept_counts=dims)
+        if reason is not None:
+            raise ValueError(f"decode_attention: the TileLang kernel does not support this call: {reason} "
+                             "(the reference backend does)")
+        plan = build_plan(b, kvh, d, wcap, [(dims[g], list(heads_key[g]), ks[g].shape[2]) for g in range(n)],
+                          slot_dims, dev, num_sms(dev))
+        _plans[key] = plan
     split, combine = get_kernels(h, kvh, d, q.dtype, slot_dims, has_bias, config=TILE_CONFIG)
 
     df = _dummy(dev, torch.float32, (1,))
