@@ -115,7 +115,7 @@ def profile_method(model, method: str, ids, args, device) -> dict:
     # step 0 of the schedule is the prefill (the first logits-processor call comes after it)
     sched = schedule(wait=1 + args.warmup, warmup=1, active=args.steps, repeat=1)
     new_tokens = 1 + args.warmup + 1 + args.steps + 1
-    kwargs = e2e_decode.greedy_kwargs(method, new_tokens, e2e_decode.prefill_chunk_for(method, args))
+    kwargs = e2e_decode.generate_kwargs(model, method, ids, new_tokens, e2e_decode.prefill_chunk_for(method, args))
     with profile(activities=acts, schedule=sched) as prof:
         stepper = ProfilerStepper(prof, device)
         with torch.inference_mode():
@@ -193,7 +193,8 @@ def profile_call(model, method: str, ids, args, device) -> dict:
     import torch
     from transformers import LogitsProcessorList
 
-    kwargs = e2e_decode.greedy_kwargs(method, args.call_profile, e2e_decode.prefill_chunk_for(method, args))
+    kwargs = e2e_decode.generate_kwargs(model, method, ids, args.call_profile,
+                                        e2e_decode.prefill_chunk_for(method, args))
     prof = CallProfiler()
     try:
         with torch.inference_mode():
@@ -205,7 +206,8 @@ def profile_call(model, method: str, ids, args, device) -> dict:
         prof.prof.disable()
         end = time.perf_counter()
     del out
-    stats = pstats.Stats(prof.prof).stats  # {(file, line, func): (primitive calls, calls, self s, cumulative s, callers)}
+    # {(file, line, function): (primitive calls, calls, self s, cumulative s, callers)}
+    stats = pstats.Stats(prof.prof).stats
 
     def top(index: int) -> list:
         rows = sorted(stats.items(), key=lambda kv: -kv[1][index])[:args.top]
@@ -231,20 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=6, help="untraced decode steps first (default: %(default)s)")
     p.add_argument("--steps", type=int, default=8, help="traced decode steps (default: %(default)s)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per method (default: %(default)s)")
-    p.add_argument("--dense-prefill-chunk", type=common.int_k, default=8192,
-                   help="prefill_chunk_size of the dense methods (default: %(default)s)")
-    p.add_argument("--leank-prefill-chunk", type=common.int_k, default=0,
-                   help="prefill_chunk_size of the LeanK methods, 0 = one shot (8K keeps 128K x 8 within one "
-                        "H200's memory; the traced decode steps do not depend on it; default: %(default)s)")
+    e2e_decode.add_generate_args(p)
     p.add_argument("--attn", default="auto", help="dense attention (default: auto = flash_attention_2 if importable, else sdpa)")
     p.add_argument("--call-profile", type=int, default=0, metavar="N",
                    help="after tracing, one more generate call of N new tokens per method under cProfile, from its "
                         "first decode step to its end: host time by Python function of what every call after the "
                         "first pays (a new cache's first steps and flushes; JSON field call_profile; default: off)")
-    p.add_argument("--defer-stop", action=argparse.BooleanOptionalAction, default=True,
-                   help="leank.defer.ENABLED for the LeanK methods (default: on): transformers decides one step late "
-                        "whether generation has finished instead of waiting for the GPU every step; "
-                        "--no-defer-stop waits (recorded in the JSON)")
     common.add_common_args(p, default_out=common.scratch_out("decode_profile.json"))
     common.add_leank_args(p)
     p.set_defaults(backend=None)
@@ -313,13 +307,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  host profile of a {cp['new_tokens']}-token call's decode: {1e3 * cp['decode_s']:.1f} ms, "
                           f"steps (ms) {[round(x, 1) for x in cp['step_ms'][:6]]}...; by self time:")
                     for f in cp["top_self"][:12]:
-                        print(f"    {f['self_ms']:8.2f} ms self {f['cum_ms']:8.2f} ms cum  x{f['calls']:<6} {f['function'][:100]}")
+                        print(f"    {f['self_ms']:8.2f} ms self {f['cum_ms']:8.2f} ms cum  x{f['calls']:<6} "
+                              f"{f['function'][:100]}")
     cols = ["method", "tp", "length", "batch", "step_ms_median", "gpu_busy_ms", "gpu_idle_ms", "floor_ms",
             "kernels_per_step"] + [f"{k}_ms" for k in KINDS]
     print(common.format_table([{c: r.get(c) for c in cols} for r in rows], floatfmt=".3g"))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "attn_implementation": attn,
-              "dtype": str(dtype), "tp": tp, "defer_stop": args.defer_stop, "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
+              "dtype": str(dtype), "tp": tp, "defer_stop": args.defer_stop,
+              "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
     if rank == 0:
         out, cfgp = common.write_results(args.out, result, {**vars(args), "device": str(device), "dtype": str(dtype)})
         print(f"wrote {out}, {cfgp}")

@@ -106,6 +106,27 @@ TINY_SIZES = dict(lengths=[96], batches=[1, 2], warmup=1, steps=6, dense_prefill
                   flush_every=4)
 
 
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    """How each method's ``generate()`` runs: ``--dense-prefill-chunk``, ``--leank-prefill-chunk``,
+    ``--defer-stop`` (shared with ``eval/decode_profile.py``)."""
+    p.add_argument("--dense-prefill-chunk", type=common.int_k, default=8192,
+                   help="prefill chunk of the dense methods, so a static cache's prefill mask and the activations "
+                        "stay small at long contexts; 0 = one shot. dense-dynamic passes it to "
+                        "generate(prefill_chunk_size=...); dense-static prefills all prompt tokens but the last "
+                        "eagerly in chunks of it into its StaticCache (static_prefill). Decode numbers do not depend "
+                        "on it; prefill times then differ in kind (default: %(default)s)")
+    p.add_argument("--leank-prefill-chunk", type=common.int_k, default=0,
+                   help="generate(prefill_chunk_size=...) for the LeanK methods; 0 = one shot. Later chunks attend "
+                        "to the LeanK cache through leank.attention.chunk_attention (FlashAttention per sequence and "
+                        "archive group for fp16/bf16, the exact reference in bounded blocks otherwise): less "
+                        "activation memory than one shot (8K keeps 128K x 8 within one H200; default: %(default)s)")
+    p.add_argument("--defer-stop", action=argparse.BooleanOptionalAction, default=True,
+                   help="leank.defer.ENABLED (default: on): transformers decides one step late whether generation "
+                        "has finished, for LeanK caches on CUDA, so the host queues the next decode step while the "
+                        "current one runs instead of waiting for it; --no-defer-stop waits every step as transformers "
+                        "does on CUDA. The dense methods are unaffected. Recorded in the config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval/e2e_decode.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -125,16 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="8 layers, lengths 8K,32K, batches 1,8, no max-batch search (overrides those options)")
     p.add_argument("--warmup", type=int, default=8, help="decode steps excluded from the statistics (default: %(default)s)")
     p.add_argument("--steps", type=int, default=64, help="measured decode steps (default: %(default)s)")
-    p.add_argument("--dense-prefill-chunk", type=int, default=8192,
-                   help="generate(prefill_chunk_size=...) for the dense methods, so a static cache's prefill mask "
-                        "and the activations stay small at long contexts; 0 = one-shot. LeanK has its own option, "
-                        "--leank-prefill-chunk. Decode numbers do not depend on it; prefill times then differ in kind "
-                        "(default: %(default)s)")
-    p.add_argument("--leank-prefill-chunk", type=common.int_k, default=0,
-                   help="generate(prefill_chunk_size=...) for LeanK; 0 = one shot. Later chunks attend to the "
-                        "LeanK cache through leank.attention.chunk_attention (FlashAttention per sequence and "
-                        "archive group for fp16/bf16, the exact reference in bounded blocks otherwise): less "
-                        "activation memory than one shot (default: %(default)s)")
+    add_generate_args(p)
     p.add_argument("--attn", default="auto", help="dense attention: auto, sdpa, flash_attention_2, eager (default: auto)")
     p.add_argument("--max-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="search the largest batch within --budget-gib for each method (default: on)")
@@ -179,11 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LeanK's decode flush through its Triton kernels on CUDA (leank.flush_kernel.ENABLED, the "
                         "default: one launch per archive group + two, instead of 31-41 PyTorch operations per layer); "
                         "--no-flush-kernel flushes through PyTorch indexing. Recorded in the config")
-    p.add_argument("--defer-stop", action=argparse.BooleanOptionalAction, default=True,
-                   help="leank.defer.ENABLED (default: on): transformers decides one step late whether generation "
-                        "has finished, for LeanK caches on CUDA, so the host queues the next decode step while the "
-                        "current one runs instead of waiting for it; --no-defer-stop waits every step as transformers "
-                        "does on CUDA. The dense methods are unaffected. Recorded in the config")
     p.add_argument("--row-warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="before each LeanK row, one short call at the row's batch size (a prompt of up to 2K "
                         "tokens, 2 x --flush-every + 2 new tokens), timed as the row's row_warmup_s, so the row's "
@@ -391,18 +398,32 @@ def static_prefill(model, input_ids, new_tokens: int, chunk: int):
     return cache
 
 
+def generate_kwargs(model, method: str, input_ids, new_tokens: int, prefill_chunk: int = 0,
+                    logits_processor=None) -> dict:
+    """``greedy_kwargs`` of ``method`` for ``input_ids [batch, length]``. ``dense-static`` with ``prefill_chunk``
+    gets its ``StaticCache`` here, prefilled by ``static_prefill`` with every prompt token but the last (call it
+    where the prefill is timed); every other method passes ``prefill_chunk`` to ``generate``."""
+    if method == "dense-static" and prefill_chunk > 0 and input_ids.shape[1] > 1:
+        from leank.patching import cache_kwarg
+
+        kwargs = greedy_kwargs(method, new_tokens, 0, logits_processor)
+        del kwargs["cache_implementation"]
+        kwargs[cache_kwarg(model)] = static_prefill(model, input_ids, new_tokens, prefill_chunk)
+        return kwargs
+    return greedy_kwargs(method, new_tokens, prefill_chunk, logits_processor)
+
+
 def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0) -> dict:
     """One greedy ``generate`` with step timestamps and memory readings (model patched already for leank).
 
-    ``dense-static`` with ``prefill_chunk`` prefills through ``static_prefill`` (timed as part of the prefill)."""
+    ``dense-static`` with ``prefill_chunk`` prefills through ``static_prefill`` (``generate_kwargs``, timed as part
+    of the prefill)."""
     import torch
     from transformers import LogitsProcessorList
 
-    from leank.patching import cache_kwarg, output_cache
+    from leank.patching import output_cache
 
     clock = StepClock(device)
-    eager_static = method == "dense-static" and prefill_chunk > 0 and input_ids.shape[1] > 1
-    kwargs = greedy_kwargs(method, new_tokens, 0 if eager_static else prefill_chunk, LogitsProcessorList([clock]))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -412,9 +433,7 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
         base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     clock.start()
-    if eager_static:
-        kwargs.pop("cache_implementation")
-        kwargs[cache_kwarg(model)] = static_prefill(model, input_ids, new_tokens, prefill_chunk)
+    kwargs = generate_kwargs(model, method, input_ids, new_tokens, prefill_chunk, LogitsProcessorList([clock]))
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     intervals = clock.intervals_ms()

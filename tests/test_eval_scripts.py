@@ -224,12 +224,31 @@ def test_static_prefill_in_chunks_equals_generates_own_static_prefill():
         for chunk in (4, 7, 22, 64):
             cache = e2e_decode.static_prefill(model, ids, 5, chunk)
             assert cache.get_seq_length() == ids.shape[1] - 1
-            got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(model): cache}, **kw)
+            got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(model): cache},
+                                 **kw)
             assert torch.equal(got.sequences, ref.sequences), chunk
             for a, b in zip(got.logits, ref.logits):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="chunk"):
         e2e_decode.static_prefill(model, ids, 5, 0)
+
+
+def test_generate_kwargs_prefill_per_method():
+    """What run_generate and decode_profile pass to generate: dense-static with a chunk gets its StaticCache
+    prefilled with every prompt token but the last (not generate's compiled chunked prefill); without a chunk it
+    names its cache; the other methods pass the chunk to generate."""
+    from leank.patching import cache_kwarg
+
+    cfg = common.model_config("llama3.1-8b", layers=1, tiny=True)
+    model = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+    ids = torch.randint(1, cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(5))
+    kw = e2e_decode.generate_kwargs(model, "dense-static", ids, 5, 8)
+    assert "cache_implementation" not in kw and "prefill_chunk_size" not in kw
+    assert kw[cache_kwarg(model)].get_seq_length() == 22 and kw["max_new_tokens"] == 5
+    assert e2e_decode.generate_kwargs(model, "dense-static", ids, 5, 0)["cache_implementation"] == "static"
+    for method in ("dense-dynamic", "leank"):
+        got = e2e_decode.generate_kwargs(model, method, ids, 5, 8)
+        assert got["prefill_chunk_size"] == 8 and cache_kwarg(model) not in got
 
 
 def test_step_stats_exact():
