@@ -15,10 +15,11 @@ device command): the median step fell from 5.70/5.80 ms to 5.52 ms at batch 1 an
 9.76 ms at batch 8; the GPU test ``test_deferred_stop_equals_synchronous_stop`` passed there.
 
 A LeanK cache undoes its last step exactly (``LeanKLayer.is_croppable``, ``LeanKCache.crop``), so
-with ``ENABLED`` (the default; set it to ``False`` for transformers' own choice) LeanK lets transformers defer the decision for LeanK caches on CUDA as well:
-``install`` wraps ``DeferredStopCheck.is_supported`` (once per process, at the first patched
-``generate``), and the wrapper answers as transformers does for every other cache. With a
-transformers that has no ``DeferredStopCheck`` (5.13) nothing changes.
+with ``ENABLED`` (the default; ``False`` gives transformers' own choice back) LeanK lets transformers
+defer the decision for LeanK caches on CUDA as well: ``install`` wraps
+``DeferredStopCheck.is_supported`` (once per process, at the first patched ``generate``), and the
+wrapper answers as transformers does for every other cache. With a transformers that has no
+``DeferredStopCheck`` (5.13) nothing changes.
 """
 
 from __future__ import annotations

@@ -182,8 +182,8 @@ def test_captured_decode_equals_eager_reference(dtype, heads, kv_heads):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_captured_decode_with_the_flush_kernel_equals_without(monkeypatch, dtype):
     """``leank.flush_kernel.ENABLED`` (the Triton flush, the default on CUDA): the captured generate() gives the
-    same logits as with the PyTorch-indexing flush (``ENABLED = False``), through the same ragged batch and its flushes (the flush only
-    copies rows, so any difference is a wrong row)."""
+    same logits as with the PyTorch-indexing flush (``ENABLED = False``), through the same ragged batch and its
+    flushes (the flush only copies rows, so any difference is a wrong row)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from leank import flush_kernel
@@ -224,7 +224,8 @@ def test_deferred_stop_equals_synchronous_stop(monkeypatch, dtype):
     ids, am = _ragged_batch([23, 300, 517], "cuda")
     built = []
     real_init = gen_utils.DeferredStopCheck.__init__
-    monkeypatch.setattr(gen_utils.DeferredStopCheck, "__init__", lambda self, *a, **k: built.append(1) or real_init(self, *a, **k))
+    monkeypatch.setattr(gen_utils.DeferredStopCheck, "__init__",
+                        lambda self, *a, **k: built.append(1) or real_init(self, *a, **k))
 
     def conversation(enabled, eos):
         monkeypatch.setattr(defer, "ENABLED", enabled)
