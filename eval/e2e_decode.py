@@ -20,7 +20,9 @@ not depend on the values). For each model, prompt length and batch size it runs
 - ``leank-dense``: the same captured LeanK path with every channel kept (nothing pruned);
 - ``leank-eager``: ``leank`` with ``capture=False``;
 - ``leank-autotune`` (only when named in ``--methods``): ``leank`` compiled with
-  ``compile_mode="max-autotune-no-cudagraphs"``.
+  ``compile_mode="max-autotune-no-cudagraphs"``;
+- ``leank-unbalanced`` (only when named in ``--methods``; differs from ``leank`` under ``torchrun``
+  only): ``leank`` with ``tp_balance=False``, each rank keeping transformers' contiguous KV heads.
 
 Every row also reports the byte floor of a decode step: (the weight bytes the step reads + the
 K/V bytes it reads) / the device-to-device copy bandwidth measured in the same run (an
@@ -80,8 +82,9 @@ if __package__ in (None, ""):  # `python eval/e2e_decode.py` from a checkout
 from eval import common  # noqa: E402
 
 METHODS = ("dense-static", "dense-dynamic", "leank", "leank-unfused", "leank-graph", "leank-dense", "leank-eager")
-# run only when named in --methods (Inductor autotuning costs minutes of compile per batch size)
-EXTRA_METHODS = ("leank-autotune",)
+# run only when named in --methods (Inductor autotuning costs minutes of compile per batch size; leank-unbalanced
+# equals leank outside torchrun)
+EXTRA_METHODS = ("leank-autotune", "leank-unbalanced")
 # what each method is, for the JSON and the README
 METHOD_DOC = {
     "dense-static": "unpatched model, transformers' static cache; transformers compiles the decode step "
@@ -100,6 +103,8 @@ METHOD_DOC = {
     "leank-eager": "leank with capture=False (every decode step eager)",
     "leank-autotune": "leank with compile_mode='max-autotune-no-cudagraphs': Inductor benchmarks Triton "
                       "matrix-product templates against cuBLAS for the step's products",
+    "leank-unbalanced": "leank with tp_balance=False: under tensor parallelism each rank keeps transformers' "
+                        "contiguous KV heads instead of heads reordered so that the ranks' K/V bytes are even",
 }
 # --tiny: every code path in about a minute on a 2-core CPU (the window is small so the archive fills)
 TINY_SIZES = dict(lengths=[96], batches=[1, 2], warmup=1, steps=6, dense_prefill_chunk=32, sink=8, recent=16,
@@ -354,7 +359,8 @@ def method_setups(model, family: str, args, need_mask: bool = True) -> tuple:
                   "leank-unfused": (mask, dataclasses.replace(lcfg, fuse_projections=False)),
                   "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
                   "leank-eager": (mask, dataclasses.replace(lcfg, capture=False)),
-                  "leank-autotune": (mask, dataclasses.replace(lcfg, compile_mode="max-autotune-no-cudagraphs"))}
+                  "leank-autotune": (mask, dataclasses.replace(lcfg, compile_mode="max-autotune-no-cudagraphs")),
+                  "leank-unbalanced": (mask, dataclasses.replace(lcfg, tp_balance=False))}
 
 
 def method_context(model, setups: dict, method: str):

@@ -42,6 +42,12 @@ class LeanKConfig:
             unchanged). Under tensor parallelism each rank fuses its own column shards (and
             ``o_proj`` / ``down_proj`` keep their all-reduce). False records transformers'
             forward with its separate products.
+        tp_balance: under tensor parallelism, reorder each layer's KV heads across the
+            ranks (with their query heads and ``o_proj`` columns: the same function) so
+            that every rank stores and reads about the same K/V bytes; without it the rank
+            holding more kept channels sets each layer's pace at the all-reduce
+            (``leank.tp``). ``leank.unpatch`` restores the order. False keeps transformers'
+            contiguous split.
 
     Buffers are sized by what a call needs (prompt + ``max_new_tokens``), never by these
     maxima alone, so a large ``recent`` costs nothing for short prompts.
@@ -56,6 +62,7 @@ class LeanKConfig:
     compile_decode: bool = True
     compile_mode: str = "default"
     fuse_projections: bool = True
+    tp_balance: bool = True
 
     def __post_init__(self) -> None:
         for name in ("sink", "recent"):
@@ -64,7 +71,7 @@ class LeanKConfig:
                 raise ValueError(f"{name}: expected an int in [0, {MAX_ROWS}] (lengths are int32), got {v!r}")
         if not isinstance(self.flush_every, int) or isinstance(self.flush_every, bool) or not 1 <= self.flush_every <= MAX_ROWS:
             raise ValueError(f"flush_every: expected an int in [1, {MAX_ROWS}], got {self.flush_every!r}")
-        for name in ("capture", "compile_decode", "fuse_projections"):
+        for name in ("capture", "compile_decode", "fuse_projections", "tp_balance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.sink + self.recent < 1:

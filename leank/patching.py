@@ -8,9 +8,13 @@
    that have one) supplies a fresh ``LeanKCache`` sized for the call when the caller
    passes no cache, and for the duration of the call lets ``leank.capture`` serve the
    decode steps as CUDA graphs (``LeanKConfig.capture``);
-3. ``model._leank`` records the mask, the config and what to restore.
+3. ``model._leank`` records the mask, the config and what to restore;
+4. under tensor parallelism (``LeanKConfig.tp_balance``), each layer's attention weights
+   are permuted by KV head across the ranks so that the ranks' K/V bytes are even
+   (``leank.tp``; the model computes the same function). A tensor-parallel ``patch`` and
+   ``unpatch`` are collectives: every rank calls them.
 
-Weights are never touched. A patch that fails part-way leaves the model as it was.
+No other weight value changes. A patch that fails part-way leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class PatchState:
     config: LeanKConfig
     original_attn_implementation: Optional[str]
     runner: object = None  # leank.capture.DecodeGraphRunner, created on first generate
+    head_order: object = None  # tensor parallel: [layers, kv_heads] order the weights were permuted to (leank.tp)
     emulate_capture: bool = False  # tests: exercise the capture bookkeeping on the CPU
 
 
@@ -87,14 +92,15 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
         raise ValueError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
     family = family_for(cfg)
     mask = resolve_mask(masks, cfg, context_set=context_set, allow_fallback=allow_fallback)
-    mask = shard_mask_for(model, mask)  # tensor parallel: keep this rank's KV heads (leank.tp)
     config = config or LeanKConfig()
     if not isinstance(config, LeanKConfig):
         raise ValueError(f"config: expected a LeanKConfig, got {type(config).__name__}")
+    # tensor parallel: keep this rank's KV heads, reordered across the ranks first (leank.tp; a collective)
+    mask, head_order = shard_mask_for(model, mask, balance=config.tp_balance)
     _register()
-    state = PatchState(mask, config, cfg._attn_implementation)
-    model.set_attn_implementation("leank")
+    state = PatchState(mask, config, cfg._attn_implementation, head_order=head_order)
     try:
+        model.set_attn_implementation("leank")
         setattr(model, _STATE_ATTR, state)
         if callable(getattr(type(model), "generate", None)):
             model.generate = functools.partial(_generate, model, type(model).generate)
@@ -102,6 +108,7 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
         model.__dict__.pop("generate", None)
         model.__dict__.pop(_STATE_ATTR, None)
         model.set_attn_implementation(state.original_attn_implementation)
+        _restore_heads(model, state)
         raise
     logger.info(
         "leank: patched %s (%s, mask sparsity %.1f%%, sink=%d recent=%d flush_every=%d backend=%s capture=%s)",
@@ -117,7 +124,8 @@ def _sparsity(mask) -> float:
 
 
 def unpatch(model):
-    """Undo ``patch``: restore the attention implementation and ``generate``; weights untouched.
+    """Undo ``patch``: restore the attention implementation, ``generate`` and, under tensor
+    parallelism, the KV head order of the attention weights (a collective).
 
     The captured decode step's graphs are released first (``DecodeGraphRunner.release``); under
     tensor parallelism call this before ``torch.distributed.destroy_process_group()``, which
@@ -131,10 +139,20 @@ def unpatch(model):
             state.runner.release()
             state.runner = None
         model.set_attn_implementation(state.original_attn_implementation)
+        _restore_heads(model, state)
     finally:
         model.__dict__.pop("generate", None)
         delattr(model, _STATE_ATTR)
     return model
+
+
+def _restore_heads(model, state: PatchState) -> None:
+    """Put KV heads that ``patch`` reordered across tensor-parallel ranks back (a collective)."""
+    from .tp import restore_heads, shard_of
+
+    if state.head_order is not None:
+        restore_heads(model, state.head_order, shard_of(state.mask))
+        state.head_order = None
 
 
 def new_cache(model):

@@ -17,6 +17,15 @@ The rank's heads are read from the model itself, never from a private mesh attri
   ``tp = rows_expected / rows_local`` and ``r`` is the ``torch.distributed`` rank, which is only
   unambiguous when the world is the tensor-parallel group (otherwise ``ValueError``).
 
+Balancing (``LeanKConfig.tp_balance``, on by default): a LeanK mask keeps different channel
+counts per head, so the contiguous split can hand one rank much more K/V to read than the
+other, and every layer's all-reduce then waits for the heavier rank (the published Llama mix
+at tp=2: the slowest rank reads 12% more than the mean, summed over layers). ``leank.patch``
+therefore reorders each layer's KV heads (with their query heads, ``o_proj``'s columns and
+q/k/v biases) so the ranks' K/V bytes per token are as even as whole heads allow
+(:func:`balanced_order`); the model computes the same function, only the ranks' partial sums
+in ``o_proj``'s all-reduce group heads differently. ``leank.unpatch`` puts the heads back.
+
 Sampling: every rank computes the same (all-reduced, gathered) logits, so ranks pick the same
 token iff their random generators agree. transformers does nothing about that (``generate``
 draws from the default generator of each process), so a patched ``generate`` broadcasts the
@@ -172,20 +181,227 @@ def detect(model) -> Optional[TPShard]:
     return shard
 
 
-def slice_mask(mask, shard: TPShard):
-    """The part of a whole-model ``ChannelMask`` that ``shard``'s rank uses: ``keep[:, kv_start:kv_stop]``."""
+def slice_mask(mask, shard: TPShard, order: Optional[torch.Tensor] = None):
+    """The part of a whole-model ``ChannelMask`` that ``shard``'s rank uses.
+
+    Args:
+        mask: the whole model's mask, ``keep [layers, num_kv_heads, head_dim]``.
+        shard: the rank's place in the tensor-parallel group.
+        order: int64 ``[layers, num_kv_heads]`` from :func:`balanced_order` (slot ``j`` of layer
+            ``l`` holds original head ``order[l, j]``), or ``None`` for the model's own order.
+
+    Returns ``keep[:, kv_start:kv_stop]`` of the (reordered) heads; its metadata's
+    ``tensor_parallel`` entry names the rank and, when reordered, the original heads it holds
+    per layer (``head_ids``).
+    """
     if mask.num_kv_heads != shard.num_kv_heads:
         raise ValueError(f"mask: expected {shard.num_kv_heads} KV heads (the whole model's), got {mask.num_kv_heads}")
-    keep = mask.keep[:, shard.kv_start:shard.kv_stop].clone()
-    local = dataclasses.replace(mask, keep=keep, metadata={**mask.metadata, "tensor_parallel": shard.as_dict()})
+    keep = mask.keep
+    info = shard.as_dict()
+    if order is not None:
+        if tuple(order.shape) != tuple(keep.shape[:2]):
+            raise ValueError(f"order: expected shape {tuple(keep.shape[:2])} (layers, num_kv_heads), got {tuple(order.shape)}")
+        keep = keep.gather(1, order[:, :, None].expand(keep.shape).to(keep.device))
+        info["head_ids"] = order[:, shard.kv_start:shard.kv_stop].tolist()
+    local = dataclasses.replace(mask, keep=keep[:, shard.kv_start:shard.kv_stop].clone(),
+                                metadata={**mask.metadata, "tensor_parallel": info})
     setattr(local, _SHARD_ATTR, shard)
     return local
 
 
-def shard_mask_for(model, mask):
-    """``mask`` (validated against the whole model) as this rank needs it: sliced when ``model`` is TP."""
+def shard_mask_for(model, mask, balance: bool = False):
+    """``mask`` (validated against the whole model) as this rank needs it, and the head order applied.
+
+    Returns ``(mask, order)``: ``mask`` unchanged and ``order=None`` when ``model`` is not
+    tensor-parallel; else the rank's slice. With ``balance``, each layer's KV heads are first
+    reordered across the ranks (:func:`balanced_order`) and the model's attention weights
+    permuted to match (:func:`permute_heads`, a collective); ``order`` is what
+    :func:`restore_heads` needs to undo it (``None`` when no layer was reordered).
+    """
     shard = detect(model)
-    return mask if shard is None else slice_mask(mask, shard)
+    if shard is None:
+        return mask, None
+    order = balanced_order(mask, shard.size) if balance else None
+    if order is not None:
+        problem = _layout_problem(model, shard)
+        if problem is not None:
+            from .diagnostics import warn_once
+
+            warn_once(__name__, f"leank: KV heads not balanced across tensor-parallel ranks: {problem}; each rank keeps "
+                      "its contiguous heads (exact, but the rank with more K/V sets every layer's pace)")
+            order = None
+    _check_same_on_all_ranks(mask, order, shard)
+    if order is not None:
+        permute_heads(model, order, shard)
+    return slice_mask(mask, shard, order), order
+
+
+def head_costs(mask) -> torch.Tensor:
+    """int64 ``[layers, num_kv_heads]``: channels a head stores per token in a LeanK cache
+    (its kept K channels, plus V's ``head_dim`` unless every K channel is pruned)."""
+    kept = mask.keep.sum(-1).long().cpu()
+    return kept + mask.head_dim * (kept > 0).long()
+
+
+def _partition(costs: list, size: int) -> list:
+    """Heads in rank order (``len(costs) / size`` per rank, ascending within a rank) whose heaviest
+    rank is as light as a greedy fill and pairwise swaps find; the contiguous order when that
+    is not lighter than it already is."""
+    n = len(costs) // size
+    identity = list(range(len(costs)))
+    contiguous_max = max(sum(costs[r * n:(r + 1) * n]) for r in range(size))
+    bins: list = [[] for _ in range(size)]
+    loads = [0] * size
+    for h in sorted(identity, key=lambda h: (-costs[h], h)):  # heaviest first, into the lightest open rank
+        r = min((r for r in range(size) if len(bins[r]) < n), key=lambda r: (loads[r], r))
+        bins[r].append(h)
+        loads[r] += costs[h]
+    while True:  # swap a head of the heaviest rank with a lighter head elsewhere while the maximum falls
+        hi = max(range(size), key=lambda r: (loads[r], -r))
+        best = None
+        for lo in range(size):
+            others = max([loads[r] for r in range(size) if r not in (hi, lo)], default=0)
+            for a in bins[hi]:
+                for b in bins[lo]:
+                    d = costs[a] - costs[b]
+                    if lo != hi and d > 0:
+                        peak = max(loads[hi] - d, loads[lo] + d, others)
+                        if peak < loads[hi] and (best is None or peak < best[0]):
+                            best = (peak, lo, a, b)
+        if best is None:
+            break
+        _, lo, a, b = best
+        bins[hi][bins[hi].index(a)], bins[lo][bins[lo].index(b)] = b, a
+        d = costs[a] - costs[b]
+        loads[hi] -= d
+        loads[lo] += d
+    if max(loads) >= contiguous_max:
+        return identity
+    return [h for b in bins for h in sorted(b)]
+
+
+def balanced_order(mask, size: int) -> Optional[torch.Tensor]:
+    """Per layer, an order of the KV heads that evens the ranks' K/V bytes under ``size``-way TP.
+
+    Rank ``r`` holds slots ``[r*n, (r+1)*n)`` (``n = num_kv_heads / size``) of each layer;
+    slot ``j`` of layer ``l`` holds original head ``order[l, j]``. A layer keeps its own order
+    unless reordering lowers its heaviest rank's bytes (:func:`head_costs`).
+
+    Returns int64 ``[layers, num_kv_heads]``, or ``None`` when no layer is reordered (every
+    channel kept, ``size == 1``, or the contiguous split already as even as it gets).
+    """
+    if size < 1 or mask.num_kv_heads % size:
+        raise ValueError(f"size: expected a divisor of num_kv_heads={mask.num_kv_heads}, got {size}")
+    costs = head_costs(mask).tolist()
+    order = torch.tensor([_partition(c, size) for c in costs], dtype=torch.long)
+    if torch.equal(order, torch.arange(mask.num_kv_heads).expand_as(order)):
+        return None
+    return order
+
+
+def rank_loads(mask, size: int, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 ``[layers, size]``: channels per token each rank's heads store, in ``order``."""
+    costs = head_costs(mask)
+    if order is not None:
+        costs = costs.gather(1, order)
+    return costs.view(costs.shape[0], size, -1).sum(-1)
+
+
+def _check_same_on_all_ranks(mask, order: Optional[torch.Tensor], shard: TPShard) -> None:
+    """Every rank must slice the same mask (and reorder alike): a rank given another mask would
+    attend with the wrong channels, and a reorder would scramble the weights."""
+    import torch.distributed as dist
+
+    mine = torch.cat([mask.keep.reshape(-1).long().cpu(),
+                      (order if order is not None else torch.full((1,), -1)).reshape(-1)])
+    sig = torch.tensor([mine.numel(), int((mine * torch.arange(1, mine.numel() + 1)).sum() % (2**61 - 1))])
+    device = _comm_device(shard.group, mask.keep.device)
+    parts = [torch.empty_like(sig, device=device) for _ in range(shard.size)]
+    dist.all_gather(parts, sig.to(device), group=shard.group)
+    if any(not torch.equal(p.cpu(), sig) for p in parts):
+        raise ValueError("masks: expected the same mask on every tensor-parallel rank (each rank slices its heads from "
+                         "it), got different masks on different ranks")
+
+
+def _attention_projections(model) -> list:
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise ValueError(f"model: expected decoder layers at model.model.layers to reorder heads, got a "
+                         f"{type(model).__name__} without them")
+    return [layer.self_attn for layer in layers]
+
+
+def _layout_problem(model, shard: TPShard) -> Optional[str]:
+    """Why :func:`permute_heads` cannot move heads between this model's shards, or None: q/k/v
+    must hold an even share of their output rows and ``o_proj`` of its input columns."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    want = {"q_proj": (0, heads * head_dim), "k_proj": (0, shard.num_kv_heads * head_dim),
+            "v_proj": (0, shard.num_kv_heads * head_dim), "o_proj": (1, heads * head_dim)}
+    for i, attn in enumerate(_attention_projections(model)):
+        for name, (dim, total) in want.items():
+            w = getattr(getattr(attn, name, None), "weight", None)
+            if not isinstance(w, torch.Tensor):
+                return f"layer {i} has no {name}.weight"
+            got = _local(w).shape[dim]
+            if got * shard.size != total:
+                return (f"layer {i} {name}.weight holds {got} of {total} {'rows' if dim == 0 else 'columns'} on this "
+                        f"rank, expected {total // shard.size} (an even share over tp={shard.size})")
+    return None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if type(t).__name__ == "DTensor" else t
+
+
+def _permute_shard(param: torch.Tensor, dim: int, blocks: int, order: torch.Tensor, shard: TPShard) -> None:
+    """Rewrite this rank's shard of ``param`` (split over ranks along ``dim``, ``blocks`` equal
+    blocks along ``dim`` globally) as the shard of the global tensor with its blocks in ``order``.
+    A collective: every rank gathers the whole tensor. Writes in place (views stay views)."""
+    import torch.distributed as dist
+
+    local = _local(param)
+    with torch.no_grad():
+        src = local.detach().contiguous()
+        parts = [torch.empty_like(src) for _ in range(shard.size)]
+        dist.all_gather(parts, src, group=shard.group)
+        whole = torch.cat(parts, dim)
+        shape = list(whole.shape)
+        grouped = whole.reshape(*shape[:dim], blocks, shape[dim] // blocks, *shape[dim + 1:])
+        whole = grouped.index_select(dim, order.to(whole.device)).reshape(shape)
+        local.copy_(whole.narrow(dim, shard.rank * local.shape[dim], local.shape[dim]))
+
+
+def permute_heads(model, order: torch.Tensor, shard: TPShard) -> None:
+    """Reorder each layer's KV heads across the ranks: slot ``j`` of layer ``l`` gets head ``order[l, j]``.
+
+    Moves, per reordered layer, ``k_proj``/``v_proj`` rows (and biases) by KV head, ``q_proj``
+    rows (and bias) by the KV head's query group and ``o_proj`` columns by the same group, so
+    the model computes the same function. A collective (each rank gathers the layer's
+    projections once); every rank must call it with the same ``order``.
+    """
+    attns = _attention_projections(model)
+    if len(attns) != order.shape[0]:
+        raise ValueError(f"order: expected {len(attns)} layers (the model's), got {order.shape[0]}")
+    kv = shard.num_kv_heads
+    identity = torch.arange(kv)
+    moved = 0
+    for attn, o in zip(attns, order):
+        if torch.equal(o, identity):
+            continue
+        for name, dim in (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1)):
+            lin = getattr(attn, name)
+            _permute_shard(lin.weight, dim, kv, o, shard)
+            if dim == 0 and lin.bias is not None:
+                _permute_shard(lin.bias, 0, kv, o, shard)
+        moved += 1
+    logger.info("leank.tp: reordered the KV heads of %d of %d layers across %d ranks", moved, len(attns), shard.size)
+
+
+def restore_heads(model, order: torch.Tensor, shard: TPShard) -> None:
+    """Undo :func:`permute_heads` (a collective)."""
+    permute_heads(model, torch.argsort(order, dim=1), shard)
 
 
 def shard_of(mask) -> Optional[TPShard]:

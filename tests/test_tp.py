@@ -25,6 +25,7 @@ This file is also the worker script: ``torchrun --nproc_per_node 2 tests/test_tp
 from __future__ import annotations
 
 import faulthandler
+import itertools
 import os
 import subprocess
 import sys
@@ -43,7 +44,8 @@ from leank.cache import LeanKCache  # noqa: E402
 from leank.fused_decode import _bypass_reason  # noqa: E402
 from leank.masks import ChannelMask  # noqa: E402
 from leank.patching import cache_kwarg  # noqa: E402
-from leank.tp import TPShard, detect, rank_report, shard_from_rows, shard_of, slice_mask, sync_sampling_rng  # noqa: E402
+from leank.tp import (TPShard, balanced_order, detect, rank_report, shard_from_rows, shard_of, slice_mask,  # noqa: E402
+                      sync_sampling_rng)
 from tests.oracle import sparse_keep, tiny_model  # noqa: E402
 
 CFG = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference")
@@ -156,11 +158,14 @@ def _worker(out: str, variant: str) -> None:
         shard = detect(model)
         emulate = variant == "cpu" and kind == "qwen2"  # the captured step's path (decode op + host part) under TP
         cfg = _config(variant)  # emulated runner steps compile the decode forward (DTensor ops + the LeanK op)
+        before = _attention_shards(model)
         leank.patch(model, masks=_mask(kind, variant), config=cfg)
+        results[kind] = {"head_order": model._leank.head_order,
+                         "moved": not all(torch.equal(a, b) for a, b in zip(before, _attention_shards(model)))}
         model._leank.emulate_capture = emulate
         print(f"rank {rank}: {kind} ({variant}) patched at {time.perf_counter() - t0:.1f} s, generating",
               file=sys.stderr, flush=True)
-        results[kind] = _run(model, device)
+        results[kind].update(_run(model, device))
         runner = model._leank.runner
         results[kind]["replays"] = runner.replays if runner is not None else 0
         results[kind]["compiled_steps"] = runner.compiled_steps if runner is not None else 0
@@ -179,6 +184,17 @@ def _worker(out: str, variant: str) -> None:
         # below never returns (2 x H200: both ranks finished, then hung there until the watchdog)
         leank.unpatch(model)
         assert runner is None or (runner._graph is None and not runner._flush_graphs)
+        # the heads patch reordered across the ranks are back, bit for bit (the fused buffers stay)
+        results[kind]["restored"] = all(torch.equal(a, b) for a, b in zip(before, _attention_shards(model)))
+    # a rank given another mask than the others: refused on every rank, model left unpatched
+    other = _tp_model("qwen2", variant, device)
+    keep = _keep("llama" if rank == 1 else "qwen2", variant)  # both valid masks, different ones
+    try:
+        leank.patch(other, masks=ChannelMask(keep=keep, align=VARIANTS[variant]["align"]), config=_config(variant))
+        results["mismatch_error"] = None
+    except ValueError as e:
+        results["mismatch_error"] = str(e)
+    results["mismatch_unpatched"] = not leank.is_patched(other)
     odd = _tp_model("llama", variant, device, kv_heads=3, heads=6)  # 3 KV heads cannot be split over 2 ranks
     try:
         leank.patch(odd, masks=ChannelMask(keep=torch.ones(2, 3, VARIANTS[variant]["head_dim"], dtype=torch.bool),
@@ -190,6 +206,17 @@ def _worker(out: str, variant: str) -> None:
     dist.barrier()
     dist.destroy_process_group()
     faulthandler.cancel_dump_traceback_later()
+
+
+def _attention_shards(model) -> list:
+    """Copies of this rank's attention weights and biases (local shards), layer by layer."""
+    out = []
+    for layer in model.model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(layer.self_attn, name)
+            out += [p.to_local().detach().clone() if hasattr(p, "to_local") else p.detach().clone()
+                    for p in (lin.weight, lin.bias) if p is not None]
+    return out
 
 
 # seconds after which a rank dumps its threads' stacks and exits (below the tests' waits: 300 s on CPU,
@@ -246,6 +273,69 @@ def test_slice_mask_keeps_the_ranks_heads_and_reports_per_rank():
     assert (report["tp_rank"], report["tp_size"], report["kv_heads"], report["all_ranks"]) == (1, 2, [2, 4], False)
 
 
+def _best_split(costs: list, size: int) -> int:
+    """The lightest heaviest-rank load over every way to deal the heads out, ``len / size`` per rank (brute force)."""
+    n = len(costs) // size
+
+    def best(rest: tuple) -> int:
+        if not rest:
+            return 0
+        first, others = rest[0], rest[1:]
+        return min(max(costs[first] + sum(costs[h] for h in pick), best(tuple(h for h in others if h not in pick)))
+                   for pick in itertools.combinations(others, n - 1))
+
+    return best(tuple(range(len(costs))))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_balanced_order_evens_the_ranks_kv_bytes(family, size):
+    """The published kept-count mixes at random heads: the reorder is a permutation per layer, each rank's
+    heads ascending, never heavier than the contiguous split, and as light as brute force finds."""
+    from leank.mixes import LLAMA_MIX, QWEN_MIX, mix_mask
+    from leank.tp import head_costs, rank_loads
+
+    layers, kv = (32, 8) if family == "llama" else (28, 4)
+    for seed in range(3):
+        mask = mix_mask(layers, kv, 128, mix=LLAMA_MIX if family == "llama" else QWEN_MIX, seed=seed)
+        order = balanced_order(mask, size)
+        costs = head_costs(mask)
+        assert costs.shape == (layers, kv) and set(costs.unique().tolist()) <= {0, 160, 192, 224, 256}
+        before, after = rank_loads(mask, size), rank_loads(mask, size, order)
+        assert torch.equal(before.sum(1), after.sum(1)) and torch.equal(before.sum(1), costs.sum(1))
+        assert (after.max(1).values <= before.max(1).values).all()
+        want = torch.tensor([_best_split(c, size) for c in costs.tolist()])
+        assert torch.equal(after.max(1).values, want), (family, size, seed)
+        if family == "qwen" and size == 4:  # one head per rank: nothing to move
+            assert order is None
+            continue
+        assert order is not None and (after.max(1).values < before.max(1).values).any()
+        for row in order.tolist():
+            assert sorted(row) == list(range(kv))
+            assert all(blk == sorted(blk) for blk in (row[r * kv // size:(r + 1) * kv // size] for r in range(size)))
+        # rows that would not get lighter keep the model's order
+        same = after.max(1).values == before.max(1).values
+        assert torch.equal(order[same], torch.arange(kv).expand(int(same.sum()), kv))
+
+
+def test_balanced_order_edge_cases():
+    from leank.tp import rank_loads
+
+    full = ChannelMask(keep=torch.ones(3, 4, 32, dtype=torch.bool), align=8)
+    assert balanced_order(full, 2) is None and balanced_order(full, 1) is None
+    pruned = ChannelMask(keep=torch.zeros(3, 4, 32, dtype=torch.bool), align=8)  # every head all-pruned
+    assert balanced_order(pruned, 2) is None and rank_loads(pruned, 2).sum() == 0
+    keep = torch.zeros(1, 4, 32, dtype=torch.bool)
+    keep[0, :2, :8] = True  # the two kept heads on rank 0: one moves to rank 1
+    order = balanced_order(ChannelMask(keep=keep, align=8), 2)
+    assert order.tolist() == [[0, 2, 1, 3]] and rank_loads(ChannelMask(keep=keep, align=8), 2, order).tolist() == [[40, 40]]
+    with pytest.raises(ValueError, match="size: expected a divisor of num_kv_heads=4, got 3"):
+        balanced_order(full, 3)
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="tp_balance: expected True or False"):
+            LeanKConfig(tp_balance=bad)
+
+
 def test_single_process_model_is_not_tensor_parallel_and_reports_rank_zero_of_one():
     model = tiny_model("qwen2")
     assert detect(model) is None
@@ -296,14 +386,22 @@ def _load_ranks(out) -> list:
 
 def _check_common(ranks: list, ref: dict, variant: str) -> None:
     """What holds in every variant: heads, slices, cache layout, sampling agreement, byte totals, refusal."""
+    reordered = []
     for kind in KINDS:
         want = ref[kind]
         assert max(want["arch_len"]) > 0 and max(w + a for w, a in zip(want["win_len"], want["arch_len"])) > 40, \
             "archive and flushes must be in use"
+        order = balanced_order(_mask(kind, variant), 2)  # None: this mask's contiguous split is as even as it gets
+        reordered.append(order is not None)
+        keep = _keep(kind, variant)
+        if order is not None:
+            keep = keep.gather(1, order[:, :, None].expand(keep.shape))
         for r, got in enumerate(ranks):
             g = got[kind]
             assert g["shard"] == {"rank": r, "size": 2, "num_kv_heads": 4, "kv_heads": [2 * r, 2 * r + 2]}
-            assert torch.equal(g["local_keep"], _keep(kind, variant)[:, 2 * r:2 * r + 2])
+            assert (g["head_order"] is None) == (order is None) and (order is None or torch.equal(g["head_order"], order))
+            assert g["moved"] == (order is not None) and g["restored"], (kind, r, g["moved"], g["restored"])
+            assert torch.equal(g["local_keep"], keep[:, 2 * r:2 * r + 2])
             assert g["win_len"] == want["win_len"] and g["arch_len"] == want["arch_len"]
             assert torch.equal(g["sampled"], ranks[0][kind]["sampled"]), f"{kind}: rank {r} sampled other tokens than rank 0"
             rep, tot = g["report"], g["report_all"]
@@ -313,9 +411,12 @@ def _check_common(ranks: list, ref: dict, variant: str) -> None:
                 assert tot[key] == want["report"][key], (kind, key, tot[key], want["report"][key])
             assert 0 < rep["leank_bytes"] < tot["leank_bytes"]
         assert sum(got[kind]["report"]["leank_bytes"] for got in ranks) == want["report"]["leank_bytes"]
+    assert any(reordered) and not all(reordered), f"one kind must be reordered across ranks, one not: {reordered}"
     for got in ranks:
         msg = got["odd_error"]
         assert msg is not None and "num_key_value_heads" in msg and "tp=2" in msg and "=3" in msg, msg
+        msg = got["mismatch_error"]
+        assert msg is not None and "same mask on every tensor-parallel rank" in msg and got["mismatch_unpatched"], msg
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
