@@ -55,8 +55,9 @@ Tensor parallel: ``torchrun --nproc-per-node N eval/e2e_decode.py ...`` runs eve
 ranks (NCCL on CUDA, gloo on CPU). Each rank builds the random model from the same seed and
 transformers' own TP plan for the family shards it (q/k/v colwise, o rowwise, as
 ``from_pretrained(..., distributed_config=DistributedConfig(tp_size=N))`` does); LeanK slices
-the mask to each rank's KV heads. Every row records ``tp`` and ``kv_bytes_per_rank``, and its
-floor counts one rank's weight and K/V bytes; rank 0 prints and writes. Run without torchrun
+the mask to each rank's KV heads. Every row records ``tp`` and ``kv_bytes_per_rank`` (rank 0's), and its
+floor counts one rank's weight bytes and, layer by layer, the K/V bytes of the rank with the most
+(``kv_bytes_slowest_rank``: each layer's all-reduce waits for that rank); rank 0 prints and writes. Run without torchrun
 for ``tp`` 1 on one device. ``llama3.1-70b`` is the Llama-3.1-70B width (80 layers unless
 ``--layers``), with the Llama kept-count mix in the same proportions.
 """
@@ -462,8 +463,25 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
     if hasattr(cache, "memory_report"):
         rep = cache.memory_report()
         res["report"] = {k: v for k, v in rep.items() if k != "layers"}
+        res["report"]["slowest_rank_share"] = slowest_rank_share(rep, device)
     del cache
     return res
+
+
+def slowest_rank_share(report: dict, device) -> float:
+    """Under tensor parallelism, sum over layers of the largest rank's K/V bytes over this rank's
+    sum (>= 1 on the lightest rank): each layer's all-reduce waits for the rank with the most K/V
+    to read, so that rank's bytes, layer by layer, bound the step. 1.0 in one process. A
+    collective: every rank calls it."""
+    import torch
+    import torch.distributed as dist
+
+    mine = [layer["k_bytes"] + layer["v_bytes"] for layer in report["layers"]]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not sum(mine):
+        return 1.0
+    most = torch.tensor(mine, dtype=torch.float64, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return float(most.sum().item() / sum(mine))
 
 
 def oom_safe(fn, *args):
@@ -544,13 +562,16 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
     if "report" in res:  # LeanK: the rows the cache holds (window at full width, archive compacted), this rank's
         held = batch * (length + new_tokens - 1)  # the last token is never fed back
         row["kv_bytes"] = int(res["report"]["leank_bytes"] * batch * mid / held)
-    else:  # dense: this rank's share of the KV heads
+        # per layer, the rank with the most K/V (every layer's all-reduce waits for it); this rank's in one process
+        row["kv_bytes_slowest_rank"] = int(row["kv_bytes"] * res["report"]["slowest_rank_share"])
+    else:  # dense: this rank's share of the KV heads, the same on every rank
         row["kv_bytes"] = batch * mid * kv_bytes_per_token(cfg, next(model.parameters()).element_size()) // args.tp
+        row["kv_bytes_slowest_rank"] = row["kv_bytes"]
     row["kv_bytes_per_rank"] = row["kv_bytes"]
     row["weight_bytes"] = weight_bytes
     row["weight_bytes_read"] = step_weight_bytes(model, batch)
     if args.copy_gbps:
-        row["floor_ms"] = (row["weight_bytes_read"] + row["kv_bytes"]) / (args.copy_gbps * 1e9) * 1e3
+        row["floor_ms"] = (row["weight_bytes_read"] + row["kv_bytes_slowest_rank"]) / (args.copy_gbps * 1e9) * 1e3
         row["pct_of_floor"] = 100 * row["floor_ms"] / row["latency_ms_median"]
     row["ms_per_token"] = row["latency_ms_median"]
     return row

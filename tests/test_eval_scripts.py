@@ -569,7 +569,8 @@ def test_e2e_decode_speculative_rows(tmp_path):
 @pytest.mark.skipif(not _has_tp_api(), reason="this transformers has no tensor-parallel prepare/maybe_distribute_model")
 def test_e2e_decode_tensor_parallel_rows(tmp_path):
     """``torchrun --nproc-per-node 2 eval/e2e_decode.py``: two gloo ranks shard the model with transformers'
-    TP plan; rows carry tp=2 and one rank's K/V bytes (dense: half of the single-process bytes); dense-static
+    TP plan; rows carry tp=2 and one rank's K/V bytes (dense: half of the single-process bytes) and the floor's
+    (per layer the heavier rank's); dense-static
     prefills its chunks eagerly into each rank's StaticCache (``static_prefill``) under TP too."""
     args = [*SMALL, "--models", "llama3.1-8b", "--methods", "dense-dynamic,dense-static,leank", "--lengths", "64",
             "--batches", "1", "--warmup", "1", "--steps", "3", "--no-max-batch"]
@@ -588,6 +589,11 @@ def test_e2e_decode_tensor_parallel_rows(tmp_path):
     report = r2["leank"]["report"]
     assert (report["tp_rank"], report["tp_size"], report["kv_heads"]) == (0, 2, [0, 1])
     assert 0 < r2["leank"]["kv_bytes_per_rank"] < r1["leank"]["kv_bytes"]
+    # the floor's K/V: per layer the heavier rank's, so at least half the whole and at least rank 0's
+    slowest = r2["leank"]["kv_bytes_slowest_rank"]
+    assert r2["leank"]["kv_bytes_per_rank"] <= slowest <= r1["leank"]["kv_bytes"] and 2 * slowest >= 0.999 * r1["leank"]["kv_bytes"]
+    assert r2["dense-dynamic"]["kv_bytes_slowest_rank"] == r2["dense-dynamic"]["kv_bytes_per_rank"]
+    assert all(r["kv_bytes_slowest_rank"] == r["kv_bytes"] for r in r1.values())  # one process
     assert res["models"][0]["weights_gib"] < json.loads(one.read_text())["models"][0]["weights_gib"]
 
 
