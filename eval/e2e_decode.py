@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "regime where prompts are prefilled in micro-batches; the one-shot prefill may exceed the "
                         "budget as long as the GPU holds it) or the whole generate() (default: %(default)s)")
     p.add_argument("--budget-length", type=common.int_k, default=16384, help="prompt length of the max-batch search (default: %(default)s)")
+    p.add_argument("--synthetic-prefill", action="store_true",
+                   help="LeanK methods only: fill each call's cache with random K/V as a prefill in chunks of "
+                        "--leank-prefill-chunk stores them (e2e_decode.synthetic_leank_cache), without running the "
+                        "model over the prompt; generate runs the model on the last prompt token, then decodes. Cache "
+                        "layout, sizes, decode steps and decode-phase memory are a real run's; prefill times and "
+                        "prefill peaks are not. For max-batch searches whose prefills would not fit a run's time "
+                        "(a 70B model at 128K). Recorded in the config and in every row (synthetic_prefill)")
     p.add_argument("--second-turn", type=common.int_k, default=0,
                    help="also time a follow-up message of this many tokens appended to each --lengths conversation "
                         "cache (time to the first new token), dense-dynamic vs leank with the same attention backend; "
@@ -235,6 +242,11 @@ def resolve_args(args) -> None:
                          f"{args.speculative_tokens}")
     if args.steps < 2 or args.warmup < 1:
         raise SystemExit("--steps: expected >= 2 and --warmup >= 1")
+    if args.synthetic_prefill:
+        bad = [m for m in args.methods if not m.startswith("leank")]
+        if bad or args.second_turn or args.speculative:
+            raise SystemExit(f"--synthetic-prefill: fills LeanK caches only and runs no --second-turn or --speculative; "
+                             f"got methods {bad}, --second-turn {args.second_turn}, --speculative {args.speculative}")
     if args.plot is None:
         args.plot = str(Path(args.out).with_suffix(".png"))
 
@@ -405,11 +417,55 @@ def static_prefill(model, input_ids, new_tokens: int, chunk: int):
     return cache
 
 
+def synthetic_leank_cache(model, batch: int, length: int, new_tokens: int, chunk: int, seed: int = 0):
+    """A ``LeanKCache`` of a patched ``model`` holding ``length`` tokens of random K/V per sequence, stored as
+    a prefill in chunks of ``chunk`` tokens stores them (``LeanKLayer.store_chunk``, after the same
+    ``reserve(new_tokens + 1)`` the patched ``generate`` makes), without running the model: the cache's
+    layout, sizes and allocations are a real prefill's, its values are not. For memory and decode-speed
+    runs whose prefill would take longer than the run may (``--synthetic-prefill``); under tensor
+    parallelism each rank fills its own heads."""
+    import torch
+
+    import leank
+
+    if length < 1 or chunk < 1:
+        raise ValueError(f"length, chunk: expected >= 1, got length={length}, chunk={chunk}")
+    cache = leank.new_cache(model)
+    cache.reserve(new_tokens + 1)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for layer in cache.layers:
+        kvh, head_dim = layer.keep.shape
+        for start in range(0, length, chunk):
+            n = min(chunk, length - start)
+            k = torch.randn(batch, kvh, n, head_dim, generator=gen, device=device, dtype=dtype)
+            v = torch.randn(batch, kvh, n, head_dim, generator=gen, device=device, dtype=dtype)
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            layer.store_chunk(k, v, None)
+            layer.seen_tokens += n
+            del k, v
+    return cache
+
+
 def generate_kwargs(model, method: str, input_ids, new_tokens: int, prefill_chunk: int = 0,
-                    logits_processor=None) -> dict:
+                    logits_processor=None, synthetic: bool = False) -> dict:
     """``greedy_kwargs`` of ``method`` for ``input_ids [batch, length]``. ``dense-static`` with ``prefill_chunk``
     gets its ``StaticCache`` here, prefilled by ``static_prefill`` with every prompt token but the last (call it
-    where the prefill is timed); every other method passes ``prefill_chunk`` to ``generate``."""
+    where the prefill is timed); every other method passes ``prefill_chunk`` to ``generate``. ``synthetic`` (LeanK
+    methods only): the cache comes from ``synthetic_leank_cache`` with every prompt token but the last, so
+    ``generate`` runs the model on the last one only."""
+    if synthetic:
+        from leank.patching import cache_kwarg
+
+        if not method.startswith("leank"):
+            raise ValueError(f"synthetic: a synthetic prefill fills LeanK caches only, got method {method!r}")
+        kwargs = greedy_kwargs(method, new_tokens, 0, logits_processor)
+        b, length = input_ids.shape
+        kwargs[cache_kwarg(model)] = synthetic_leank_cache(model, b, length - 1, new_tokens,
+                                                           prefill_chunk or length, seed=length + b)
+        return kwargs
     if method == "dense-static" and prefill_chunk > 0 and input_ids.shape[1] > 1:
         from leank.patching import cache_kwarg
 
@@ -420,11 +476,13 @@ def generate_kwargs(model, method: str, input_ids, new_tokens: int, prefill_chun
     return greedy_kwargs(method, new_tokens, prefill_chunk, logits_processor)
 
 
-def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0) -> dict:
+def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill_chunk: int = 0,
+                 synthetic: bool = False) -> dict:
     """One greedy ``generate`` with step timestamps and memory readings (model patched already for leank).
 
     ``dense-static`` with ``prefill_chunk`` prefills through ``static_prefill`` (``generate_kwargs``, timed as part
-    of the prefill)."""
+    of the prefill); ``synthetic`` fills a LeanK cache without running the model (``synthetic_leank_cache``,
+    timed and measured as the prefill)."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -440,7 +498,8 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
         base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
     clock.start()
-    kwargs = generate_kwargs(model, method, input_ids, new_tokens, prefill_chunk, LogitsProcessorList([clock]))
+    kwargs = generate_kwargs(model, method, input_ids, new_tokens, prefill_chunk, LogitsProcessorList([clock]),
+                             synthetic=synthetic)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     intervals = clock.intervals_ms()
@@ -532,6 +591,8 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
     import torch
 
     row = {"method": method, "tp": args.tp, "length": length, "batch": batch}
+    if args.synthetic_prefill:
+        row["synthetic_prefill"] = True  # the cache was filled with random K/V, not by the model: prefill_s is the fill's
     new_tokens = args.warmup + args.steps + 1  # the first token comes from the prefill
     est = estimate_gib(cfg, method, length, batch, new_tokens, mask, weight_bytes, args.tp)
     row["estimated_min_gib"] = est
@@ -551,7 +612,8 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
         row["row_warmup_s"] = time.perf_counter() - t0
         del res, warm
     ids = torch.randint(100, cfg.vocab_size, (batch, length), generator=gen).to(device)
-    res = oom_safe(run_generate, model, method, ids, new_tokens, device, prefill_chunk_for(method, args))
+    res = oom_safe(run_generate, model, method, ids, new_tokens, device, prefill_chunk_for(method, args),
+                   args.synthetic_prefill)
     if isinstance(res, str):
         row["status"] = res
         return row
@@ -707,7 +769,7 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
         if b not in results:
             gen = torch.Generator().manual_seed(args.seed + b)
             ids = torch.randint(100, cfg.vocab_size, (b, L), generator=gen).to(device)
-            res = oom_safe(run_generate, model, method, ids, new_tokens, device, chunk)
+            res = oom_safe(run_generate, model, method, ids, new_tokens, device, chunk, args.synthetic_prefill)
             results[b] = ranks_agree(None if isinstance(res, str) else res, ("decode_peak_gib", "peak_gib"), device)
         return results[b]
 
@@ -740,6 +802,7 @@ def max_batch_search(model, cfg, method: str, args, device, budget_gib: float, q
     r = results[b]
     stats = step_stats(r["intervals_ms"], args.warmup, b)
     return {"method": method, "status": "ok", "budget_gib": budget_gib, "budget_phase": args.budget_phase,
+            **({"synthetic_prefill": True} if args.synthetic_prefill else {}),
             "length": L, "predicted_batch": predicted, "max_batch": b, "decode_peak_gib": r["decode_peak_gib"],
             "prefill_peak_gib": r["prefill_peak_gib"], "kv_held_gib": r["kv_held_bytes"] / 2**30,
             "per_sequence_gib": per_seq, "fixed_gib": fixed, "tried": _tried(results, key),

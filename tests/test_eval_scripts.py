@@ -251,6 +251,73 @@ def test_generate_kwargs_prefill_per_method():
         assert got["prefill_chunk_size"] == 8 and cache_kwarg(model) not in got
 
 
+def _layer_state(cache) -> list:
+    return [(layer.win_len_host, layer.arch_len_host, layer.capacity, tuple(layer.win_k.shape), layer.seen_tokens,
+             [tuple(g.keys.shape) for g in layer.groups]) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("length,chunk", [(61, 16), (61, 61), (20, 8)])
+def test_synthetic_leank_cache_is_laid_out_as_a_chunked_prefill(length, chunk):
+    """``--synthetic-prefill``'s cache against the one ``generate(prefill_chunk_size=chunk)`` leaves after its
+    prefill: the same window and archive lengths, capacities, buffer shapes and byte counts (allocations
+    included), for a prompt past the window in several chunks, in one chunk, and one that stays in the window;
+    ``generate`` then decodes on it."""
+    import leank
+    from leank.masks import ChannelMask
+    from leank.patching import cache_kwarg, output_cache
+    from tests.oracle import sparse_keep
+
+    cfg = common.model_config("llama3.1-8b", layers=2, tiny=True)
+    model = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+    keep = sparse_keep(2, cfg.num_key_value_heads, cfg.head_dim, align=8, seed=3)
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AfterPrefill(StoppingCriteria):  # stop at the prefill's token: the cache as the prefill left it
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.ones(input_ids.shape[0], dtype=torch.bool)
+
+    # a small initial archive, so the archive is sized by what the call reserves for its 40 new tokens
+    leank.patch(model, masks=ChannelMask(keep=keep, align=8),
+                config=leank.LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference", initial_archive_capacity=4))
+    try:
+        ids = torch.randint(1, cfg.vocab_size, (3, length), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                 prefill_chunk_size=chunk, return_dict_in_generate=True, pad_token_id=0,
+                                 stopping_criteria=StoppingCriteriaList([AfterPrefill()]))
+        assert out.sequences.shape[1] == length + 1
+        real = output_cache(out)
+        fake = e2e_decode.synthetic_leank_cache(model, 3, length, 40, chunk)
+        assert _layer_state(fake) == _layer_state(real)
+        rep_real, rep_fake = real.memory_report(), fake.memory_report()
+        for key in ("leank_bytes", "dense_bytes", "k_bytes", "v_bytes", "allocated_bytes"):
+            assert rep_fake[key] == rep_real[key] > 0, key
+        if length > 12:
+            assert max(real.layers[0].arch_len_host) > 0, "the archive must be in use"
+        kw = e2e_decode.generate_kwargs(model, "leank", ids, 6, chunk, synthetic=True)
+        assert "prefill_chunk_size" not in kw and kw[cache_kwarg(model)].get_seq_length() == length - 1
+        with torch.no_grad():
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).sequences
+        assert seq.shape == (3, length + 6)
+        with pytest.raises(ValueError, match="fills LeanK caches only, got method 'dense-static'"):
+            e2e_decode.generate_kwargs(model, "dense-static", ids, 6, chunk, synthetic=True)
+    finally:
+        leank.unpatch(model)
+
+
+def test_e2e_decode_synthetic_prefill_rows(tmp_path):
+    out = tmp_path / "syn.json"
+    args = [*SMALL, "--models", "llama3.1-8b", "--lengths", "64", "--batches", "2", "--warmup", "1", "--steps", "5",
+            "--leank-prefill-chunk", "24", "--no-max-batch", "--out", str(out)]
+    assert e2e_decode.main([*args, "--methods", "leank,leank-dense", "--synthetic-prefill"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert {r["method"] for r in runs} == {"leank", "leank-dense"}
+    assert all(r["status"] == "ok" and r["synthetic_prefill"] and r["measured_steps"] == 5 for r in runs)
+    assert json.loads((tmp_path / "syn.config.json").read_text())["config"]["synthetic_prefill"] is True
+    with pytest.raises(SystemExit, match="--synthetic-prefill: fills LeanK caches only"):
+        e2e_decode.main([*args, "--methods", "leank,dense-dynamic", "--synthetic-prefill"])
+
+
 def test_step_stats_exact():
     s = e2e_decode.step_stats([1000.0, 50.0, 10.0, 20.0, 30.0, 40.0], warmup=1, batch=4)
     assert s["prefill_s"] == 1.0 and s["latency_ms_median"] == 25.0 and s["latency_ms_mean"] == 25.0
