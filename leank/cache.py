@@ -761,7 +761,9 @@ class LeanKCache(Cache):
         ``layers`` (per-layer dicts); ``tp_rank``, ``tp_size``, ``kv_heads`` (``[start, stop)``
         of the KV heads counted) and ``all_ranks``. Under tensor parallelism the bytes are this
         rank's (its KV heads only); ``all_ranks=True`` sums them over the tensor-parallel group
-        (a collective: call it on every rank). See ``leank.tp``.
+        (a collective: call it on every rank). When ``leank.patch`` reordered the heads across
+        the ranks (``LeanKConfig.tp_balance``), ``kv_heads`` counts positions in that order and
+        ``kv_head_ids`` lists, per layer, the model's own heads this rank holds. See ``leank.tp``.
         """
         if not isinstance(all_ranks, bool):
             raise ValueError(f"all_ranks: expected True or False, got {all_ranks!r}")

@@ -447,7 +447,8 @@ _SUMMED = ("k_bytes", "v_bytes", "dense_k_bytes", "dense_v_bytes", "allocated_by
 
 
 def rank_report(report: dict, mask, all_ranks: bool) -> dict:
-    """Add ``tp_rank``, ``tp_size``, ``kv_heads`` and ``all_ranks`` to a ``LeanKCache.memory_report``.
+    """Add ``tp_rank``, ``tp_size``, ``kv_heads``, ``all_ranks`` (and ``kv_head_ids`` when the heads
+    were reordered) to a ``LeanKCache.memory_report``.
 
     With ``all_ranks`` the byte counts (totals and per layer) are summed over the
     tensor-parallel group (a collective: every rank must call it); otherwise they are this
@@ -471,4 +472,7 @@ def rank_report(report: dict, mask, all_ranks: bool) -> dict:
         report["dense_bytes"] = report["dense_k_bytes"] + report["dense_v_bytes"]
         kv_heads = [0, shard.num_kv_heads]
     report.update(tp_rank=rank, tp_size=size, kv_heads=kv_heads, all_ranks=bool(all_ranks) or size == 1)
+    head_ids = getattr(mask, "metadata", {}).get("tensor_parallel", {}).get("head_ids")
+    if head_ids is not None and not report["all_ranks"]:  # heads reordered across the ranks: which ones it holds
+        report["kv_head_ids"] = head_ids
     return report

@@ -406,6 +406,8 @@ def _check_common(ranks: list, ref: dict, variant: str) -> None:
             assert torch.equal(g["sampled"], ranks[0][kind]["sampled"]), f"{kind}: rank {r} sampled other tokens than rank 0"
             rep, tot = g["report"], g["report_all"]
             assert (rep["tp_rank"], rep["tp_size"], rep["kv_heads"], rep["all_ranks"]) == (r, 2, [2 * r, 2 * r + 2], False)
+            assert rep.get("kv_head_ids") == (None if order is None else order[:, 2 * r:2 * r + 2].tolist())
+            assert "kv_head_ids" not in tot
             assert (tot["tp_rank"], tot["tp_size"], tot["kv_heads"], tot["all_ranks"]) == (r, 2, [0, 4], True)
             for key in ("leank_bytes", "dense_bytes", "k_bytes", "v_bytes"):
                 assert tot[key] == want["report"][key], (kind, key, tot[key], want["report"][key])
