@@ -355,10 +355,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if type(t).__name__ == "DTensor" else t
 
 
-def _permute_shard(param: torch.Tensor, dim: int, blocks: int, order: torch.Tensor, shard: TPShard) -> None:
-    """Rewrite this rank's shard of ``param`` (split over ranks along ``dim``, ``blocks`` equal
-    blocks along ``dim`` globally) as the shard of the global tensor with its blocks in ``order``.
-    A collective: every rank gathers the whole tensor. Writes in place (views stay views)."""
+def _permuted_shard(param: torch.Tensor, dim: int, blocks: int, order: torch.Tensor, shard: TPShard) -> torch.Tensor:
+    """This rank's shard of ``param`` (split over the ranks along ``dim``; ``blocks`` equal blocks along
+    ``dim`` globally) as it would be with the global blocks in ``order``: a new tensor. A collective:
+    every rank gathers the whole tensor."""
     import torch.distributed as dist
 
     local = _local(param)
@@ -370,7 +370,20 @@ def _permute_shard(param: torch.Tensor, dim: int, blocks: int, order: torch.Tens
         shape = list(whole.shape)
         grouped = whole.reshape(*shape[:dim], blocks, shape[dim] // blocks, *shape[dim + 1:])
         whole = grouped.index_select(dim, order.to(whole.device)).reshape(shape)
-        local.copy_(whole.narrow(dim, shard.rank * local.shape[dim], local.shape[dim]))
+        return whole.narrow(dim, shard.rank * local.shape[dim], local.shape[dim]).clone()
+
+
+def _permute_layer(attn, order: torch.Tensor, shard: TPShard) -> None:
+    """One layer's q/k/v rows (and biases) and ``o_proj`` columns in ``order``: every new shard is
+    gathered and built before any is written, so a failed collective leaves the layer as it was."""
+    new = []
+    for name, dim in (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1)):
+        lin = getattr(attn, name)
+        params = [(lin.weight, dim)] + ([(lin.bias, 0)] if dim == 0 and lin.bias is not None else [])
+        new += [(p, _permuted_shard(p, d, shard.num_kv_heads, order, shard)) for p, d in params]
+    with torch.no_grad():
+        for p, value in new:
+            _local(p).copy_(value)  # in place: the parameter (and a fused buffer it is a view of) keeps its storage
 
 
 def permute_heads(model, order: torch.Tensor, shard: TPShard) -> None:
@@ -379,24 +392,24 @@ def permute_heads(model, order: torch.Tensor, shard: TPShard) -> None:
     Moves, per reordered layer, ``k_proj``/``v_proj`` rows (and biases) by KV head, ``q_proj``
     rows (and bias) by the KV head's query group and ``o_proj`` columns by the same group, so
     the model computes the same function. A collective (each rank gathers the layer's
-    projections once); every rank must call it with the same ``order``.
+    projections once); every rank must call it with the same ``order``. If a layer fails, the
+    layers already reordered are put back before the error propagates.
     """
     attns = _attention_projections(model)
     if len(attns) != order.shape[0]:
         raise ValueError(f"order: expected {len(attns)} layers (the model's), got {order.shape[0]}")
-    kv = shard.num_kv_heads
-    identity = torch.arange(kv)
-    moved = 0
-    for attn, o in zip(attns, order):
-        if torch.equal(o, identity):
-            continue
-        for name, dim in (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1)):
-            lin = getattr(attn, name)
-            _permute_shard(lin.weight, dim, kv, o, shard)
-            if dim == 0 and lin.bias is not None:
-                _permute_shard(lin.bias, 0, kv, o, shard)
-        moved += 1
-    logger.info("leank.tp: reordered the KV heads of %d of %d layers across %d ranks", moved, len(attns), shard.size)
+    identity = torch.arange(shard.num_kv_heads)
+    done = []
+    try:
+        for attn, o in zip(attns, order):
+            if not torch.equal(o, identity):
+                _permute_layer(attn, o, shard)
+                done.append((attn, o))
+    except BaseException:
+        for attn, o in reversed(done):
+            _permute_layer(attn, torch.argsort(o), shard)
+        raise
+    logger.info("leank.tp: reordered the KV heads of %d of %d layers across %d ranks", len(done), len(attns), shard.size)
 
 
 def restore_heads(model, order: torch.Tensor, shard: TPShard) -> None:

@@ -336,6 +336,52 @@ def test_balanced_order_edge_cases():
             LeanKConfig(tp_balance=bad)
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_permute_heads_keeps_the_function_and_undoes_a_failed_layer(tmp_path, monkeypatch):
+    """``permute_heads`` on a one-rank gloo group (the whole model is the rank's shard): the model's logits
+    are unchanged (GQA query groups, Qwen2's q/k/v biases and o_proj columns moved together), ``restore_heads``
+    gives the weights back bit for bit, and a collective failing at the second reordered layer leaves every
+    layer as it was."""
+    import torch.distributed as dist
+
+    import leank.tp as tp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = tiny_model("qwen2", layers=3).eval()  # 4 KV heads, 2 query heads each, q/k/v biases
+        ids = torch.randint(1, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = model(ids).logits
+        before = _attention_shards(model)
+        shard = TPShard(rank=0, size=1, num_kv_heads=4)
+        order = torch.tensor([[2, 0, 3, 1], [0, 1, 2, 3], [3, 2, 1, 0]])
+        tp.permute_heads(model, order, shard)
+        moved = _attention_shards(model)
+        assert not all(torch.equal(a, b) for a, b in zip(before, moved))
+        with torch.no_grad():
+            got = model(ids).logits
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+        tp.restore_heads(model, order, shard)
+        assert all(torch.equal(a, b) for a, b in zip(before, _attention_shards(model)))
+
+        calls = {"n": 0}
+        real = tp._permuted_shard
+
+        def failing(*args):
+            calls["n"] += 1
+            if calls["n"] == 9:  # the first reordered layer's 7 tensors pass, the second fails at its 2nd, once
+                raise RuntimeError("collective failed")
+            return real(*args)
+
+        monkeypatch.setattr(tp, "_permuted_shard", failing)
+        with pytest.raises(RuntimeError, match="collective failed"):
+            tp.permute_heads(model, order, shard)
+        monkeypatch.setattr(tp, "_permuted_shard", real)
+        assert all(torch.equal(a, b) for a, b in zip(before, _attention_shards(model)))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_single_process_model_is_not_tensor_parallel_and_reports_rank_zero_of_one():
     model = tiny_model("qwen2")
     assert detect(model) is None
