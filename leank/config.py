@@ -46,7 +46,8 @@ class LeanKConfig:
             ranks (with their query heads and ``o_proj`` columns: the same function) so
             that every rank stores and reads about the same K/V bytes; without it the rank
             holding more kept channels sets each layer's pace at the all-reduce
-            (``leank.tp``). ``leank.unpatch`` restores the order. False keeps transformers'
+            (``leank.tp``). ``leank.unpatch`` restores the order; save checkpoints after it
+            (while patched the weights are in the new order). False keeps transformers'
             contiguous split.
 
     Buffers are sized by what a call needs (prompt + ``max_new_tokens``), never by these
