@@ -95,9 +95,9 @@ def patch(model, masks, config: Optional[LeanKConfig] = None, *, context_set: Op
     config = config or LeanKConfig()
     if not isinstance(config, LeanKConfig):
         raise ValueError(f"config: expected a LeanKConfig, got {type(config).__name__}")
+    _register()
     # tensor parallel: keep this rank's KV heads, reordered across the ranks first (leank.tp; a collective)
     mask, head_order = shard_mask_for(model, mask, balance=config.tp_balance)
-    _register()
     state = PatchState(mask, config, cfg._attn_implementation, head_order=head_order)
     try:
         model.set_attn_implementation("leank")
