@@ -129,9 +129,9 @@ def test_e2e_decode_row_warmup_is_one_short_call_at_the_rows_batch(tmp_path, mon
     --no-row-warmup: the row's call only."""
     real, calls = e2e_decode.run_generate, []
 
-    def recording(model, method, ids, new_tokens, device, chunk=0):
+    def recording(model, method, ids, new_tokens, device, chunk=0, synthetic=False):
         calls.append((method, tuple(ids.shape), new_tokens))
-        return real(model, method, ids, new_tokens, device, chunk)
+        return real(model, method, ids, new_tokens, device, chunk, synthetic)
 
     monkeypatch.setattr(e2e_decode, "run_generate", recording)
     monkeypatch.setattr(e2e_decode, "ROW_WARMUP_TOKENS", 24)
@@ -365,7 +365,7 @@ def _fake_search(monkeypatch, peak_of, oom_above):
     monkeypatch.setattr(torch.cuda, "OutOfMemoryError", FakeOOM)
     calls = []
 
-    def fake_run(model, method, ids, new_tokens, device, chunk):
+    def fake_run(model, method, ids, new_tokens, device, chunk, synthetic=False):
         b = ids.shape[0]
         calls.append(b)
         if b > oom_above:
