@@ -33,8 +33,9 @@ Writes JSON (and ``*.config.json``).
 Under ``torchrun --nproc-per-node N`` the model is sharded by transformers' TP plan as in
 ``eval/e2e_decode.py`` (each rank builds only its shards); every rank runs the same generate
 calls and rank 0 traces, prints and writes its own kernels: the rows carry ``tp``, and
-``kv_bytes`` and the floor count one rank's bytes (for LeanK the mask's byte fraction over all
-heads, split evenly over the ranks).
+``kv_bytes`` and the floor count one rank's bytes (for LeanK, per layer the archived bytes of the
+rank whose heads keep the most channels, in the order ``leank.patch`` gave the heads; the window
+counted at the same fraction).
 """
 
 from __future__ import annotations
@@ -290,9 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            **profile_method(model, method, ids, args, device)}
                     if args.call_profile:
                         row["call_profile"] = profile_call(model, method, ids, args, device)
+                    order = getattr(getattr(model, "_leank", None), "head_order", None)  # TP: heads as balanced
                 mid = length + args.warmup + args.steps
+                # per layer the rank with the most K/V (every layer's all-reduce waits for it); one rank: all heads
                 row["kv_bytes"] = int(batch * mid * e2e_decode.kv_bytes_per_token(cfg, dtype.itemsize)
-                                      * e2e_decode.kv_fraction(method, mask) / tp)  # this rank's heads
+                                      * e2e_decode.slowest_rank_fraction(method, mask, tp, order) / tp)
                 if copy_gbps:
                     read = e2e_decode.step_weight_bytes(model, batch)
                     row["floor_ms"] = (read + row["kv_bytes"]) / (copy_gbps * 1e9) * 1e3

@@ -391,6 +391,19 @@ def kv_fraction(method: str, mask) -> float:
     return 1.0 if is_dense(method) else leank_fraction(mask)
 
 
+def slowest_rank_fraction(method: str, mask, tp: int, order=None) -> float:
+    """``kv_fraction`` of the rank that reads the most, layer by layer, under ``tp``-way tensor parallelism,
+    relative to one rank's dense share: the heads' archived K+V channels (``leank.tp.head_costs``) summed per
+    rank in ``order`` (the patched model's ``_leank.head_order``; None: transformers' contiguous split), the
+    largest rank taken in every layer. Equals ``kv_fraction`` for one rank and for dense methods."""
+    if tp == 1 or is_dense(method):
+        return kv_fraction(method, mask)
+    from leank.tp import rank_loads
+
+    loads = rank_loads(mask, tp, order)  # [layers, tp] channels per token
+    return float(loads.max(1).values.sum()) / (2 * mask.num_layers * (mask.num_kv_heads // tp) * mask.head_dim)
+
+
 def static_prefill(model, input_ids, new_tokens: int, chunk: int):
     """A ``StaticCache`` for ``input_ids [batch, length]`` plus ``new_tokens``, holding every prompt token but
     the last, prefilled eagerly ``chunk`` tokens per forward (unpadded prompts, as this benchmark's are).
