@@ -86,6 +86,9 @@ METHODS = ("dense-static", "dense-dynamic", "leank", "leank-unfused", "leank-gra
 # run only when named in --methods (Inductor autotuning costs minutes of compile per batch size; leank-unbalanced
 # equals leank outside torchrun)
 EXTRA_METHODS = ("leank-autotune", "leank-unbalanced")
+# dense methods --synthetic-prefill can fill (every LeanK method can; dense-static's StaticCache is not filled: not
+# implemented)
+SYNTHETIC_METHODS = ("dense-dynamic",)
 # what each method is, for the JSON and the README
 METHOD_DOC = {
     "dense-static": "unpatched model, transformers' static cache; transformers compiles the decode step "
@@ -164,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget as long as the GPU holds it) or the whole generate() (default: %(default)s)")
     p.add_argument("--budget-length", type=common.int_k, default=16384, help="prompt length of the max-batch search (default: %(default)s)")
     p.add_argument("--synthetic-prefill", action="store_true",
-                   help="LeanK methods only: fill each call's cache with random K/V as a prefill in chunks of "
-                        "--leank-prefill-chunk stores them (e2e_decode.synthetic_leank_cache), without running the "
-                        "model over the prompt; generate runs the model on the last prompt token, then decodes. Cache "
+                   help="LeanK methods and dense-dynamic only: fill each call's cache with random K/V as a prefill in "
+                        "chunks of --leank-prefill-chunk / --dense-prefill-chunk stores them (e2e_decode."
+                        "synthetic_leank_cache, synthetic_dynamic_cache), without running the model over the prompt; generate runs the model on the last prompt token, then decodes. Cache "
                         "layout, sizes, decode steps and decode-phase memory are a real run's; prefill times and "
                         "prefill peaks are not. For max-batch searches whose prefills would not fit a run's time "
                         "(a 70B model at 128K). Recorded in the config and in every row (synthetic_prefill)")
@@ -243,10 +246,11 @@ def resolve_args(args) -> None:
     if args.steps < 2 or args.warmup < 1:
         raise SystemExit("--steps: expected >= 2 and --warmup >= 1")
     if args.synthetic_prefill:
-        bad = [m for m in args.methods if not m.startswith("leank")]
+        bad = [m for m in args.methods if not m.startswith("leank") and m not in SYNTHETIC_METHODS]
         if bad or args.second_turn or args.speculative:
-            raise SystemExit(f"--synthetic-prefill: fills LeanK caches only and runs no --second-turn or --speculative; "
-                             f"got methods {bad}, --second-turn {args.second_turn}, --speculative {args.speculative}")
+            raise SystemExit(f"--synthetic-prefill: fills LeanK caches and dense-dynamic's only, and runs no --second-turn "
+                             f"or --speculative; got methods {bad}, --second-turn {args.second_turn}, --speculative "
+                             f"{args.speculative}")
     if args.plot is None:
         args.plot = str(Path(args.out).with_suffix(".png"))
 
@@ -462,22 +466,52 @@ def synthetic_leank_cache(model, batch: int, length: int, new_tokens: int, chunk
     return cache
 
 
+def synthetic_dynamic_cache(model, batch: int, length: int, new_tokens: int, chunk: int, seed: int = 0):
+    """transformers' ``DynamicCache`` holding ``length`` tokens of random K/V per sequence, appended ``chunk``
+    tokens at a time through its ``update`` (what a chunked prefill's layers call), without running the model;
+    ``new_tokens`` is unused (a dynamic cache reserves nothing). Under tensor parallelism each rank fills its
+    own KV heads. See ``synthetic_leank_cache``."""
+    import torch
+    from transformers import DynamicCache
+
+    from leank.tp import detect
+
+    if length < 1 or chunk < 1:
+        raise ValueError(f"length, chunk: expected >= 1, got length={length}, chunk={chunk}")
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shard = detect(model)
+    kvh = cfg.num_key_value_heads if shard is None else shard.local_kv_heads
+    param = next(model.parameters())
+    gen = torch.Generator(device=param.device).manual_seed(seed)
+    cache = DynamicCache(config=cfg)
+    for layer_idx in range(cfg.num_hidden_layers):
+        for start in range(0, length, chunk):
+            n = min(chunk, length - start)
+            k = torch.randn(batch, kvh, n, head_dim, generator=gen, device=param.device, dtype=param.dtype)
+            v = torch.randn(batch, kvh, n, head_dim, generator=gen, device=param.device, dtype=param.dtype)
+            cache.update(k, v, layer_idx)
+            del k, v
+    return cache
+
+
 def generate_kwargs(model, method: str, input_ids, new_tokens: int, prefill_chunk: int = 0,
                     logits_processor=None, synthetic: bool = False) -> dict:
     """``greedy_kwargs`` of ``method`` for ``input_ids [batch, length]``. ``dense-static`` with ``prefill_chunk``
     gets its ``StaticCache`` here, prefilled by ``static_prefill`` with every prompt token but the last (call it
     where the prefill is timed); every other method passes ``prefill_chunk`` to ``generate``. ``synthetic`` (LeanK
-    methods only): the cache comes from ``synthetic_leank_cache`` with every prompt token but the last, so
-    ``generate`` runs the model on the last one only."""
+    methods and ``dense-dynamic``): the cache comes from ``synthetic_leank_cache`` / ``synthetic_dynamic_cache``
+    with every prompt token but the last, so ``generate`` runs the model on the last one only."""
     if synthetic:
         from leank.patching import cache_kwarg
 
-        if not method.startswith("leank"):
-            raise ValueError(f"synthetic: a synthetic prefill fills LeanK caches only, got method {method!r}")
+        if method not in SYNTHETIC_METHODS and not method.startswith("leank"):
+            raise ValueError(f"synthetic: a synthetic prefill fills LeanK caches and dense-dynamic's, got method {method!r}")
         kwargs = greedy_kwargs(method, new_tokens, 0, logits_processor)
+        kwargs.pop("cache_implementation", None)
         b, length = input_ids.shape
-        kwargs[cache_kwarg(model)] = synthetic_leank_cache(model, b, length - 1, new_tokens,
-                                                           prefill_chunk or length, seed=length + b)
+        fill = synthetic_dynamic_cache if method == "dense-dynamic" else synthetic_leank_cache
+        kwargs[cache_kwarg(model)] = fill(model, b, length - 1, new_tokens, prefill_chunk or length, seed=length + b)
         return kwargs
     if method == "dense-static" and prefill_chunk > 0 and input_ids.shape[1] > 1:
         from leank.patching import cache_kwarg

@@ -299,23 +299,47 @@ def test_synthetic_leank_cache_is_laid_out_as_a_chunked_prefill(length, chunk):
         with torch.no_grad():
             seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).sequences
         assert seq.shape == (3, length + 6)
-        with pytest.raises(ValueError, match="fills LeanK caches only, got method 'dense-static'"):
+        with pytest.raises(ValueError, match="fills LeanK caches and dense-dynamic's, got method 'dense-static'"):
             e2e_decode.generate_kwargs(model, "dense-static", ids, 6, chunk, synthetic=True)
     finally:
         leank.unpatch(model)
+
+
+def test_synthetic_dynamic_cache_is_shaped_as_a_chunked_prefill():
+    """dense-dynamic's synthetic cache: transformers' DynamicCache with the layers, shapes and length its own
+    chunked prefill leaves, on which ``generate`` decodes without running the prompt (and without naming a cache
+    implementation next to the cache)."""
+    from leank.patching import cache_kwarg, output_cache
+
+    cfg = common.model_config("llama3.1-8b", layers=2, tiny=True)
+    model = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+    ids = torch.randint(1, cfg.vocab_size, (3, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                             prefill_chunk_size=16, return_dict_in_generate=True, pad_token_id=0,
+                             cache_implementation="dynamic")
+    real = output_cache(out)
+    fake = e2e_decode.synthetic_dynamic_cache(model, 3, 37, 5, 16)
+    assert type(fake) is type(real) and fake.get_seq_length() == real.get_seq_length() == 37
+    assert [tuple(layer.keys.shape) for layer in fake.layers] == [tuple(layer.keys.shape) for layer in real.layers]
+    assert [tuple(layer.values.shape) for layer in fake.layers] == [tuple(layer.values.shape) for layer in real.layers]
+    kw = e2e_decode.generate_kwargs(model, "dense-dynamic", ids, 4, 16, synthetic=True)
+    assert "cache_implementation" not in kw and kw[cache_kwarg(model)].get_seq_length() == 36
+    with torch.no_grad():
+        assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).sequences.shape == (3, 41)
 
 
 def test_e2e_decode_synthetic_prefill_rows(tmp_path):
     out = tmp_path / "syn.json"
     args = [*SMALL, "--models", "llama3.1-8b", "--lengths", "64", "--batches", "2", "--warmup", "1", "--steps", "5",
             "--leank-prefill-chunk", "24", "--no-max-batch", "--out", str(out)]
-    assert e2e_decode.main([*args, "--methods", "leank,leank-dense", "--synthetic-prefill"]) == 0
+    assert e2e_decode.main([*args, "--methods", "leank,leank-dense,dense-dynamic", "--synthetic-prefill"]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert {r["method"] for r in runs} == {"leank", "leank-dense"}
+    assert {r["method"] for r in runs} == {"leank", "leank-dense", "dense-dynamic"}
     assert all(r["status"] == "ok" and r["synthetic_prefill"] and r["measured_steps"] == 5 for r in runs)
     assert json.loads((tmp_path / "syn.config.json").read_text())["config"]["synthetic_prefill"] is True
-    with pytest.raises(SystemExit, match="--synthetic-prefill: fills LeanK caches only"):
-        e2e_decode.main([*args, "--methods", "leank,dense-dynamic", "--synthetic-prefill"])
+    with pytest.raises(SystemExit, match="--synthetic-prefill: fills LeanK caches and dense-dynamic's only"):
+        e2e_decode.main([*args, "--methods", "leank,dense-static", "--synthetic-prefill"])
 
 
 def test_step_stats_exact():
