@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-prefill", action="store_true",
                    help="LeanK methods and dense-dynamic only: fill each call's cache with random K/V as a prefill in "
                         "chunks of --leank-prefill-chunk / --dense-prefill-chunk stores them (e2e_decode."
-                        "synthetic_leank_cache, synthetic_dynamic_cache), without running the model over the prompt; generate runs the model on the last prompt token, then decodes. Cache "
+                        "synthetic_leank_cache, synthetic_dynamic_cache), without running the model over the prompt; "
+                        "generate runs the model on the last prompt token, then decodes. Cache "
                         "layout, sizes, decode steps and decode-phase memory are a real run's; prefill times and "
                         "prefill peaks are not. For max-batch searches whose prefills would not fit a run's time "
                         "(a 70B model at 128K). Recorded in the config and in every row (synthetic_prefill)")
@@ -434,6 +435,21 @@ def static_prefill(model, input_ids, new_tokens: int, chunk: int):
     return cache
 
 
+def _random_kv_chunks(model, batch: int, kv_heads: int, head_dim: int, length: int, chunk: int, seed: int):
+    """``(k, v)`` pairs ``[batch, kv_heads, n, head_dim]`` of random values in the model's dtype and device,
+    ``chunk`` tokens each (the last one shorter) up to ``length`` tokens: one layer's synthetic prefill."""
+    import torch
+
+    if length < 1 or chunk < 1:
+        raise ValueError(f"length, chunk: expected >= 1, got length={length}, chunk={chunk}")
+    param = next(model.parameters())
+    gen = torch.Generator(device=param.device).manual_seed(seed)
+    for start in range(0, length, chunk):
+        shape = (batch, kv_heads, min(chunk, length - start), head_dim)
+        yield (torch.randn(shape, generator=gen, device=param.device, dtype=param.dtype),
+               torch.randn(shape, generator=gen, device=param.device, dtype=param.dtype))
+
+
 def synthetic_leank_cache(model, batch: int, length: int, new_tokens: int, chunk: int, seed: int = 0):
     """A ``LeanKCache`` of a patched ``model`` holding ``length`` tokens of random K/V per sequence, stored as
     a prefill in chunks of ``chunk`` tokens stores them (``LeanKLayer.store_chunk``, after the same
@@ -441,28 +457,16 @@ def synthetic_leank_cache(model, batch: int, length: int, new_tokens: int, chunk
     layout, sizes and allocations are a real prefill's, its values are not. For memory and decode-speed
     runs whose prefill would take longer than the run may (``--synthetic-prefill``); under tensor
     parallelism each rank fills its own heads."""
-    import torch
-
     import leank
 
-    if length < 1 or chunk < 1:
-        raise ValueError(f"length, chunk: expected >= 1, got length={length}, chunk={chunk}")
     cache = leank.new_cache(model)
     cache.reserve(new_tokens + 1)
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for layer in cache.layers:
-        kvh, head_dim = layer.keep.shape
-        for start in range(0, length, chunk):
-            n = min(chunk, length - start)
-            k = torch.randn(batch, kvh, n, head_dim, generator=gen, device=device, dtype=dtype)
-            v = torch.randn(batch, kvh, n, head_dim, generator=gen, device=device, dtype=dtype)
+    for i, layer in enumerate(cache.layers):
+        for k, v in _random_kv_chunks(model, batch, *layer.keep.shape, length, chunk, seed + i):
             if not layer.is_initialized:
                 layer.lazy_initialization(k, v)
             layer.store_chunk(k, v, None)
-            layer.seen_tokens += n
-            del k, v
+            layer.seen_tokens += k.shape[2]
     return cache
 
 
@@ -471,27 +475,18 @@ def synthetic_dynamic_cache(model, batch: int, length: int, new_tokens: int, chu
     tokens at a time through its ``update`` (what a chunked prefill's layers call), without running the model;
     ``new_tokens`` is unused (a dynamic cache reserves nothing). Under tensor parallelism each rank fills its
     own KV heads. See ``synthetic_leank_cache``."""
-    import torch
     from transformers import DynamicCache
 
     from leank.tp import detect
 
-    if length < 1 or chunk < 1:
-        raise ValueError(f"length, chunk: expected >= 1, got length={length}, chunk={chunk}")
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     shard = detect(model)
     kvh = cfg.num_key_value_heads if shard is None else shard.local_kv_heads
-    param = next(model.parameters())
-    gen = torch.Generator(device=param.device).manual_seed(seed)
     cache = DynamicCache(config=cfg)
-    for layer_idx in range(cfg.num_hidden_layers):
-        for start in range(0, length, chunk):
-            n = min(chunk, length - start)
-            k = torch.randn(batch, kvh, n, head_dim, generator=gen, device=param.device, dtype=param.dtype)
-            v = torch.randn(batch, kvh, n, head_dim, generator=gen, device=param.device, dtype=param.dtype)
-            cache.update(k, v, layer_idx)
-            del k, v
+    for i in range(cfg.num_hidden_layers):
+        for k, v in _random_kv_chunks(model, batch, kvh, head_dim, length, chunk, seed + i):
+            cache.update(k, v, i)
     return cache
 
 
@@ -528,8 +523,8 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
     """One greedy ``generate`` with step timestamps and memory readings (model patched already for leank).
 
     ``dense-static`` with ``prefill_chunk`` prefills through ``static_prefill`` (``generate_kwargs``, timed as part
-    of the prefill); ``synthetic`` fills a LeanK cache without running the model (``synthetic_leank_cache``,
-    timed and measured as the prefill)."""
+    of the prefill); ``synthetic`` fills the cache without running the model (``synthetic_leank_cache`` /
+    ``synthetic_dynamic_cache``, timed and measured as the prefill)."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -569,25 +564,24 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
     if hasattr(cache, "memory_report"):
         rep = cache.memory_report()
         res["report"] = {k: v for k, v in rep.items() if k != "layers"}
-        res["report"]["slowest_rank_share"] = slowest_rank_share(rep, device)
+        res["report"]["slowest_rank_bytes"] = slowest_rank_bytes(rep, device)
     del cache
     return res
 
 
-def slowest_rank_share(report: dict, device) -> float:
-    """Under tensor parallelism, sum over layers of the largest rank's K/V bytes over this rank's
-    sum (>= 1 on the lightest rank): each layer's all-reduce waits for the rank with the most K/V
-    to read, so that rank's bytes, layer by layer, bound the step. 1.0 in one process. A
-    collective: every rank calls it."""
+def slowest_rank_bytes(report: dict, device) -> int:
+    """K+V bytes held, summed over layers, of the rank with the most in each layer (under tensor
+    parallelism each layer's all-reduce waits for that rank, so its bytes bound the step); this
+    rank's ``leank_bytes`` in one process. A collective: every rank calls it."""
     import torch
     import torch.distributed as dist
 
     mine = [layer["k_bytes"] + layer["v_bytes"] for layer in report["layers"]]
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not sum(mine):
-        return 1.0
-    most = torch.tensor(mine, dtype=torch.float64, device=device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sum(mine)
+    most = torch.tensor(mine, dtype=torch.int64, device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return float(most.sum().item() / sum(mine))
+    return int(most.sum().item())
 
 
 def oom_safe(fn, *args):
@@ -672,7 +666,7 @@ def sweep_one(model, cfg, method: str, length: int, batch: int, args, device, ma
         held = batch * (length + new_tokens - 1)  # the last token is never fed back
         row["kv_bytes"] = int(res["report"]["leank_bytes"] * batch * mid / held)
         # per layer, the rank with the most K/V (every layer's all-reduce waits for it); this rank's in one process
-        row["kv_bytes_slowest_rank"] = int(row["kv_bytes"] * res["report"]["slowest_rank_share"])
+        row["kv_bytes_slowest_rank"] = int(res["report"]["slowest_rank_bytes"] * batch * mid / held)
     else:  # dense: this rank's share of the KV heads, the same on every rank
         row["kv_bytes"] = batch * mid * kv_bytes_per_token(cfg, next(model.parameters()).element_size()) // args.tp
         row["kv_bytes_slowest_rank"] = row["kv_bytes"]

@@ -42,6 +42,8 @@ from typing import Any, Optional
 
 import torch
 
+from .fused_decode import _local  # this rank's part of a DTensor parameter, or the tensor itself
+
 logger = logging.getLogger(__name__)
 
 # a sliced ChannelMask keeps its TPShard (with the process group, not serialisable) under this
@@ -259,15 +261,14 @@ def _partition(costs: list, size: int) -> list:
     while True:  # swap a head of the heaviest rank with a lighter head elsewhere while the maximum falls
         hi = max(range(size), key=lambda r: (loads[r], -r))
         best = None
-        for lo in range(size):
+        for lo in (r for r in range(size) if r != hi):
             others = max([loads[r] for r in range(size) if r not in (hi, lo)], default=0)
             for a in bins[hi]:
                 for b in bins[lo]:
                     d = costs[a] - costs[b]
-                    if lo != hi and d > 0:
-                        peak = max(loads[hi] - d, loads[lo] + d, others)
-                        if peak < loads[hi] and (best is None or peak < best[0]):
-                            best = (peak, lo, a, b)
+                    peak = max(loads[hi] - d, loads[lo] + d, others)
+                    if d > 0 and peak < loads[hi] and (best is None or peak < best[0]):
+                        best = (peak, lo, a, b)
         if best is None:
             break
         _, lo, a, b = best
@@ -349,10 +350,6 @@ def _layout_problem(model, shard: TPShard) -> Optional[str]:
                 return (f"layer {i} {name}.weight holds {got} of {total} {'rows' if dim == 0 else 'columns'} on this "
                         f"rank, expected {total // shard.size} (an even share over tp={shard.size})")
     return None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if type(t).__name__ == "DTensor" else t
 
 
 def _permuted_shard(param: torch.Tensor, dim: int, blocks: int, order: torch.Tensor, shard: TPShard) -> torch.Tensor:
