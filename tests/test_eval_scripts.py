@@ -466,7 +466,7 @@ PRINT_ONLY = {"compaction_bench"}  # scripts that write nothing unless --out is 
 
 
 @pytest.mark.parametrize("name", ["e2e_decode", "decode_profile", "memory", "ruler", "kernel_bench", "compaction_bench",
-                                  "mask_quality", "train_tiny_model"])
+                                  "mask_quality", "train_tiny_model", "allreduce_latency"])
 def test_default_outputs_never_touch_committed_files(name, monkeypatch):
     """Issue 11 items 8 and 11: a run without --out writes under runs/ (git-ignored), never over
     eval/results/ or the shipped model in leank/data/."""
@@ -706,6 +706,41 @@ def test_e2e_decode_tensor_parallel_rows(tmp_path):
     assert r2["dense-dynamic"]["kv_bytes_slowest_rank"] == r2["dense-dynamic"]["kv_bytes_per_rank"]
     assert all(r["kv_bytes_slowest_rank"] == r["kv_bytes"] for r in r1.values())  # one process
     assert res["models"][0]["weights_gib"] < json.loads(one.read_text())["models"][0]["weights_gib"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_allreduce_latency_two_ranks(tmp_path):
+    """``torchrun --nproc-per-node 2 eval/allreduce_latency.py``: each size is summed correctly across the two
+    gloo ranks (rank r gives r + 1, 3 expected) before it is timed; rank 0 alone prints and writes one row per
+    size; the step column is 2 x layers all-reduces."""
+    from eval import allreduce_latency
+
+    out = tmp_path / "ar.json"
+    proc = _torchrun2(common.REPO_ROOT / "eval" / "allreduce_latency.py", "--device", "cpu", "--hidden", "24,40",
+                      "--batches", "1,3", "--calls", "3", "--repeats", "2", "--layers", "5", "--out", str(out))
+    assert proc.stdout.count("| collective") == 1, "rank 0 alone prints the table"
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 2
+    rows = res["rows"]
+    assert [(r["hidden"], r["batch"]) for r in rows] == [(24, 1), (24, 3), (40, 1), (40, 3)]
+    for r in rows:
+        assert (r["collective"], r["status"], r["bytes"]) == ("gloo", "ok", 4 * r["hidden"] * r["batch"])
+        assert r["us_per_call"] > 0 and r["step_ms"] == pytest.approx(10 * r["us_per_call"] / 1e3)
+    assert allreduce_latency.build_parser().parse_args([]).calls == 64  # the 8B step's: 2 per layer x 32
+
+
+def test_allreduce_latency_refuses_a_collective_that_does_not_sum(tmp_path, monkeypatch):
+    """A collective whose result is not the sum is reported, not timed."""
+    from eval import allreduce_latency
+
+    monkeypatch.setattr(allreduce_latency, "in_place_body", lambda t: ((lambda: None), (lambda: t * 0)))
+    out = tmp_path / "ar.json"
+    assert allreduce_latency.main(["--device", "cpu", "--hidden", "8", "--batches", "2", "--calls", "2",
+                                   "--repeats", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"].startswith("wrong sum: expected 1.0") and "us_per_call" not in row
+    with pytest.raises(SystemExit, match="--calls"):
+        allreduce_latency.main(["--device", "cpu", "--calls", "0", "--out", str(out)])
 
 
 SHARDED_BUILD_CHECK = """
