@@ -178,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     dtype = common.resolve_dtype(args.dtype, device)
     rows = []
-    for hidden in args.hidden:
-        for batch in args.batches:
-            rows += measure(hidden, batch, args, device, dtype)
+    sizes = [(h, b) for h in args.hidden for b in args.batches]
+    for hidden, batch in common.progress(sizes, disable=args.no_progress or rank != 0, desc="message sizes"):
+        rows += measure(hidden, batch, args, device, dtype)
     print(common.format_table(rows, ["collective", "hidden", "batch", "bytes", "us_per_call", "step_ms", "status"]))
     if rank == 0:
         res, cfg = common.write_results(args.out, {"world_size": world, "device": str(device), "rows": rows},
