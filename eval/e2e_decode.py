@@ -22,7 +22,9 @@ not depend on the values). For each model, prompt length and batch size it runs
 - ``leank-autotune`` (only when named in ``--methods``): ``leank`` compiled with
   ``compile_mode="max-autotune-no-cudagraphs"``;
 - ``leank-unbalanced`` (only when named in ``--methods``; differs from ``leank`` under ``torchrun``
-  only): ``leank`` with ``tp_balance=False``, each rank keeping transformers' contiguous KV heads.
+  only): ``leank`` with ``tp_balance=False``, each rank keeping transformers' contiguous KV heads;
+- ``leank-one-shot`` (only when named in ``--methods``; differs from ``leank`` under ``torchrun`` on CUDA
+  only): ``leank`` with ``tp_allreduce="one_shot"``.
 
 Every row also reports the byte floor of a decode step: (the weight bytes the step reads + the
 K/V bytes it reads) / the device-to-device copy bandwidth measured in the same run (an
@@ -84,8 +86,8 @@ from eval import common  # noqa: E402
 
 METHODS = ("dense-static", "dense-dynamic", "leank", "leank-unfused", "leank-graph", "leank-dense", "leank-eager")
 # run only when named in --methods (Inductor autotuning costs minutes of compile per batch size; leank-unbalanced
-# equals leank outside torchrun)
-EXTRA_METHODS = ("leank-autotune", "leank-unbalanced")
+# and leank-one-shot equal leank outside torchrun)
+EXTRA_METHODS = ("leank-autotune", "leank-unbalanced", "leank-one-shot")
 # dense methods --synthetic-prefill can fill (every LeanK method can; dense-static's StaticCache is not filled: not
 # implemented)
 SYNTHETIC_METHODS = ("dense-dynamic",)
@@ -109,6 +111,8 @@ METHOD_DOC = {
                       "matrix-product templates against cuBLAS for the step's products",
     "leank-unbalanced": "leank with tp_balance=False: under tensor parallelism each rank keeps transformers' "
                         "contiguous KV heads instead of heads reordered so that the ranks' K/V bytes are even",
+    "leank-one-shot": "leank with tp_allreduce='one_shot': under tensor parallelism the decode step sums o_proj and "
+                      "down_proj with PyTorch's symmetric-memory one-shot all-reduce instead of transformers' NCCL one",
 }
 # --tiny: every code path in about a minute on a 2-core CPU (the window is small so the archive fills)
 TINY_SIZES = dict(lengths=[96], batches=[1, 2], warmup=1, steps=6, dense_prefill_chunk=32, sink=8, recent=16,
@@ -378,7 +382,8 @@ def method_setups(model, family: str, args, need_mask: bool = True) -> tuple:
                   "leank-graph": (mask, dataclasses.replace(lcfg, compile_decode=False)),
                   "leank-eager": (mask, dataclasses.replace(lcfg, capture=False)),
                   "leank-autotune": (mask, dataclasses.replace(lcfg, compile_mode="max-autotune-no-cudagraphs")),
-                  "leank-unbalanced": (mask, dataclasses.replace(lcfg, tp_balance=False))}
+                  "leank-unbalanced": (mask, dataclasses.replace(lcfg, tp_balance=False)),
+                  "leank-one-shot": (mask, dataclasses.replace(lcfg, tp_allreduce="one_shot"))}
 
 
 def method_context(model, setups: dict, method: str):

@@ -167,6 +167,8 @@ class DecodeGraphRunner:
         self._compiled = None  # torch.compile of _forward_logits (built on first use)
         self._compile_failed = False
         self.fused = False  # the step is leank.fused_decode.decode_logits (decided per traced / recorded step)
+        self.row_reduce = None  # leank.tp.OneShotAllReduce when LeanKConfig.tp_allreduce="one_shot" can run
+        self._row_reduce_decided = False
         self._flush_graphs: dict = {}  # ((cache id, uid), due set, storage version) -> _FlushGraph
         self._flush_disabled = False  # a flush capture failed: flushes run eagerly
         self._flush_warm: set = set()  # flush keys run once eagerly (recorded at their next flush)
@@ -237,6 +239,8 @@ class DecodeGraphRunner:
         self._flush_warm.clear()
         self._compiled = None
         self._release_fused()
+        if self.row_reduce is not None:  # after the graphs that read its buffers
+            self.row_reduce.release()
 
     def _eager_reason(self, why: str) -> None:
         if why in ("prefill", "empty cache"):
@@ -317,7 +321,7 @@ class DecodeGraphRunner:
         ``self.fused``, else the model's forward without a cache argument.
         """
         if self.fused:
-            return fused_decode.decode_logits(self.model, decode_step_attention, ids, pos)
+            return fused_decode.decode_logits(self.model, decode_step_attention, ids, pos, self.row_reduce)
         out = type(self.model).__call__(self.model, input_ids=ids, position_ids=pos, use_cache=False, return_dict=True)
         return out.logits
 
@@ -330,10 +334,35 @@ class DecodeGraphRunner:
             if state is not None and state.config.fuse_projections:
                 log_once(__name__, f"leank: decode step runs transformers' forward, projections not fused: {why}")
             self.fused = False
+            self._decide_row_reduce(state, f"the decode step is not fused ({why})")
             return
         if fused_decode.fuse_projections(self.model):
             logger.info("leank: fused q/k/v and gate/up projection weights (views of one buffer per layer)")
         self.fused = True
+        self._decide_row_reduce(state)
+
+    def _decide_row_reduce(self, state, why: Optional[str] = None) -> None:
+        """Set ``self.row_reduce`` once per runner: a ``leank.tp.OneShotAllReduce`` when ``LeanKConfig.tp_allreduce``
+        asks for it and it can run (else transformers' all-reduce stays, and a warning says why), else None."""
+        if self._row_reduce_decided or state is None or state.config.tp_allreduce != "one_shot":
+            return
+        from .tp import OneShotAllReduce, one_shot_reason, shard_of
+
+        self._row_reduce_decided = True
+        shard = shard_of(state.mask)
+        why = why or one_shot_reason(shard, self.model.get_output_embeddings().weight.device)
+        for i, layer in enumerate(self.model.model.layers if why is None else ()):
+            for name, m in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
+                r = fused_decode.rowwise_reason(m)
+                if r is not None and why is None:
+                    why = f"layer {i}: {name}: {r}"
+        if why is not None:
+            warn_once(__name__, "leank: LeanKConfig.tp_allreduce='one_shot' not used, the decode step keeps "
+                      f"transformers' all-reduce: {why}", RuntimeWarning)
+            return
+        self.row_reduce = OneShotAllReduce(shard)
+        logger.info("leank: the decode step sums o_proj and down_proj with the one-shot all-reduce (group %s)",
+                    self.row_reduce.group_name)
 
     def _release_fused(self) -> None:
         if self.fused:

@@ -8,6 +8,8 @@ BACKENDS = ("auto", "reference", "tilelang")
 # torch.compile modes of the captured decode step: the modes that record CUDA graphs of their own
 # ("reduce-overhead", "max-autotune") cannot run inside LeanK's graph
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# who sums the row-sharded products (o_proj, down_proj) of a tensor-parallel captured decode step
+TP_ALLREDUCES = ("transformers", "one_shot")
 MAX_ROWS = 2**30  # window sizes and lengths are int32 on the device
 
 
@@ -49,6 +51,17 @@ class LeanKConfig:
             (``leank.tp``). ``leank.unpatch`` restores the order; save checkpoints after it
             (while patched the weights are in the new order). False keeps transformers'
             contiguous split.
+        tp_allreduce: under tensor parallelism, who sums each layer's ``o_proj`` and
+            ``down_proj`` partial products in the captured, fused decode step:
+            ``"transformers"`` (its TP plan's ``torch.distributed.all_reduce``: NCCL on CUDA)
+            or ``"one_shot"`` (experimental: the step runs those two products on the local
+            shards itself and sums them with PyTorch's symmetric-memory one-shot all-reduce,
+            ``leank.tp.OneShotAllReduce``: each rank reads its peers' buffers over NVLink;
+            alone on 2 x H200 6.7 us against NCCL's 12.7-14.1 us for a batch-8 8B step's
+            64 KB, ``eval/results/allreduce_h200x2.json``; not yet timed in ``generate()``).
+            Where ``"one_shot"`` cannot run (no tensor parallelism, not CUDA, no symmetric
+            memory in this PyTorch, the step not fused) the step keeps transformers'
+            all-reduce and says why once.
 
     Buffers are sized by what a call needs (prompt + ``max_new_tokens``), never by these
     maxima alone, so a large ``recent`` costs nothing for short prompts.
@@ -64,6 +77,7 @@ class LeanKConfig:
     compile_mode: str = "default"
     fuse_projections: bool = True
     tp_balance: bool = True
+    tp_allreduce: str = "transformers"
 
     def __post_init__(self) -> None:
         for name in ("sink", "recent"):
@@ -81,6 +95,8 @@ class LeanKConfig:
             raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {self.compile_mode!r} "
                              "('reduce-overhead' and 'max-autotune' record CUDA graphs of their own, which cannot "
                              "run inside LeanK's captured step)")
+        if self.tp_allreduce not in TP_ALLREDUCES:
+            raise ValueError(f"tp_allreduce: expected one of {TP_ALLREDUCES}, got {self.tp_allreduce!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
         cap = self.initial_archive_capacity

@@ -11,7 +11,9 @@ memory, its ``state_dict`` and its eager forward are unchanged.
 ``decode_logits`` is the decode forward of a Llama / Qwen2 ``*ForCausalLM`` written with
 those fused products: embedding, RoPE from the model's own rotary module and
 ``apply_rotary_pos_emb``, each layer's attention as ``torch.ops.leank.decode_step``, the
-model's norms, activation, ``o_proj``, ``down_proj`` and ``lm_head`` called as modules.
+model's norms, activation, ``o_proj``, ``down_proj`` and ``lm_head`` called as modules (under
+tensor parallelism with ``LeanKConfig.tp_allreduce="one_shot"``, ``o_proj`` and ``down_proj``
+as local products summed by ``leank.tp.OneShotAllReduce`` instead).
 ``leank.capture.DecodeGraphRunner`` compiles and records it in place of
 ``model(input_ids, position_ids, use_cache=False).logits`` when ``unsupported_reason``
 finds nothing in the way (``LeanKConfig.fuse_projections`` turns it off).
@@ -33,6 +35,7 @@ ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
 MLP_PROJ = ("gate_proj", "up_proj")
 _FUSED = "_leank_fused"  # (weight [sum(out), in], bias [sum(out)] or None, out sizes) on the attention / MLP module
 _ROPE = "_leank_rope"  # the attention module's apply_rotary_pos_emb, looked up once (not while tracing)
+_ROW = "_leank_row"  # (local weight, local bias or None) of o_proj on the attention / down_proj on the MLP module
 
 
 def unsupported_reason(model) -> Optional[str]:
@@ -44,7 +47,8 @@ def unsupported_reason(model) -> Optional[str]:
     q/k/v and gate/up must be column-sharded (their weights and biases ``Shard(0)`` DTensors, as
     transformers' ``colwise`` plan makes them; their forward is then a local product, which
     ``decode_logits`` does on the fused local rows), and ``o_proj`` / ``down_proj`` /
-    ``lm_head`` keep their own forward and collectives.
+    ``lm_head`` keep their own forward and collectives (``o_proj`` / ``down_proj`` unless
+    ``decode_logits`` is given a ``row_reduce``; ``rowwise_reason`` checks them then).
     """
     model_type = getattr(model.config, "model_type", None)
     if model_type not in FAMILIES:
@@ -106,6 +110,34 @@ def _bypass_reason(m: nn.Module) -> Optional[str]:
         if not isinstance(getattr(p, "_local_tensor", None), Tensor):  # what _point re-points (a torch internal)
             return "is a DTensor without a local tensor to re-point (this torch version)"
     return None
+
+
+def rowwise_reason(m: nn.Module) -> Optional[str]:
+    """Why ``F.linear`` on ``m``'s local weight, summed over the ranks, plus its bias would not equal ``m(x)``
+    for this rank's slice ``x`` of the input, or None: ``m`` must be a plain ``nn.Linear`` whose weight is a
+    one-dimensional-mesh DTensor placed ``Shard(1)`` (transformers' ``rowwise`` style) and whose bias, if
+    any, is replicated."""
+    if type(m) is not nn.Linear:  # (its forward is transformers' TP one, installed on the instance: bypassed)
+        return f"{type(m).__name__} is not an nn.Linear"
+    placements = getattr(m.weight, "placements", None)
+    if not _is_dtensor(m.weight) or placements is None or len(placements) != 1 \
+            or type(placements[0]).__name__ != "Shard" or placements[0].dim not in (1, -1):
+        return f"its weight is not row-sharded (placements {placements}; needs Shard(1))"
+    if m.bias is not None and _is_dtensor(m.bias) and type(m.bias.placements[0]).__name__ != "Replicate":
+        return f"its bias is not replicated (placements {m.bias.placements})"
+    return None
+
+
+def _row_parallel(owner: nn.Module, name: str, x: Tensor, row_reduce) -> Tensor:
+    """``owner.<name>(x)`` for a row-sharded projection (``rowwise_reason`` is None): the product with the local
+    weight ``fuse_projections`` noted (a DTensor's local part cannot be taken while tracing), summed over the
+    ranks by ``row_reduce``, plus the bias once; the module's own forward (transformers' all-reduce) when
+    ``row_reduce`` is None."""
+    if row_reduce is None:
+        return getattr(owner, name)(x)
+    weight, bias = getattr(owner, _ROW)
+    out = row_reduce(F.linear(x, weight))
+    return out if bias is None else out + bias
 
 
 def _adjacent_view(tensors: list) -> Optional[Tensor]:
@@ -174,6 +206,8 @@ def fuse_projections(model) -> int:
         layer.self_attn.__dict__[_ROPE] = inspect.getmodule(type(layer.self_attn)).apply_rotary_pos_emb
         copied += _fuse(layer.self_attn, ATTN_PROJ)
         copied += _fuse(layer.mlp, MLP_PROJ)
+        for owner, m in ((layer.self_attn, layer.self_attn.o_proj), (layer.mlp, layer.mlp.down_proj)):
+            owner.__dict__[_ROW] = (_local(m.weight), _local(m.bias))  # for row_reduce (decode_logits)
     return copied
 
 
@@ -182,11 +216,12 @@ def release(model) -> None:
     or offloaded later keeps no reference to its old buffers (a recorded graph reads them by address,
     and the parameters keep them alive for as long as they hold them)."""
     for layer in model.model.layers:
-        layer.self_attn.__dict__.pop(_FUSED, None)
-        layer.mlp.__dict__.pop(_FUSED, None)
+        for owner in (layer.self_attn, layer.mlp):
+            owner.__dict__.pop(_FUSED, None)
+            owner.__dict__.pop(_ROW, None)
 
 
-def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids: Tensor, row_reduce=None) -> Tensor:
     """Logits ``[batch, 1, vocab]`` of one decode step of the fused model.
 
     Args:
@@ -194,6 +229,10 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
         decode_step_attention: ``(attn_module, q, k, v, scale) -> [batch, 1, heads, head_dim]``
             (``leank.capture.decode_step_attention``: appends k/v to the active cache, attends).
         input_ids, position_ids: int64 ``[batch, 1]``.
+        row_reduce: under tensor parallelism, ``partial [batch, 1, hidden] -> its sum over the ranks``
+            (``leank.tp.OneShotAllReduce``): ``o_proj`` and ``down_proj`` then run as local products summed
+            by it (their weights row-sharded: ``rowwise_reason``) instead of through their modules, whose
+            forward all-reduces with ``torch.distributed``. None: the modules' forward.
     """
     base = model.model
     hidden = base.embed_tokens(input_ids)  # [batch, 1, hidden]
@@ -209,10 +248,10 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
         v = v.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
         q, k = getattr(attn, _ROPE)(q, k, cos, sin)
         out = decode_step_attention(attn, q, k, v, attn.scaling)
-        hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
+        hidden = hidden + _row_parallel(attn, "o_proj", out.reshape(batch, 1, -1), row_reduce)
         x = layer.post_attention_layernorm(hidden)
         weight, bias, sizes = getattr(mlp, _FUSED)
         gate, up = F.linear(x, weight, bias).split(sizes, dim=-1)
-        hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        hidden = hidden + _row_parallel(mlp, "down_proj", mlp.act_fn(gate) * up, row_reduce)
     return model.lm_head(base.norm(hidden))
 

@@ -26,6 +26,13 @@ q/k/v biases) so the ranks' K/V bytes per token are as even as whole heads allow
 (:func:`balanced_order`); the model computes the same function, only the ranks' partial sums
 in ``o_proj``'s all-reduce group heads differently. ``leank.unpatch`` puts the heads back.
 
+The all-reduces (``LeanKConfig.tp_allreduce``): by default the captured decode step keeps
+transformers' (``o_proj`` and ``down_proj`` all-reduce their partial products through
+``torch.distributed``: NCCL). With ``"one_shot"`` the fused step runs those two products on
+the local shards itself and sums them with :class:`OneShotAllReduce` (PyTorch's
+symmetric-memory one-shot all-reduce: each rank copies its partial into a buffer its peers
+can read, then reads theirs over NVLink; no NCCL kernel).
+
 Sampling: every rank computes the same (all-reduced, gathered) logits, so ranks pick the same
 token iff their random generators agree. transformers does nothing about that (``generate``
 draws from the default generator of each process), so a patched ``generate`` broadcasts the
@@ -36,6 +43,7 @@ a rank seeded differently still samples what the first rank samples.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -451,6 +459,97 @@ def sync_sampling_rng(mask, device) -> None:
         torch.cuda.set_rng_state(buf, device)
     else:
         torch.set_rng_state(buf)
+
+
+# ----------------------------------------------------------------------------- one-shot all-reduce
+_ONE_SHOT_OP = None  # torch.ops.leank.tp_one_shot_all_reduce, registered on first use (nothing at import)
+_SYMMETRIC: dict = {}  # (owner, group name, shape, dtype, device) -> symmetric-memory buffer of that shape
+_OWNERS = itertools.count(1)
+
+
+def _group_name(group) -> str:
+    import torch.distributed as dist
+
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+def one_shot_reason(shard: Optional[TPShard], device) -> Optional[str]:
+    """Why :class:`OneShotAllReduce` cannot sum this rank's partials, or None when it can."""
+    if shard is None or shard.size == 1:
+        return "the model is not tensor parallel"
+    if torch.device(device).type != "cuda":
+        return f"the model is on {torch.device(device).type}: the one-shot all-reduce needs CUDA"
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        missing = [n for n in ("empty", "rendezvous") if not hasattr(symm_mem, n)]
+        if missing or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
+            return f"torch {torch.__version__} lacks symmetric memory's {missing or 'one_shot_all_reduce_copy'}"
+    except (ImportError, AttributeError, RuntimeError) as e:
+        return f"torch {torch.__version__} has no symmetric memory ({type(e).__name__}: {e})"
+    return None
+
+
+def _symmetric_buffer(x: torch.Tensor, group_name: str, owner: int) -> torch.Tensor:
+    """``owner``'s symmetric-memory buffer shaped like ``x`` for ``group_name``, allocated (a collective: every
+    rank reaches it at the same step) the first time, never while a CUDA graph is being recorded."""
+    key = (owner, group_name, tuple(x.shape), x.dtype, x.device)
+    buf = _SYMMETRIC.get(key)
+    if buf is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"leank: no one-shot all-reduce buffer of shape {tuple(x.shape)} {x.dtype} was made "
+                               "before the CUDA graph recording (a step of that batch runs uncaptured first)")
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buf = symm_mem.empty(tuple(x.shape), dtype=x.dtype, device=x.device)
+        symm_mem.rendezvous(buf, group_name)
+        _SYMMETRIC[key] = buf
+        logger.info("leank: one-shot all-reduce buffer %s %s on %s for group %s", tuple(x.shape), x.dtype, x.device,
+                    group_name)
+    return buf
+
+
+def _one_shot_op():
+    """``torch.ops.leank.tp_one_shot_all_reduce(x, group_name, owner) -> the sum of x over the group`` (a new
+    contiguous tensor shaped like ``x``): ``x`` copied into ``owner``'s symmetric buffer of its shape and summed
+    with the peers' by ``torch.ops.symm_mem.one_shot_all_reduce_copy``. Opaque to ``torch.compile`` (its fake
+    returns the shape), so the compiled step calls it as it is and the buffer is looked up when it runs."""
+    global _ONE_SHOT_OP
+    if _ONE_SHOT_OP is None:
+        @torch.library.custom_op("leank::tp_one_shot_all_reduce", mutates_args=(),
+                                 schema="(Tensor x, str group_name, int owner) -> Tensor")
+        def tp_one_shot_all_reduce(x, group_name, owner):
+            x = x.contiguous()
+            buf = _symmetric_buffer(x, group_name, owner)
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", group_name)
+
+        @tp_one_shot_all_reduce.register_fake
+        def _(x, group_name, owner):
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+        _ONE_SHOT_OP = tp_one_shot_all_reduce
+    return _ONE_SHOT_OP
+
+
+class OneShotAllReduce:
+    """``partial -> its sum over the tensor-parallel group``, by the symmetric-memory one-shot all-reduce.
+
+    For ``leank.fused_decode.decode_logits(..., row_reduce=...)``: ``partial`` is a rank's ``o_proj`` or
+    ``down_proj`` product of its shards, ``[batch, 1, hidden]``. Its buffers (one per shape, made on first use:
+    a step of each batch runs before it is recorded) live until :meth:`release`, which ``leank.unpatch`` calls
+    after releasing the graphs that read them.
+    """
+
+    def __init__(self, shard: TPShard):
+        self.group_name = _group_name(shard.group)
+        self.owner = next(_OWNERS)
+
+    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
+        return _one_shot_op()(partial, self.group_name, self.owner)
+
+    def release(self) -> None:
+        for key in [k for k in _SYMMETRIC if k[0] == self.owner]:
+            del _SYMMETRIC[key]
 
 
 _SUMMED = ("k_bytes", "v_bytes", "dense_k_bytes", "dense_v_bytes", "allocated_bytes")

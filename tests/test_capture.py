@@ -592,3 +592,32 @@ def test_unpatch_releases_recorded_graphs_and_a_repatch_records_again():
     finally:
         leank.unpatch(model)
     assert torch.equal(first, again)
+
+
+# ----------------------------------------------------------------------------- LeanKConfig.tp_allreduce
+def test_one_shot_all_reduce_without_tensor_parallelism_says_so_and_changes_nothing():
+    """``tp_allreduce="one_shot"`` on a one-process model: one RuntimeWarning naming the reason, no reducer, and
+    the run equals the default's; an unknown value is a ValueError naming the argument."""
+    import warnings
+
+    from leank.diagnostics import warn_once
+    from leank.tp import TPShard, one_shot_reason
+
+    with pytest.raises(ValueError, match=r"tp_allreduce: expected one of \('transformers', 'one_shot'\), got 'nccl'"):
+        LeanKConfig(tp_allreduce="nccl")
+    assert one_shot_reason(None, "cpu") == "the model is not tensor parallel"
+    assert "needs CUDA" in one_shot_reason(TPShard(rank=0, size=2, num_kv_heads=4), "cpu")
+    model = tiny_model("qwen2")
+    keep = sparse_keep(2, 4, 32)
+    ids, am = _ragged([4, 19], seed=5)
+    plain, r0 = _run(model, keep, ids, am, 9, capture=True)
+    warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        one_shot, r1 = _run(model, keep, ids, am, 9, capture=True,
+                            cfg=LeanKConfig(**{**CFG.__dict__, "tp_allreduce": "one_shot"}))
+    msgs = [str(w.message) for w in seen if "tp_allreduce" in str(w.message)]
+    assert msgs == ["leank: LeanKConfig.tp_allreduce='one_shot' not used, the decode step keeps transformers' "
+                    "all-reduce: the model is not tensor parallel"], msgs
+    assert r1.fused and r1.row_reduce is None and r1.replays >= 6
+    _assert_same_run(plain, one_shot, tol=0.0)

@@ -24,6 +24,7 @@ This file is also the worker script: ``torchrun --nproc_per_node 2 tests/test_tp
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import itertools
 import os
@@ -129,11 +130,13 @@ def _run(model, device="cpu") -> dict:
 
 
 # ----------------------------------------------------------------------------- worker (one rank)
-def _tp_model(kind: str, variant: str, device, **kw):
-    """A tiny model built from the same seed on every rank, sharded by transformers' own TP plan."""
+def _tp_model(kind: str, variant: str, device, prepare=None, **kw):
+    """A tiny model built from the same seed on every rank (then ``prepare(model)`` when given), sharded by
+    transformers' own TP plan."""
     from transformers.distributed import DistributedConfig
 
-    model = _model(kind, variant, **kw).to(device)
+    model = _model(kind, variant, **kw)
+    model = (prepare(model) if prepare is not None else model).to(device)
     cls = type(model)
     dist_config, _, mesh = cls.prepare_distribute_model(DistributedConfig(tp_size=2))
     return cls.maybe_distribute_model(model, dist_config, mesh)
@@ -559,8 +562,142 @@ def _check_until_divergence(got: dict, want: dict, kind: str, rank: int, tol: fl
         assert err <= tol, (kind, rank, row, last, err, tol)
 
 
+# ----------------------------------------------------------------------------- LeanKConfig.tp_allreduce
+ROW_REDUCE_VARIANTS = {  # worker variant -> the VARIANTS entry its ranks run
+    "cpu-row-reduce": "cpu",  # a functional all-reduce stands in for the one-shot one (CUDA only)
+    "cuda-bf16-one-shot": "cuda-bf16",  # the symmetric-memory one-shot all-reduce itself
+}
+
+
+class _FunctionalAllReduce:
+    """``leank.tp.OneShotAllReduce``'s interface over ``torch.distributed``'s functional all-reduce (gloo on CPU):
+    what the CPU test runs through ``LeanKConfig.tp_allreduce="one_shot"``'s own decision and decode path."""
+
+    made = 0
+
+    def __init__(self, shard):
+        import torch.distributed as dist
+
+        self.group = shard.group if shard.group is not None else dist.group.WORLD
+        self.group_name = self.group.group_name
+        type(self).made += 1
+
+    def __call__(self, partial):
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(partial, "sum", self.group)
+
+    def release(self) -> None:
+        pass
+
+
+def _with_biases(model, seed: int):
+    """``model`` with non-zero biases on every projection that has one (Llama: rebuilt with attention and MLP
+    biases), so a bias added per rank instead of once after the sum shows."""
+    if model.config.model_type == "llama":
+        model.config.attention_bias = model.config.mlp_bias = True
+        torch.manual_seed(0)
+        model = type(model)(model.config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return model
+
+
+def _row_reduce_worker(out: str, variant: str) -> None:
+    """One rank: greedy generate of a TP2 model (Llama with o_proj / down_proj biases, Qwen2 with q/k/v biases)
+    with the captured, compiled decode step twice, first with transformers' all-reduce, then with
+    ``LeanKConfig(tp_allreduce="one_shot")``; saves both runs' tokens and logits to ``out/rank{RANK}.pt``."""
+    import torch.distributed as dist
+
+    import leank.tp as tp_module
+
+    base = ROW_REDUCE_VARIANTS[variant]
+    rank = int(os.environ["RANK"])
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+    device = "cpu"
+    if VARIANTS[base]["device"] == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    else:  # no symmetric memory on CPU: the decision and the decode path run, the sum is a functional all-reduce
+        tp_module.one_shot_reason = lambda shard, dev: None if shard is not None and shard.size > 1 else "no TP"
+        tp_module.OneShotAllReduce = _FunctionalAllReduce
+    results = {}
+    for kind in KINDS:
+        model = _tp_model(kind, base, device, prepare=lambda m: _with_biases(m, seed=11).to(VARIANTS[base]["dtype"]))
+        ids, am = _batch()
+        runs = {}
+        for name in ("transformers", "one_shot"):
+            cfg = dataclasses.replace(_config(base), tp_allreduce=name)
+            leank.patch(model, masks=_mask(kind, base), config=cfg)
+            model._leank.emulate_capture = device == "cpu"
+            seq, logits, _ = _generate(model, ids.to(device), am.to(device), NEW1, do_sample=False)
+            runner = model._leank.runner
+            runs[name] = dict(seq=seq.cpu(), logits=logits.cpu(), fused=runner.fused, replays=runner.replays,
+                              compiled_steps=runner.compiled_steps,
+                              row_reduce=type(runner.row_reduce).__name__ if runner.row_reduce is not None else None)
+            leank.unpatch(model)
+        results[kind] = runs
+        print(f"rank {rank}: {kind} ({variant}) done", file=sys.stderr, flush=True)
+    results["made"] = _FunctionalAllReduce.made
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _check_row_reduce(ranks: list, variant: str) -> None:
+    base = ROW_REDUCE_VARIANTS[variant]
+    for r, got in enumerate(ranks):
+        for kind in KINDS:
+            a, b = got[kind]["transformers"], got[kind]["one_shot"]
+            assert a["row_reduce"] is None and a["fused"] and b["fused"], (kind, r, a, b)
+            want = "_FunctionalAllReduce" if base == "cpu" else "OneShotAllReduce"
+            assert b["row_reduce"] == want, (kind, r, b["row_reduce"])
+            assert b["replays"] >= NEW1 - 3 and b["compiled_steps"] > 0, (kind, r, b["replays"], b["compiled_steps"])
+            assert a["logits"].abs().max() > 1.0, "logits must not be trivially small"
+            if VARIANTS[base]["dtype"] == torch.float32:
+                assert torch.equal(a["seq"], b["seq"]), (kind, r)
+                err = (a["logits"] - b["logits"]).abs().max().item()
+                assert err <= 1e-5, (kind, r, err)
+            else:
+                _check_until_divergence(dict(seq1=b["seq"], logits1=b["logits"]),
+                                        dict(seq1=a["seq"], logits1=a["logits"]), kind, r,
+                                        tol=0.05 * a["logits"].abs().max().item())
+        if base == "cpu":
+            assert got["made"] == len(KINDS), got["made"]  # one reducer per runner, through the config's decision
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_tp2_gloo_local_row_products_equal_transformers_all_reduce(tmp_path):
+    """``LeanKConfig(tp_allreduce="one_shot")``'s decode path on two gloo ranks: ``o_proj`` and ``down_proj`` run
+    as local products summed by the reducer (a functional all-reduce on CPU), their biases added once; the
+    compiled, emulated-capture greedy run equals transformers' all-reduce to 1e-5 with the same tokens."""
+    if not _has_tp_api():
+        pytest.skip("this transformers has no PreTrainedModel.prepare_distribute_model/maybe_distribute_model")
+    proc = _launch(tmp_path, "cpu-row-reduce")
+    _wait(proc, timeout=300)
+    _check_row_reduce(_load_ranks(tmp_path), "cpu-row-reduce")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_tp2_one_shot_all_reduce_equals_nccl(tmp_path):
+    """2 CUDA ranks, bf16 TileLang, compiled and recorded: ``tp_allreduce="one_shot"`` (PyTorch's symmetric-memory
+    one-shot all-reduce inside the CUDA graph) gives the first token of every row and logits within 5% of their
+    scale until the rows' tokens part, against transformers' NCCL all-reduce."""
+    proc = _launch(tmp_path, "cuda-bf16-one-shot")
+    _wait(proc, timeout=480)
+    _check_row_reduce(_load_ranks(tmp_path), "cuda-bf16-one-shot")
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    if sys.argv[2] in ROW_REDUCE_VARIANTS:
+        _row_reduce_worker(sys.argv[1], sys.argv[2])
+    else:
+        _worker(sys.argv[1], sys.argv[2])
 
 
 def test_tensor_parallel_rank_is_warned_to_unpatch_before_destroying_the_group():
