@@ -543,6 +543,7 @@ class OneShotAllReduce:
     def __init__(self, shard: TPShard):
         self.group_name = _group_name(shard.group)
         self.owner = next(_OWNERS)
+        _one_shot_op()  # registered here, never while torch.compile traces __call__
 
     def __call__(self, partial: torch.Tensor) -> torch.Tensor:
         return _one_shot_op()(partial, self.group_name, self.owner)

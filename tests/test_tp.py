@@ -722,3 +722,29 @@ def test_tensor_parallel_rank_is_warned_to_unpatch_before_destroying_the_group()
         warn_if_collectives(rank1)
         warn_if_collectives(rank1)
     assert [str(w.message) for w in seen] == [TP_TEARDOWN_WARNING] and seen[0].category is RuntimeWarning
+
+
+def test_one_shot_all_reduce_traces_as_one_opaque_op():
+    """``OneShotAllReduce`` inside a ``fullgraph`` ``torch.compile``: the registration happens before tracing,
+    the op is traced (by its fake: nothing runs, so no CUDA is needed) as one ``leank.tp_one_shot_all_reduce``
+    node with this reducer's group name and owner, and its output has the partial's shape."""
+    import types
+
+    from leank.tp import OneShotAllReduce
+
+    reduce = OneShotAllReduce(TPShard(rank=0, size=2, num_kv_heads=4, group=types.SimpleNamespace(group_name="g7")))
+    other = OneShotAllReduce(TPShard(rank=0, size=2, num_kv_heads=4, group=types.SimpleNamespace(group_name="g7")))
+    assert other.owner != reduce.owner, "each reducer owns its buffers"
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *args: (torch.zeros(3, 1, 8),)
+
+    fn = torch.compile(lambda x: reduce(x * 2.0) + 1.0, backend=backend, fullgraph=True)
+    fn(torch.ones(3, 1, 8))
+    (gm,) = graphs
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "tp_one_shot_all_reduce" in str(n.target)]
+    assert len(calls) == 1, gm.graph
+    assert calls[0].args[1:] == ("g7", reduce.owner), calls[0].args
+    assert tuple(calls[0].meta["example_value"].shape) == (3, 1, 8)
