@@ -60,7 +60,7 @@ KINDS = ("gemm", "attention", "norm-elementwise", "triton", "copy", "comm", "oth
 def kernel_kind(name: str) -> str:
     """The kind of a CUDA kernel, from its (demangled) name."""
     n = name.lower()
-    if "nccl" in n:
+    if "nccl" in n or "all_reduce" in n or "allreduce" in n:  # NCCL, PyTorch's symmetric-memory all-reduces
         return "comm"
     if n.startswith(("split", "combine")) or any(s in n for s in ("flash", "fmha", "attention", "cudnn")):
         return "attention"
