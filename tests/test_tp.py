@@ -573,7 +573,7 @@ class _FunctionalAllReduce:
     """``leank.tp.OneShotAllReduce``'s interface over ``torch.distributed``'s functional all-reduce (gloo on CPU):
     what the CPU test runs through ``LeanKConfig.tp_allreduce="one_shot"``'s own decision and decode path."""
 
-    made = 0
+    made = released = 0
 
     def __init__(self, shard):
         import torch.distributed as dist
@@ -588,7 +588,7 @@ class _FunctionalAllReduce:
         return funcol.all_reduce(partial, "sum", self.group)
 
     def release(self) -> None:
-        pass
+        type(self).released += 1
 
 
 def _with_biases(model, seed: int):
@@ -641,7 +641,7 @@ def _row_reduce_worker(out: str, variant: str) -> None:
             leank.unpatch(model)
         results[kind] = runs
         print(f"rank {rank}: {kind} ({variant}) done", file=sys.stderr, flush=True)
-    results["made"] = _FunctionalAllReduce.made
+    results["made"], results["released"] = _FunctionalAllReduce.made, _FunctionalAllReduce.released
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -668,6 +668,7 @@ def _check_row_reduce(ranks: list, variant: str) -> None:
                                         tol=0.05 * a["logits"].abs().max().item())
         if base == "cpu":
             assert got["made"] == len(KINDS), got["made"]  # one reducer per runner, through the config's decision
+            assert got["released"] == len(KINDS), got["released"]  # by unpatch
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
@@ -748,3 +749,23 @@ def test_one_shot_all_reduce_traces_as_one_opaque_op():
     assert len(calls) == 1, gm.graph
     assert calls[0].args[1:] == ("g7", reduce.owner), calls[0].args
     assert tuple(calls[0].meta["example_value"].shape) == (3, 1, 8)
+
+
+def test_one_shot_buffers_belong_to_their_reducer(monkeypatch):
+    """``OneShotAllReduce.release`` (``unpatch``) drops its own symmetric buffers only: another patched model's
+    recorded graph may still read the others."""
+    import types
+
+    import leank.tp as tp_module
+
+    monkeypatch.setattr(tp_module, "_SYMMETRIC", {})
+    group = types.SimpleNamespace(group_name="g")
+    a = tp_module.OneShotAllReduce(TPShard(rank=0, size=2, num_kv_heads=4, group=group))
+    b = tp_module.OneShotAllReduce(TPShard(rank=0, size=2, num_kv_heads=4, group=group))
+    for owner in (a.owner, b.owner):
+        for batch in (1, 8):
+            tp_module._SYMMETRIC[(owner, "g", (batch, 1, 16), torch.bfloat16, torch.device("cuda", 0))] = object()
+    a.release()
+    assert sorted({k[0] for k in tp_module._SYMMETRIC}) == [b.owner] and len(tp_module._SYMMETRIC) == 2
+    b.release()
+    assert tp_module._SYMMETRIC == {}
