@@ -88,9 +88,8 @@ METHODS = ("dense-static", "dense-dynamic", "leank", "leank-unfused", "leank-gra
 # run only when named in --methods (Inductor autotuning costs minutes of compile per batch size; leank-unbalanced
 # and leank-one-shot equal leank outside torchrun)
 EXTRA_METHODS = ("leank-autotune", "leank-unbalanced", "leank-one-shot")
-# dense methods --synthetic-prefill can fill (every LeanK method can; dense-static's StaticCache is not filled: not
-# implemented)
-SYNTHETIC_METHODS = ("dense-dynamic",)
+# dense methods --synthetic-prefill can fill (every LeanK method can)
+SYNTHETIC_METHODS = ("dense-dynamic", "dense-static")
 # what each method is, for the JSON and the README
 METHOD_DOC = {
     "dense-static": "unpatched model, transformers' static cache; transformers compiles the decode step "
@@ -171,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget as long as the GPU holds it) or the whole generate() (default: %(default)s)")
     p.add_argument("--budget-length", type=common.int_k, default=16384, help="prompt length of the max-batch search (default: %(default)s)")
     p.add_argument("--synthetic-prefill", action="store_true",
-                   help="LeanK methods and dense-dynamic only: fill each call's cache with random K/V as a prefill in "
+                   help="fill each call's cache with random K/V as a prefill in "
                         "chunks of --leank-prefill-chunk / --dense-prefill-chunk stores them (e2e_decode."
-                        "synthetic_leank_cache, synthetic_dynamic_cache), without running the model over the prompt; "
+                        "synthetic_leank_cache, synthetic_dynamic_cache, synthetic_static_cache), without running the "
+                        "model over the prompt; "
                         "generate runs the model on the last prompt token, then decodes. Cache "
                         "layout, sizes, decode steps and decode-phase memory are a real run's; prefill times and "
                         "prefill peaks are not. For max-batch searches whose prefills would not fit a run's time "
@@ -253,9 +253,9 @@ def resolve_args(args) -> None:
     if args.synthetic_prefill:
         bad = [m for m in args.methods if not m.startswith("leank") and m not in SYNTHETIC_METHODS]
         if bad or args.second_turn or args.speculative:
-            raise SystemExit(f"--synthetic-prefill: fills LeanK caches and dense-dynamic's only, and runs no --second-turn "
-                             f"or --speculative; got methods {bad}, --second-turn {args.second_turn}, --speculative "
-                             f"{args.speculative}")
+            raise SystemExit(f"--synthetic-prefill: fills the caches of LeanK methods and {SYNTHETIC_METHODS} only, and "
+                             f"runs no --second-turn or --speculative; got methods {bad}, --second-turn "
+                             f"{args.second_turn}, --speculative {args.speculative}")
     if args.plot is None:
         args.plot = str(Path(args.out).with_suffix(".png"))
 
@@ -495,22 +495,51 @@ def synthetic_dynamic_cache(model, batch: int, length: int, new_tokens: int, chu
     return cache
 
 
+def synthetic_static_cache(model, batch: int, length: int, new_tokens: int, chunk: int, seed: int = 0):
+    """transformers' ``StaticCache`` for ``length`` + ``new_tokens`` + 1 tokens per sequence (``static_prefill``'s
+    size: the prompt, of which the last token is fed by ``generate``, plus the new tokens) holding ``length`` tokens
+    of random K/V, written ``chunk`` tokens at a time through its ``update`` at their positions, without running the
+    model. Under tensor parallelism each rank fills its own KV heads. See ``synthetic_leank_cache``."""
+    import torch
+    from transformers import StaticCache
+
+    from leank.tp import detect
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shard = detect(model)
+    kvh = cfg.num_key_value_heads if shard is None else shard.local_kv_heads
+    cache = StaticCache(config=cfg, max_cache_len=length + 1 + new_tokens)
+    device = next(model.parameters()).device
+    for i in range(cfg.num_hidden_layers):
+        start = 0
+        for k, v in _random_kv_chunks(model, batch, kvh, head_dim, length, chunk, seed + i):
+            # the positions: transformers <= 5.2x's StaticLayer reads them, later ones count the tokens themselves
+            pos = torch.arange(start, start + k.shape[2], device=device)
+            cache.update(k, v, i, {"cache_position": pos})
+            start += k.shape[2]
+    return cache
+
+
 def generate_kwargs(model, method: str, input_ids, new_tokens: int, prefill_chunk: int = 0,
                     logits_processor=None, synthetic: bool = False) -> dict:
     """``greedy_kwargs`` of ``method`` for ``input_ids [batch, length]``. ``dense-static`` with ``prefill_chunk``
     gets its ``StaticCache`` here, prefilled by ``static_prefill`` with every prompt token but the last (call it
     where the prefill is timed); every other method passes ``prefill_chunk`` to ``generate``. ``synthetic`` (LeanK
-    methods and ``dense-dynamic``): the cache comes from ``synthetic_leank_cache`` / ``synthetic_dynamic_cache``
+    methods, ``dense-dynamic``, ``dense-static``): the cache comes from ``synthetic_leank_cache`` /
+    ``synthetic_dynamic_cache`` / ``synthetic_static_cache``
     with every prompt token but the last, so ``generate`` runs the model on the last one only."""
     if synthetic:
         from leank.patching import cache_kwarg
 
         if method not in SYNTHETIC_METHODS and not method.startswith("leank"):
-            raise ValueError(f"synthetic: a synthetic prefill fills LeanK caches and dense-dynamic's, got method {method!r}")
+            raise ValueError(f"synthetic: a synthetic prefill fills LeanK caches and {SYNTHETIC_METHODS}' caches, got "
+                             f"method {method!r}")
         kwargs = greedy_kwargs(method, new_tokens, 0, logits_processor)
         kwargs.pop("cache_implementation", None)
         b, length = input_ids.shape
-        fill = synthetic_dynamic_cache if method == "dense-dynamic" else synthetic_leank_cache
+        fill = {"dense-dynamic": synthetic_dynamic_cache, "dense-static": synthetic_static_cache}.get(
+            method, synthetic_leank_cache)
         kwargs[cache_kwarg(model)] = fill(model, b, length - 1, new_tokens, prefill_chunk or length, seed=length + b)
         return kwargs
     if method == "dense-static" and prefill_chunk > 0 and input_ids.shape[1] > 1:

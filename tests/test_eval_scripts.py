@@ -299,8 +299,8 @@ def test_synthetic_leank_cache_is_laid_out_as_a_chunked_prefill(length, chunk):
         with torch.no_grad():
             seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).sequences
         assert seq.shape == (3, length + 6)
-        with pytest.raises(ValueError, match="fills LeanK caches and dense-dynamic's, got method 'dense-static'"):
-            e2e_decode.generate_kwargs(model, "dense-static", ids, 6, chunk, synthetic=True)
+        with pytest.raises(ValueError, match="fills LeanK caches and .*dense-static.* caches, got method 'dense-other'"):
+            e2e_decode.generate_kwargs(model, "dense-other", ids, 6, chunk, synthetic=True)
     finally:
         leank.unpatch(model)
 
@@ -329,17 +329,40 @@ def test_synthetic_dynamic_cache_is_shaped_as_a_chunked_prefill():
         assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).sequences.shape == (3, 41)
 
 
+def test_synthetic_static_cache_is_shaped_as_static_prefill():
+    """dense-static's synthetic cache: a StaticCache of ``static_prefill``'s size and length (every prompt token
+    but the last), its filled rows random and the rest zero as a prefill leaves them, on which ``generate``
+    compiles nothing new on the CPU and decodes the same number of tokens."""
+    from leank.patching import cache_kwarg
+
+    cfg = common.model_config("llama3.1-8b", layers=2, tiny=True)
+    model = common.build_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+    ids = torch.randint(1, cfg.vocab_size, (2, 29), generator=torch.Generator().manual_seed(2))
+    real = e2e_decode.static_prefill(model, ids, 4, 16)
+    fake = e2e_decode.synthetic_static_cache(model, 2, 28, 4, 16)
+    assert type(fake) is type(real) and fake.get_seq_length() == real.get_seq_length() == 28
+    for a, b in zip(fake.layers, real.layers):
+        assert a.keys.shape == b.keys.shape and a.values.shape == b.values.shape  # [2, kv_heads, 33, head_dim]
+        assert a.keys[:, :, :28].abs().sum(-1).min() > 0 and a.keys[:, :, 28:].abs().max() == 0
+        assert a.values[:, :, :28].abs().sum(-1).min() > 0 and a.values[:, :, 28:].abs().max() == 0
+    kw = e2e_decode.generate_kwargs(model, "dense-static", ids, 4, 16, synthetic=True)
+    assert "cache_implementation" not in kw and kw[cache_kwarg(model)].get_seq_length() == 28
+    with torch.no_grad():
+        assert model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw).sequences.shape == (2, 33)
+
+
 def test_e2e_decode_synthetic_prefill_rows(tmp_path):
     out = tmp_path / "syn.json"
     args = [*SMALL, "--models", "llama3.1-8b", "--lengths", "64", "--batches", "2", "--warmup", "1", "--steps", "5",
             "--leank-prefill-chunk", "24", "--no-max-batch", "--out", str(out)]
-    assert e2e_decode.main([*args, "--methods", "leank,leank-dense,dense-dynamic", "--synthetic-prefill"]) == 0
+    assert e2e_decode.main([*args, "--methods", "leank,leank-dense,dense-dynamic,dense-static",
+                            "--synthetic-prefill", "--dense-prefill-chunk", "24"]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert {r["method"] for r in runs} == {"leank", "leank-dense", "dense-dynamic"}
+    assert {r["method"] for r in runs} == {"leank", "leank-dense", "dense-dynamic", "dense-static"}
     assert all(r["status"] == "ok" and r["synthetic_prefill"] and r["measured_steps"] == 5 for r in runs)
     assert json.loads((tmp_path / "syn.config.json").read_text())["config"]["synthetic_prefill"] is True
-    with pytest.raises(SystemExit, match="--synthetic-prefill: fills LeanK caches and dense-dynamic's only"):
-        e2e_decode.main([*args, "--methods", "leank,dense-static", "--synthetic-prefill"])
+    with pytest.raises(SystemExit, match="--synthetic-prefill: .* runs no --second-turn or --speculative"):
+        e2e_decode.main([*args, "--methods", "leank,dense-dynamic", "--synthetic-prefill", "--second-turn", "8"])
 
 
 def test_step_stats_exact():
