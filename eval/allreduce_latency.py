@@ -132,7 +132,7 @@ def measure(hidden: int, batch: int, args, device, dtype) -> list[dict]:
     probe = torch.full((batch, hidden), float(rank + 1), device=device, dtype=dtype)
     expected = world * (world + 1) / 2
     x = torch.zeros(batch, hidden, device=device, dtype=dtype)
-    collectives = {dist.get_backend(): lambda t: in_place_body(t)}  # nccl on CUDA, gloo on CPU
+    collectives = {dist.get_backend(): in_place_body}  # nccl on CUDA, gloo on CPU
     if device.type == "cuda":
         collectives["one_shot"] = lambda t: one_shot_body(t, dist.group.WORLD)
     rows = []

@@ -475,6 +475,16 @@ def synthetic_leank_cache(model, batch: int, length: int, new_tokens: int, chunk
     return cache
 
 
+def _local_kv_shape(model) -> tuple:
+    """``(KV heads this rank holds, head_dim)`` of ``model`` (all its KV heads outside tensor parallelism)."""
+    from leank.tp import detect
+
+    cfg = model.config
+    shard = detect(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return (cfg.num_key_value_heads if shard is None else shard.local_kv_heads), head_dim
+
+
 def synthetic_dynamic_cache(model, batch: int, length: int, new_tokens: int, chunk: int, seed: int = 0):
     """transformers' ``DynamicCache`` holding ``length`` tokens of random K/V per sequence, appended ``chunk``
     tokens at a time through its ``update`` (what a chunked prefill's layers call), without running the model;
@@ -482,12 +492,8 @@ def synthetic_dynamic_cache(model, batch: int, length: int, new_tokens: int, chu
     own KV heads. See ``synthetic_leank_cache``."""
     from transformers import DynamicCache
 
-    from leank.tp import detect
-
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    shard = detect(model)
-    kvh = cfg.num_key_value_heads if shard is None else shard.local_kv_heads
+    kvh, head_dim = _local_kv_shape(model)
     cache = DynamicCache(config=cfg)
     for i in range(cfg.num_hidden_layers):
         for k, v in _random_kv_chunks(model, batch, kvh, head_dim, length, chunk, seed + i):
@@ -503,12 +509,8 @@ def synthetic_static_cache(model, batch: int, length: int, new_tokens: int, chun
     import torch
     from transformers import StaticCache
 
-    from leank.tp import detect
-
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    shard = detect(model)
-    kvh = cfg.num_key_value_heads if shard is None else shard.local_kv_heads
+    kvh, head_dim = _local_kv_shape(model)
     cache = StaticCache(config=cfg, max_cache_len=length + 1 + new_tokens)
     device = next(model.parameters()).device
     for i in range(cfg.num_hidden_layers):

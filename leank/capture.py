@@ -350,12 +350,8 @@ class DecodeGraphRunner:
 
         self._row_reduce_decided = True
         shard = shard_of(state.mask)
-        why = why or one_shot_reason(shard, self.model.get_output_embeddings().weight.device)
-        for i, layer in enumerate(self.model.model.layers if why is None else ()):
-            for name, m in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
-                r = fused_decode.rowwise_reason(m)
-                if r is not None and why is None:
-                    why = f"layer {i}: {name}: {r}"
+        why = (why or one_shot_reason(shard, self.model.get_output_embeddings().weight.device)
+               or fused_decode.row_parallel_reason(self.model))
         if why is not None:
             warn_once(__name__, "leank: LeanKConfig.tp_allreduce='one_shot' not used, the decode step keeps "
                       f"transformers' all-reduce: {why}", RuntimeWarning)

@@ -128,6 +128,17 @@ def rowwise_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
+def row_parallel_reason(model) -> Optional[str]:
+    """Why some layer's ``o_proj`` or ``down_proj`` cannot run as a local product plus ``row_reduce``
+    (``rowwise_reason``), or None."""
+    for i, layer in enumerate(model.model.layers):
+        for name, m in (("o_proj", layer.self_attn.o_proj), ("down_proj", layer.mlp.down_proj)):
+            why = rowwise_reason(m)
+            if why is not None:
+                return f"layer {i}: {name}: {why}"
+    return None
+
+
 def _row_parallel(owner: nn.Module, name: str, x: Tensor, row_reduce) -> Tensor:
     """``owner.<name>(x)`` for a row-sharded projection (``rowwise_reason`` is None): the product with the local
     weight ``fuse_projections`` noted (a DTensor's local part cannot be taken while tracing), summed over the

@@ -30,6 +30,22 @@ def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, kv_heads: in
     return model.eval()
 
 
+def with_biases(model, seed: int = 7):
+    """``model`` with non-zero biases on every projection that has one. A Llama is rebuilt (from ``seed``) with
+    attention and MLP biases; Qwen2 has them on q/k/v. transformers starts biases at 0, so without this a bias
+    dropped, or added once per tensor-parallel rank, would not show."""
+    if model.config.model_type == "llama":
+        model.config.attention_bias = model.config.mlp_bias = True
+        torch.manual_seed(seed)
+        model = type(model)(model.config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    return model
+
+
 def sparse_keep(layers: int, kv_heads: int, head_dim: int, align: int = 8, seed: int = 1) -> torch.Tensor:
     """~70%-sparse random keep mask with some 0-channel heads in every layer."""
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ import torch
 import leank
 from leank import LeanKConfig
 from leank.masks import ChannelMask
-from tests.oracle import oracle_logits, sparse_keep, tiny_model
+from tests.oracle import oracle_logits, sparse_keep, tiny_model, with_biases
 
 CFG = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference")
 
@@ -320,15 +320,7 @@ def test_fused_projections_equal_unfused_and_keep_the_weights(kind, tmp_path):
     """q/k/v and gate/up as one product each: the same logits as transformers' forward in the runner,
     the parameters become views of one buffer (no second copy), the state_dict and a saved checkpoint are
     unchanged. Biases are made non-zero (transformers starts them at 0), so a dropped fused bias shows."""
-    model = tiny_model(kind)
-    if kind == "llama":  # biases on every projection (Qwen2 has them on q/k/v only)
-        model.config.attention_bias = model.config.mlp_bias = True
-        model = type(model)(model.config).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
+    model = with_biases(tiny_model(kind))  # Llama: biases on every projection; Qwen2: on q/k/v
     before = {k: v.clone() for k, v in model.state_dict().items()}
     keep = sparse_keep(2, 4, 32)
     ids, am = _ragged([5, 26, 13], seed=3)

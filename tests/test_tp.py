@@ -47,7 +47,7 @@ from leank.masks import ChannelMask  # noqa: E402
 from leank.patching import cache_kwarg  # noqa: E402
 from leank.tp import (TPShard, balanced_order, detect, rank_report, shard_from_rows, shard_of, slice_mask,  # noqa: E402
                       sync_sampling_rng)
-from tests.oracle import sparse_keep, tiny_model  # noqa: E402
+from tests.oracle import sparse_keep, tiny_model, with_biases  # noqa: E402
 
 CFG = LeanKConfig(sink=4, recent=8, flush_every=4, backend="reference")
 KINDS = ("llama", "qwen2")
@@ -142,18 +142,32 @@ def _tp_model(kind: str, variant: str, device, prepare=None, **kw):
     return cls.maybe_distribute_model(model, dist_config, mesh)
 
 
-def _worker(out: str, variant: str) -> None:
-    """One rank: LeanK TP2 results of both model kinds, saved to ``out/rank{RANK}.pt``."""
-    import torch.distributed as dist
-
+def _rank_start(variant: str) -> tuple:
+    """``(rank, device)`` of this torchrun rank for ``variant``. A rank that hangs (a collective the other rank
+    never reaches, a compile waiting on a lock) prints every thread's stack and exits, so the test fails with
+    the place instead of the outer time limit."""
     rank = int(os.environ["RANK"])
-    # a rank that hangs (a collective the other rank never reaches, a compile waiting on a lock) prints
-    # every thread's stack and exits, so the test fails with the place instead of the outer time limit
     faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
     device = "cpu"
     if VARIANTS[variant]["device"] == "cuda":
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
+    return rank, device
+
+
+def _rank_finish(out: str, rank: int, results: dict) -> None:
+    """Save this rank's ``results`` to ``out/rank{rank}.pt`` and leave the process group."""
+    import torch.distributed as dist
+
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _worker(out: str, variant: str) -> None:
+    """One rank: LeanK TP2 results of both model kinds, saved to ``out/rank{RANK}.pt``."""
+    rank, device = _rank_start(variant)
     results = {}
     t0 = time.perf_counter()
     for kind in KINDS:
@@ -205,10 +219,7 @@ def _worker(out: str, variant: str) -> None:
         results["odd_error"] = None
     except ValueError as e:
         results["odd_error"] = str(e)
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    faulthandler.cancel_dump_traceback_later()
+    _rank_finish(out, rank, results)
 
 
 def _attention_shards(model) -> list:
@@ -591,42 +602,20 @@ class _FunctionalAllReduce:
         type(self).released += 1
 
 
-def _with_biases(model, seed: int):
-    """``model`` with non-zero biases on every projection that has one (Llama: rebuilt with attention and MLP
-    biases), so a bias added per rank instead of once after the sum shows."""
-    if model.config.model_type == "llama":
-        model.config.attention_bias = model.config.mlp_bias = True
-        torch.manual_seed(0)
-        model = type(model)(model.config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.5)
-    return model
-
-
 def _row_reduce_worker(out: str, variant: str) -> None:
     """One rank: greedy generate of a TP2 model (Llama with o_proj / down_proj biases, Qwen2 with q/k/v biases)
     with the captured, compiled decode step twice, first with transformers' all-reduce, then with
     ``LeanKConfig(tp_allreduce="one_shot")``; saves both runs' tokens and logits to ``out/rank{RANK}.pt``."""
-    import torch.distributed as dist
-
     import leank.tp as tp_module
 
     base = ROW_REDUCE_VARIANTS[variant]
-    rank = int(os.environ["RANK"])
-    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
-    device = "cpu"
-    if VARIANTS[base]["device"] == "cuda":
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    else:  # no symmetric memory on CPU: the decision and the decode path run, the sum is a functional all-reduce
+    rank, device = _rank_start(base)
+    if device == "cpu":  # no symmetric memory on CPU: the decision and the decode path run, the sum is a functional all-reduce
         tp_module.one_shot_reason = lambda shard, dev: None if shard is not None and shard.size > 1 else "no TP"
         tp_module.OneShotAllReduce = _FunctionalAllReduce
     results = {}
     for kind in KINDS:
-        model = _tp_model(kind, base, device, prepare=lambda m: _with_biases(m, seed=11).to(VARIANTS[base]["dtype"]))
+        model = _tp_model(kind, base, device, prepare=lambda m: with_biases(m, seed=11).to(VARIANTS[base]["dtype"]))
         ids, am = _batch()
         runs = {}
         for name in ("transformers", "one_shot"):
@@ -642,10 +631,7 @@ def _row_reduce_worker(out: str, variant: str) -> None:
         results[kind] = runs
         print(f"rank {rank}: {kind} ({variant}) done", file=sys.stderr, flush=True)
     results["made"], results["released"] = _FunctionalAllReduce.made, _FunctionalAllReduce.released
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    faulthandler.cancel_dump_traceback_later()
+    _rank_finish(out, rank, results)
 
 
 def _check_row_reduce(ranks: list, variant: str) -> None:
