@@ -259,9 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
-    from leank import defer
+    from leank import append_kernel, defer
 
     defer.ENABLED = args.defer_stop
+    append_kernel.FUSE_ROPE = args.rope_append
     rank, tp, device = e2e_decode.distributed_setup(args)
     if rank:  # every rank runs every generate call (collectives); rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
@@ -317,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(common.format_table([{c: r.get(c) for c in cols} for r in rows], floatfmt=".3g"))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "attn_implementation": attn,
-              "dtype": str(dtype), "tp": tp, "defer_stop": args.defer_stop,
+              "dtype": str(dtype), "tp": tp, "defer_stop": args.defer_stop, "rope_append": args.rope_append,
               "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
     if rank == 0:
         out, cfgp = common.write_results(args.out, result, {**vars(args), "device": str(device), "dtype": str(dtype)})

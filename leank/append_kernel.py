@@ -6,6 +6,13 @@ length cast, two ``index_put`` and an add: four launches, about 10 µs per layer
 for 4 KB of data. ``append_rows_`` does it in one Triton launch on CUDA (``torch`` fallback
 elsewhere, and when Triton is missing), reading no host value, so it can be recorded in a
 CUDA graph.
+
+``rope_append_rows_`` does the same for the fused decode step with the rotary embedding of the
+step's query and key folded in (``FUSE_ROPE``): the model's two RoPE kernels (query, key) and the
+append become one launch per layer. It applies the standard rotate-half RoPE
+(``x * cos + rotate_half(x) * sin``, computed in float32 and rounded once, as Inductor's fused
+kernel does); ``leank.fused_decode`` uses it only for models whose ``apply_rotary_pos_emb``
+computes exactly that (``is_standard_rope``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ import torch
 from .diagnostics import log_once
 
 Tensor = torch.Tensor
+
+# the fused decode step applies standard RoPE inside its append kernel (False: the model's own
+# apply_rotary_pos_emb, compiled by Inductor, before the append; eval/e2e_decode.py --no-rope-append)
+FUSE_ROPE: bool = True
 
 
 def append_rows_reference(win_k: Tensor, win_v: Tensor, win_len: Tensor, key: Tensor, value: Tensor) -> None:
@@ -83,3 +94,149 @@ def append_rows_(win_k: Tensor, win_v: Tensor, win_len: Tensor, key: Tensor, val
                  win_k.stride(0), win_k.stride(1), win_k.stride(2),
                  H=h, D=d, BLOCK_H=max(1, 1 << (h - 1).bit_length()), BLOCK_D=max(16, 1 << (d - 1).bit_length()),
                  num_warps=1 if h * d <= 1024 else 4)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Standard rotate-half RoPE in float32 (float64 for float64 input), rounded once to ``x.dtype``.
+
+    Args:
+        x: ``[batch, heads, head_dim]``; cos, sin: ``[batch, head_dim]``.
+    Returns:
+        ``x * cos + rotate_half(x) * sin``, ``[batch, heads, head_dim]``, ``x.dtype``.
+    """
+    half = x.shape[-1] // 2
+    acc = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(acc)
+    rot = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    return (x32 * cos.to(acc)[:, None] + rot * sin.to(acc)[:, None]).to(x.dtype)
+
+
+def rope_append_rows_reference(win_k: Tensor, win_v: Tensor, win_len: Tensor, query: Tensor, key: Tensor,
+                               value: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on the step's query and key, then ``append_rows_reference`` of the rotated key and the value.
+
+    Args:
+        win_k, win_v, win_len: as ``append_rows_reference`` (written in place).
+        query: ``[batch, heads, 1, head_dim]``; key, value: ``[batch, kv_heads, 1, head_dim]`` (any strides).
+        cos, sin: ``[batch, 1, head_dim]``, the model's rotary embedding of the step's positions.
+    Returns:
+        the rotated query, ``[batch, heads, head_dim]``, contiguous.
+    """
+    q = rope_reference(query[:, :, 0], cos[:, 0], sin[:, 0])
+    k = rope_reference(key[:, :, 0], cos[:, 0], sin[:, 0])
+    append_rows_reference(win_k, win_v, win_len, k[:, :, None], value)
+    return q.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_kernel():
+    """The Triton RoPE + append kernel, compiled on first use (None when Triton is not importable)."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rope_append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, wk_ptr, wv_ptr, len_ptr,
+                           sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, ss_b, so_b, so_h, sw_b, sw_h, sw_t,
+                           H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        b = tl.program_id(0)
+        d = tl.arange(0, BLOCK_HALF)[None, :]
+        dm = d < HALF
+        c1 = tl.load(cos_ptr + b * sc_b + d, mask=dm).to(tl.float32)
+        c2 = tl.load(cos_ptr + b * sc_b + HALF + d, mask=dm).to(tl.float32)
+        s1 = tl.load(sin_ptr + b * ss_b + d, mask=dm).to(tl.float32)
+        s2 = tl.load(sin_ptr + b * ss_b + HALF + d, mask=dm).to(tl.float32)
+        # query: [H, head_dim] -> out (contiguous rows)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        m = (h < H) & dm
+        src = q_ptr + b * sq_b + h * sq_h + d
+        x1 = tl.load(src, mask=m).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=m).to(tl.float32)
+        dst = out_ptr + b * so_b + h * so_h + d
+        tl.store(dst, (x1 * c1 - x2 * s1).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty), mask=m)
+        # key (rotated) and value -> the window row win_len[b]
+        pos = tl.load(len_ptr + b)
+        h = tl.arange(0, BLOCK_KV)[:, None]
+        m = (h < KVH) & dm
+        row = b * sw_b + h * sw_h + pos.to(tl.int64) * sw_t + d
+        src = k_ptr + b * sk_b + h * sk_h + d
+        x1 = tl.load(src, mask=m).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=m).to(tl.float32)
+        tl.store(wk_ptr + row, (x1 * c1 - x2 * s1).to(wk_ptr.dtype.element_ty), mask=m)
+        tl.store(wk_ptr + row + HALF, (x2 * c2 + x1 * s2).to(wk_ptr.dtype.element_ty), mask=m)
+        src = v_ptr + b * sv_b + h * sv_h + d
+        tl.store(wv_ptr + row, tl.load(src, mask=m), mask=m)
+        tl.store(wv_ptr + row + HALF, tl.load(src + HALF, mask=m), mask=m)
+        tl.store(len_ptr + b, pos + 1)
+
+    return rope_append_kernel
+
+
+def _rope_ok(win_k: Tensor, win_v: Tensor, win_len: Tensor, query: Tensor, key: Tensor, value: Tensor,
+             cos: Tensor, sin: Tensor) -> bool:
+    return (win_k.is_cuda and win_len.dtype == torch.int32 and win_k.stride() == win_v.stride()
+            and win_k.shape[-1] % 2 == 0 and all(t.stride(-1) == 1 for t in (win_k, query, key, value, cos, sin))
+            and query.dtype == key.dtype == win_k.dtype and value.dtype == win_v.dtype)
+
+
+def rope_append_rows_triton(win_k: Tensor, win_v: Tensor, win_len: Tensor, query: Tensor, key: Tensor,
+                            value: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``rope_append_rows_reference`` in one Triton launch (arguments and result as there). Needs Triton;
+    runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests)."""
+    kernel = _rope_kernel()
+    if kernel is None:
+        raise RuntimeError("rope_append_rows_triton: Triton is not importable")
+    b, h, _, d = query.shape
+    kvh = key.shape[1]
+    out = query.new_empty((b, h, d))
+    kernel[(b,)](query, key, value, cos, sin, out, win_k, win_v, win_len,
+                 query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+                 cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
+                 win_k.stride(0), win_k.stride(1), win_k.stride(2),
+                 H=h, KVH=kvh, HALF=d // 2, BLOCK_H=_pow2(h), BLOCK_KV=_pow2(kvh), BLOCK_HALF=_pow2(d // 2, 16),
+                 num_warps=1 if h * d <= 1024 else 4)
+    return out
+
+
+def rope_append_rows_(win_k: Tensor, win_v: Tensor, win_len: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                      cos: Tensor, sin: Tensor) -> Tensor:
+    """``rope_append_rows_reference`` in one launch on CUDA (arguments and result as there)."""
+    if _rope_ok(win_k, win_v, win_len, query, key, value, cos, sin) and _rope_kernel() is not None:
+        return rope_append_rows_triton(win_k, win_v, win_len, query, key, value, cos, sin)
+    if win_k.is_cuda:
+        log_once(__name__, "leank: RoPE and the window append through PyTorch operations (Triton not "
+                           "importable, or an unusual layout)")
+    return rope_append_rows_reference(win_k, win_v, win_len, query, key, value, cos, sin)
+
+
+def _pow2(x: int, least: int = 1) -> int:
+    return max(least, 1 << (max(1, x) - 1).bit_length())
+
+
+def is_standard_rope(apply_rotary_pos_emb) -> bool:
+    """Whether ``apply_rotary_pos_emb(q, k, cos, sin)`` computes the standard rotate-half RoPE that
+    ``rope_append_rows_`` applies: checked once per function on small float64 CPU tensors (a model
+    whose RoPE differs, e.g. partial or interleaved, keeps its own)."""
+    return _standard(apply_rotary_pos_emb)
+
+
+@functools.lru_cache(maxsize=None)
+def _standard(fn) -> bool:
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 1, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 1, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    cos, sin = torch.randn(2, 1, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            q_out, k_out = fn(q, k, cos, sin)
+    except Exception:  # any other signature or behaviour: not the standard RoPE
+        return False
+    q_ref = rope_reference(q[:, :, 0], cos[:, 0], sin[:, 0])[:, :, None]
+    k_ref = rope_reference(k[:, :, 0], cos[:, 0], sin[:, 0])[:, :, None]
+    return (isinstance(q_out, Tensor) and isinstance(k_out, Tensor) and q_out.shape == q.shape
+            and k_out.shape == k.shape and torch.allclose(q_out.double(), q_ref.double(), rtol=1e-12, atol=1e-12)
+            and torch.allclose(k_out.double(), k_ref.double(), rtol=1e-12, atol=1e-12))

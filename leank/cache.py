@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .append_kernel import append_rows_
+from .append_kernel import append_rows_, rope_append_rows_
 from .flush_kernel import flush_rows_
 from .config import MAX_ROWS, LeanKConfig
 from .diagnostics import warn_once
@@ -296,10 +296,31 @@ class LeanKLayer(CacheLayerMixin):
         host value, so it can be recorded in a CUDA graph; while ``capturing`` the host
         lengths are left to the caller (``advance_host``, once per replay).
         """
+        self._before_append()
+        append_rows_(self.win_k, self.win_v, self.win_len, key, value)  # one launch on CUDA
+        self._after_append()
+
+    def append_decode_rope(self, query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``append_decode`` of the step's key after standard RoPE (``leank.append_kernel.rope_reference``),
+        which is applied to the query too, in the same launch on CUDA.
+
+        Args:
+            query: ``[batch, heads, 1, head_dim]``; key, value: ``[batch, num_kv_heads, 1, head_dim]``.
+            cos, sin: ``[batch, 1, head_dim]``, the model's rotary embedding of the step's positions.
+        Returns:
+            the rotated query, ``[batch, heads, head_dim]``.
+        """
+        self._before_append()
+        query = rope_append_rows_(self.win_k, self.win_v, self.win_len, query, key, value, cos, sin)
+        self._after_append()
+        return query
+
+    def _before_append(self) -> None:
         if not self.capturing:
             self._ensure_window(max(self.win_len_host) + 1)
             self.ensure_decode_room()
-        append_rows_(self.win_k, self.win_v, self.win_len, key, value)  # one launch on CUDA
+
+    def _after_append(self) -> None:
         if not self.capturing:
             self.advance_host()
 

@@ -50,7 +50,7 @@ _IGNORED = {"return_dict", "use_cache", "attention_mask", "cache_position", "log
 
 
 _ACTIVE: list = []  # [cache] while a decode step runs through ``decode_step_attention`` (warm-up, recording)
-_OP = None  # torch.ops.leank.decode_step, registered on first use (nothing is registered at import)
+_OP = None  # torch.ops.leank.decode_step and decode_step_rope, registered on first use (nothing is registered at import)
 
 
 def active_cache() -> Optional[LeanKCache]:
@@ -71,36 +71,57 @@ def _decode_op():
     It declares no mutated argument because the tensors it writes (window rows, lengths)
     are not arguments: no other node of the compiled graph reads them, and each layer's
     op consumes the previous layer's output, so data flow alone keeps the order.
+
+    Registers ``torch.ops.leank.decode_step_rope`` with it: the same step with ``cos, sin
+    [batch, 1, head_dim]`` after ``value``, applying standard RoPE to the (unrotated) query
+    and key in the append's launch (``leank.append_kernel.rope_append_rows_``).
     """
     global _OP
     if _OP is None:
+        from .attention import decode_attention
+
         @torch.library.custom_op("leank::decode_step", mutates_args=(),
                                  schema="(Tensor query, Tensor key, Tensor value, int layer_idx, float scale) -> Tensor")
         def decode_step(query, key, value, layer_idx, scale):
-            from .attention import decode_attention
-
             layer = active_cache().layers[layer_idx]
             layer.append_decode(key, value)
             return decode_attention(query[:, :, 0], layer, scale).contiguous()
+
+        @torch.library.custom_op("leank::decode_step_rope", mutates_args=(),
+                                 schema="(Tensor query, Tensor key, Tensor value, Tensor cos, Tensor sin, "
+                                        "int layer_idx, float scale) -> Tensor")
+        def decode_step_rope(query, key, value, cos, sin, layer_idx, scale):
+            layer = active_cache().layers[layer_idx]
+            return decode_attention(layer.append_decode_rope(query, key, value, cos, sin), layer, scale).contiguous()
 
         @decode_step.register_fake
         def _(query, key, value, layer_idx, scale):
             return query.new_empty((query.shape[0], query.shape[1], query.shape[3]))
 
-        _OP = decode_step
+        @decode_step_rope.register_fake
+        def _(query, key, value, cos, sin, layer_idx, scale):
+            return query.new_empty((query.shape[0], query.shape[1], query.shape[3]))
+
+        _OP = (decode_step, decode_step_rope)
     return _OP
 
 
-def decode_step_attention(module, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+def decode_step_attention(module, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                          cos: Optional[Tensor] = None, sin: Optional[Tensor] = None) -> Tensor:
     """The attention of a runner decode step (``leank_attention_forward`` routes here).
 
-    Returns ``[batch, 1, heads, head_dim]`` as transformers' attention functions do.
+    ``cos, sin [batch, 1, head_dim]``: query and key are not rotated yet; the step applies standard
+    RoPE to them in its append kernel (``leank.fused_decode`` passes them for models whose RoPE is the
+    standard one). Returns ``[batch, 1, heads, head_dim]`` as transformers' attention functions do.
     """
     if query.shape[2] != 1:
         raise ValueError(f"query: a captured decode step has one token per sequence, got {query.shape[2]} (do not "
                          "wrap a patched model in torch.compile: LeanK compiles its own decode step, "
                          "LeanKConfig.compile_decode)")
-    return _decode_op()(query, key, value, module.layer_idx, scale)[:, None]
+    plain, rope = _decode_op()
+    if cos is None:
+        return plain(query, key, value, module.layer_idx, scale)[:, None]
+    return rope(query, key, value, cos, sin, module.layer_idx, scale)[:, None]
 
 
 TP_TEARDOWN_WARNING = (

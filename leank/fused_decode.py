@@ -9,8 +9,11 @@ projections' parameters become views of one contiguous buffer per layer, so the 
 memory, its ``state_dict`` and its eager forward are unchanged.
 
 ``decode_logits`` is the decode forward of a Llama / Qwen2 ``*ForCausalLM`` written with
-those fused products: embedding, RoPE from the model's own rotary module and
-``apply_rotary_pos_emb``, each layer's attention as ``torch.ops.leank.decode_step``, the
+those fused products: embedding, the rotary embedding from the model's own rotary module, each
+layer's RoPE and attention as ``torch.ops.leank.decode_step_rope`` (RoPE in the append's launch:
+one kernel instead of Inductor's two RoPE kernels plus the append; for a model whose
+``apply_rotary_pos_emb`` is not the standard rotate-half one, that function and
+``torch.ops.leank.decode_step``), the
 model's norms, activation, ``o_proj``, ``down_proj`` and ``lm_head`` called as modules (under
 tensor parallelism with ``LeanKConfig.tp_allreduce="one_shot"``, ``o_proj`` and ``down_proj``
 as local products summed by ``leank.tp.OneShotAllReduce`` instead).
@@ -28,13 +31,16 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from . import append_kernel
+from .append_kernel import is_standard_rope
+
 Tensor = torch.Tensor
 
 FAMILIES = ("llama", "qwen2")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
 MLP_PROJ = ("gate_proj", "up_proj")
 _FUSED = "_leank_fused"  # (weight [sum(out), in], bias [sum(out)] or None, out sizes) on the attention / MLP module
-_ROPE = "_leank_rope"  # the attention module's apply_rotary_pos_emb, looked up once (not while tracing)
+_ROPE = "_leank_rope"  # the attention module's apply_rotary_pos_emb, looked up once (not while tracing); None: fused
 _ROW = "_leank_row"  # (local weight, local bias or None) of o_proj on the attention / down_proj on the MLP module
 
 
@@ -214,7 +220,9 @@ def fuse_projections(model) -> int:
     """
     copied = 0
     for layer in model.model.layers:
-        layer.self_attn.__dict__[_ROPE] = inspect.getmodule(type(layer.self_attn)).apply_rotary_pos_emb
+        rope = inspect.getmodule(type(layer.self_attn)).apply_rotary_pos_emb
+        # None: the decode step's append kernel applies the (standard) RoPE itself
+        layer.self_attn.__dict__[_ROPE] = None if append_kernel.FUSE_ROPE and is_standard_rope(rope) else rope
         copied += _fuse(layer.self_attn, ATTN_PROJ)
         copied += _fuse(layer.mlp, MLP_PROJ)
         for owner, m in ((layer.self_attn, layer.self_attn.o_proj), (layer.mlp, layer.mlp.down_proj)):
@@ -237,8 +245,10 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
 
     Args:
         model: a Llama / Qwen2 ``*ForCausalLM`` after ``fuse_projections``.
-        decode_step_attention: ``(attn_module, q, k, v, scale) -> [batch, 1, heads, head_dim]``
-            (``leank.capture.decode_step_attention``: appends k/v to the active cache, attends).
+        decode_step_attention: ``(attn_module, q, k, v, scale[, cos, sin]) -> [batch, 1, heads, head_dim]``
+            (``leank.capture.decode_step_attention``: appends k/v to the active cache, attends; given
+            ``cos, sin``, it applies standard RoPE to q and k first, which ``fuse_projections`` arranges
+            when the model's ``apply_rotary_pos_emb`` is the standard one and ``append_kernel.FUSE_ROPE``).
         input_ids, position_ids: int64 ``[batch, 1]``.
         row_reduce: under tensor parallelism, ``partial [batch, 1, hidden] -> its sum over the ranks``
             (``leank.tp.OneShotAllReduce``): ``o_proj`` and ``down_proj`` then run as local products summed
@@ -257,8 +267,12 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
         q = q.view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # [batch, heads, 1, head_dim]
         k = k.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
         v = v.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-        q, k = getattr(attn, _ROPE)(q, k, cos, sin)
-        out = decode_step_attention(attn, q, k, v, attn.scaling)
+        rope = getattr(attn, _ROPE)
+        if rope is None:  # RoPE inside the step's append kernel: one launch instead of three
+            out = decode_step_attention(attn, q, k, v, attn.scaling, cos, sin)
+        else:
+            q, k = rope(q, k, cos, sin)
+            out = decode_step_attention(attn, q, k, v, attn.scaling)
         hidden = hidden + _row_parallel(attn, "o_proj", out.reshape(batch, 1, -1), row_reduce)
         x = layer.post_attention_layernorm(hidden)
         weight, bias, sizes = getattr(mlp, _FUSED)

@@ -250,14 +250,17 @@ def test_crop_then_continue_under_capture_equals_eager():
     _assert_same_run(eager, cap)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused,rope", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_decode_step_traces_as_one_graph_without_breaks(kind, fused):
+def test_decode_step_traces_as_one_graph_without_breaks(kind, fused, rope, monkeypatch):
     """The function the runner compiles (fused decode forward, or the model's forward, with LeanK's attention
     as one custom op per layer) is a single graph with no graph break (issue 16: patched, model.forward
-    gave 34 breaks)."""
+    gave 34 breaks). The fused forward applies RoPE inside the op (``decode_step_rope``) unless
+    ``append_kernel.FUSE_ROPE`` is off; the model's forward rotates q/k itself (``decode_step``)."""
+    from leank import append_kernel
     from leank.capture import DecodeGraphRunner, _ACTIVE, _decode_op
 
+    monkeypatch.setattr(append_kernel, "FUSE_ROPE", rope)
     model = tiny_model(kind)
     ids, am = _ragged([9, 30], seed=2)
     leank.patch(model, masks=ChannelMask(keep=sparse_keep(2, 4, 32), align=8), config=CFG)
@@ -281,7 +284,10 @@ def test_decode_step_traces_as_one_graph_without_breaks(kind, fused):
     assert explained.graph_count == 1
     ops = [n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
     layers = model.config.num_hidden_layers
-    assert sum(op is torch.ops.leank.decode_step.default or op is torch.ops.leank.decode_step for op in ops) == layers
+    expected = torch.ops.leank.decode_step_rope if fused and rope else torch.ops.leank.decode_step
+    other = torch.ops.leank.decode_step if fused and rope else torch.ops.leank.decode_step_rope
+    assert sum(op is expected.default or op is expected for op in ops) == layers
+    assert not any(op is other.default or op is other for op in ops)
 
 
 def test_compiled_step_serves_another_batch_size():

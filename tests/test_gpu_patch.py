@@ -144,7 +144,7 @@ def forced_generate(model, ids, am, tokens, backend, capture, mask, compile_deco
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (14, 2)])  # GQA 4 and 7
-def test_captured_decode_equals_eager_reference(dtype, heads, kv_heads):
+def test_captured_decode_equals_eager_reference(dtype, heads, kv_heads, monkeypatch):
     """generate() decode replayed as a CUDA graph (TileLang) vs the eager reference backend.
 
     Ragged batch of 3 (one prompt shorter than the 80-token window), 110 forced steps:
@@ -152,29 +152,41 @@ def test_captured_decode_equals_eager_reference(dtype, heads, kv_heads):
     """
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    from leank import append_kernel
+
     model = tiny_model("llama", head_dim=128, heads=heads, kv_heads=kv_heads, init=0.05).to("cuda", dtype)
     mask = mix_mask(2, kv_heads, 128, seed=5)
     ids, am = _ragged_batch([23, 300, 517], "cuda")
     tokens = torch.randint(3, 96, (3, 110), generator=torch.Generator().manual_seed(4)).to("cuda")  # no bos/eos
     ref, _ = forced_generate(model, ids, am, tokens, "reference", False, mask)
     eager, _ = forced_generate(model, ids, am, tokens, "tilelang", False, mask)
+    monkeypatch.setattr(append_kernel, "FUSE_ROPE", False)  # the model's own RoPE, as in the eager run
     cap, replays = forced_generate(model, ids, am, tokens, "tilelang", True, mask)
+    monkeypatch.setattr(append_kernel, "FUSE_ROPE", True)
     assert replays >= 100, "decode steps must be replayed from the graph"
     # same kernels, same inputs: the graph of the plain forward reproduces the eager TileLang run
     torch.testing.assert_close(cap, eager, rtol=0, atol=1e-3 * eager.abs().max().item())
-    for i in range(3):  # and the eager reference, every step of every row
-        err = (cap[i] - ref[i]).abs().max().item()
-        scale = ref[i].abs().max().item()
-        assert err <= 0.02 * scale, (i, err, scale)
-    # the compiled step (Inductor fuses norms, RoPE and residual adds, rounding differently) against the
-    # same math in float32 (same weights, reference backend): no further from it than the eager half run
-    comp, replays = forced_generate(model, ids, am, tokens, "tilelang", True, mask, compile_decode=True)
-    assert replays >= 100
+    # the default step: RoPE in the append kernel (float32, rounded once, where the model's eager RoPE rounds
+    # each product and the sum to the half dtype), and the compiled step (Inductor fuses norms and residual
+    # adds, rounding differently): each against the eager reference backend, every step of every row, and
+    # against the same math in float32 (same weights, reference backend), no further from it than the eager
+    # half run
+    rope, replays_rope = forced_generate(model, ids, am, tokens, "tilelang", True, mask)
+    comp, replays_comp = forced_generate(model, ids, am, tokens, "tilelang", True, mask, compile_decode=True)
+    assert replays_rope >= 100 and replays_comp >= 100
+    for run in (cap, rope, comp):
+        for i in range(3):
+            err = (run[i] - ref[i]).abs().max().item()
+            scale = ref[i].abs().max().item()
+            assert err <= 0.02 * scale, (i, err, scale)
     ref32, _ = forced_generate(copy.deepcopy(model).float(), ids, am, tokens, "reference", False, mask)
     scale = ref32.abs().max().item()
     err_eager = (eager - ref32).abs().max().item()
+    err_rope = (rope - ref32).abs().max().item()
     err_comp = (comp - ref32).abs().max().item()
-    print(f"max |logit - float32 reference|: eager {err_eager:.4f}, compiled {err_comp:.4f} (scale {scale:.2f})")
+    print(f"max |logit - float32 reference|: eager {err_eager:.4f}, RoPE in the append {err_rope:.4f}, "
+          f"compiled {err_comp:.4f} (scale {scale:.2f})")
+    assert err_rope <= max(1.5 * err_eager, 0.01 * scale), (err_rope, err_eager, scale)
     assert err_comp <= max(1.5 * err_eager, 0.01 * scale), (err_comp, err_eager, scale)
 
 
