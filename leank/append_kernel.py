@@ -29,6 +29,7 @@ Tensor = torch.Tensor
 # the fused decode step applies standard RoPE inside its append kernel (False: the model's own
 # apply_rotary_pos_emb, compiled by Inductor, before the append; eval/e2e_decode.py --no-rope-append)
 FUSE_ROPE: bool = True
+_Q_HEADS = 8  # query heads per program of the RoPE + append kernel (one program more does the key/value rows)
 
 
 def append_rows_reference(win_k: Tensor, win_v: Tensor, win_len: Tensor, key: Tensor, value: Tensor) -> None:
@@ -141,36 +142,36 @@ def _rope_kernel():
                            sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, ss_b, so_b, so_h, sw_b, sw_h, sw_t,
                            H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        b = tl.program_id(0)
+        b, j = tl.program_id(0), tl.program_id(1)  # j = 0: key/value rows and the length; j >= 1: query heads
         d = tl.arange(0, BLOCK_HALF)[None, :]
         dm = d < HALF
         c1 = tl.load(cos_ptr + b * sc_b + d, mask=dm).to(tl.float32)
         c2 = tl.load(cos_ptr + b * sc_b + HALF + d, mask=dm).to(tl.float32)
         s1 = tl.load(sin_ptr + b * ss_b + d, mask=dm).to(tl.float32)
         s2 = tl.load(sin_ptr + b * ss_b + HALF + d, mask=dm).to(tl.float32)
-        # query: [H, head_dim] -> out (contiguous rows)
-        h = tl.arange(0, BLOCK_H)[:, None]
-        m = (h < H) & dm
-        src = q_ptr + b * sq_b + h * sq_h + d
-        x1 = tl.load(src, mask=m).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=m).to(tl.float32)
-        dst = out_ptr + b * so_b + h * so_h + d
-        tl.store(dst, (x1 * c1 - x2 * s1).to(out_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty), mask=m)
-        # key (rotated) and value -> the window row win_len[b]
-        pos = tl.load(len_ptr + b)
-        h = tl.arange(0, BLOCK_KV)[:, None]
-        m = (h < KVH) & dm
-        row = b * sw_b + h * sw_h + pos.to(tl.int64) * sw_t + d
-        src = k_ptr + b * sk_b + h * sk_h + d
-        x1 = tl.load(src, mask=m).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=m).to(tl.float32)
-        tl.store(wk_ptr + row, (x1 * c1 - x2 * s1).to(wk_ptr.dtype.element_ty), mask=m)
-        tl.store(wk_ptr + row + HALF, (x2 * c2 + x1 * s2).to(wk_ptr.dtype.element_ty), mask=m)
-        src = v_ptr + b * sv_b + h * sv_h + d
-        tl.store(wv_ptr + row, tl.load(src, mask=m), mask=m)
-        tl.store(wv_ptr + row + HALF, tl.load(src + HALF, mask=m), mask=m)
-        tl.store(len_ptr + b, pos + 1)
+        if j == 0:  # key (rotated) and value -> the window row win_len[b]; only this program reads the length
+            pos = tl.load(len_ptr + b)
+            hk = tl.arange(0, BLOCK_KV)[:, None]
+            mk = (hk < KVH) & dm
+            row = b * sw_b + hk * sw_h + pos.to(tl.int64) * sw_t + d
+            ksrc = k_ptr + b * sk_b + hk * sk_h + d
+            k1 = tl.load(ksrc, mask=mk).to(tl.float32)
+            k2 = tl.load(ksrc + HALF, mask=mk).to(tl.float32)
+            tl.store(wk_ptr + row, (k1 * c1 - k2 * s1).to(wk_ptr.dtype.element_ty), mask=mk)
+            tl.store(wk_ptr + row + HALF, (k2 * c2 + k1 * s2).to(wk_ptr.dtype.element_ty), mask=mk)
+            vsrc = v_ptr + b * sv_b + hk * sv_h + d
+            tl.store(wv_ptr + row, tl.load(vsrc, mask=mk), mask=mk)
+            tl.store(wv_ptr + row + HALF, tl.load(vsrc + HALF, mask=mk), mask=mk)
+            tl.store(len_ptr + b, pos + 1)
+        else:  # query heads [(j - 1) BLOCK_H, j BLOCK_H) -> out (contiguous rows)
+            hq = (j - 1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+            mq = (hq < H) & dm
+            qsrc = q_ptr + b * sq_b + hq * sq_h + d
+            q1 = tl.load(qsrc, mask=mq).to(tl.float32)
+            q2 = tl.load(qsrc + HALF, mask=mq).to(tl.float32)
+            dst = out_ptr + b * so_b + hq * so_h + d
+            tl.store(dst, (q1 * c1 - q2 * s1).to(out_ptr.dtype.element_ty), mask=mq)
+            tl.store(dst + HALF, (q2 * c2 + q1 * s2).to(out_ptr.dtype.element_ty), mask=mq)
 
     return rope_append_kernel
 
@@ -192,12 +193,13 @@ def rope_append_rows_triton(win_k: Tensor, win_v: Tensor, win_len: Tensor, query
     b, h, _, d = query.shape
     kvh = key.shape[1]
     out = query.new_empty((b, h, d))
-    kernel[(b,)](query, key, value, cos, sin, out, win_k, win_v, win_len,
+    block_h = min(_pow2(h), _Q_HEADS)
+    kernel[(b, 1 + -(-h // block_h))](query, key, value, cos, sin, out, win_k, win_v, win_len,
                  query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
                  cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
                  win_k.stride(0), win_k.stride(1), win_k.stride(2),
-                 H=h, KVH=kvh, HALF=d // 2, BLOCK_H=_pow2(h), BLOCK_KV=_pow2(kvh), BLOCK_HALF=_pow2(d // 2, 16),
-                 num_warps=1 if h * d <= 1024 else 4)
+                 H=h, KVH=kvh, HALF=d // 2, BLOCK_H=block_h, BLOCK_KV=_pow2(kvh), BLOCK_HALF=_pow2(d // 2, 16),
+                 num_warps=4 if max(block_h, kvh) * d > 1024 else 2)
     return out
 
 
