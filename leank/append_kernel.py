@@ -218,15 +218,11 @@ def _pow2(x: int, least: int = 1) -> int:
     return max(least, 1 << (max(1, x) - 1).bit_length())
 
 
-def is_standard_rope(apply_rotary_pos_emb) -> bool:
-    """Whether ``apply_rotary_pos_emb(q, k, cos, sin)`` computes the standard rotate-half RoPE that
-    ``rope_append_rows_`` applies: checked once per function on small float64 CPU tensors (a model
-    whose RoPE differs, e.g. partial or interleaved, keeps its own)."""
-    return _standard(apply_rotary_pos_emb)
-
-
 @functools.lru_cache(maxsize=None)
-def _standard(fn) -> bool:
+def is_standard_rope(fn) -> bool:
+    """Whether ``fn(q, k, cos, sin)`` (a model's ``apply_rotary_pos_emb``) computes the standard rotate-half
+    RoPE that ``rope_append_rows_`` applies: checked once per function on small float64 CPU tensors (a
+    model whose RoPE differs, e.g. partial or interleaved, keeps its own)."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 1, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 1, 8, generator=g,
                                                                                    dtype=torch.float64)

@@ -43,9 +43,10 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
 
 
 def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
-    """--split-rule / --pdl / --inductor-pdl / --inductor-combo / --no-flush-kernel set the TileLang planner's and
-    kernels' knobs, Inductor's PDL and combo-kernel switches and LeanK's flush kernel for the run (what a GPU A/B
-    needs) and are recorded in the config; without them the defaults stay (the Triton flush on)."""
+    """--split-rule / --pdl / --inductor-pdl / --inductor-combo / --no-flush-kernel / --no-rope-append set the
+    TileLang planner's and kernels' knobs, Inductor's PDL and combo-kernel switches and LeanK's flush and RoPE +
+    append kernels for the run (what a GPU A/B needs) and are recorded in the config; without them the defaults
+    stay (the Triton flush and RoPE in the append on)."""
     from leank.tilelang_kernels import decode as dec
 
     monkeypatch.setattr(dec, "SPLIT_RULE", dec.SPLIT_RULE)  # restored after the test
@@ -60,17 +61,20 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     from leank import defer
 
     monkeypatch.setattr(defer, "ENABLED", defer.ENABLED)
+    from leank import append_kernel
+
+    monkeypatch.setattr(append_kernel, "FUSE_ROPE", append_kernel.FUSE_ROPE)
     out = tmp_path / "e2e.json"
     base = [*SMALL, "--models", "llama3.1-8b", "--methods", "leank", "--lengths", "40", "--batches", "1",
             "--warmup", "1", "--steps", "2"]
     assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--inductor-combo",
-                            "--no-flush-kernel", "--no-defer-stop", "--out", str(out)]) == 0
+                            "--no-flush-kernel", "--no-defer-stop", "--no-rope-append", "--out", str(out)]) == 0
     assert not defer.ENABLED and json.loads((tmp_path / "e2e.config.json").read_text())["config"]["defer_stop"] is False
     assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True} and inductor_config.triton.enable_pdl
     assert not flush_kernel.ENABLED and inductor_config.combo_kernels
     cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
     assert cfg["split_rule"] == "bytes" and cfg["pdl"] is True and cfg["inductor_pdl"] is True
-    assert cfg["flush_kernel"] is False
+    assert cfg["flush_kernel"] is False and cfg["rope_append"] is False and not append_kernel.FUSE_ROPE
     assert cfg["inductor_combo"] is True
     monkeypatch.setattr(dec, "SPLIT_RULE", "window")
     monkeypatch.setattr(dec, "TILE_CONFIG", None)
@@ -79,8 +83,9 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     assert e2e_decode.main([*base, "--out", str(out)]) == 0
     assert dec.SPLIT_RULE == "window" and dec.TILE_CONFIG is None
     assert flush_kernel.ENABLED and not inductor_config.triton.enable_pdl and not inductor_config.combo_kernels
-    assert defer.ENABLED  # the default: deferred stop
-    assert json.loads((tmp_path / "e2e.config.json").read_text())["config"]["flush_kernel"] is True
+    assert defer.ENABLED and append_kernel.FUSE_ROPE  # the defaults: deferred stop, RoPE in the append
+    cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
+    assert cfg["flush_kernel"] is True and cfg["rope_append"] is True
 
 
 def test_e2e_decode_second_turn_and_row_fields(tmp_path):
@@ -559,16 +564,19 @@ def test_decode_profile_cpu_tiny(tmp_path, capsys):
         assert r["step_ms_median"] > 0 and r["steps_traced"] >= 1
         assert all(f"{k}_ms" in r for k in decode_profile.KINDS)
     assert "| method" in capsys.readouterr().out
-    assert res["defer_stop"] is True  # the default
-    from leank import defer
+    assert res["defer_stop"] is True and res["rope_append"] is True  # the defaults
+    from leank import append_kernel, defer
 
     try:
         assert decode_profile.main(["--device", "cpu", "--tiny", "--layers", "1", "--backend", "reference",
                                     "--no-progress", "--methods", "leank", "--warmup", "1", "--steps", "2",
-                                    "--no-defer-stop", "--out", str(out)]) == 0
-        assert not defer.ENABLED and json.loads(out.read_text())["defer_stop"] is False
+                                    "--no-defer-stop", "--no-rope-append", "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert not defer.ENABLED and res["defer_stop"] is False
+        assert not append_kernel.FUSE_ROPE and res["rope_append"] is False
     finally:
         defer.ENABLED = True
+        append_kernel.FUSE_ROPE = True
 
 
 def test_decode_profile_call_profile(tmp_path):
