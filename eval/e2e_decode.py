@@ -565,7 +565,7 @@ def run_generate(model, method: str, input_ids, new_tokens: int, device, prefill
 
     ``dense-static`` with ``prefill_chunk`` prefills through ``static_prefill`` (``generate_kwargs``, timed as part
     of the prefill); ``synthetic`` fills the cache without running the model (``synthetic_leank_cache`` /
-    ``synthetic_dynamic_cache``, timed and measured as the prefill)."""
+    ``synthetic_dynamic_cache`` / ``synthetic_static_cache``, timed and measured as the prefill)."""
     import torch
     from transformers import LogitsProcessorList
 

@@ -10,8 +10,8 @@ CUDA graph.
 ``rope_append_rows_`` does the same for the fused decode step with the rotary embedding of the
 step's query and key folded in (``FUSE_ROPE``): the model's two RoPE kernels (query, key) and the
 append become one launch per layer. It applies the standard rotate-half RoPE
-(``x * cos + rotate_half(x) * sin``, computed in float32 and rounded once, as Inductor's fused
-kernel does); ``leank.fused_decode`` uses it only for models whose ``apply_rotary_pos_emb``
+(``x * cos + rotate_half(x) * sin``, computed in float32 and rounded once, where the model's eager
+RoPE rounds each product and the sum to the half dtype); ``leank.fused_decode`` uses it only for models whose ``apply_rotary_pos_emb``
 computes exactly that (``is_standard_rope``).
 """
 
@@ -23,6 +23,7 @@ import importlib.util
 import torch
 
 from .diagnostics import log_once
+from .flush_kernel import _pow2  # the next power of two, at least ``least`` (Triton block sizes)
 
 Tensor = torch.Tensor
 
@@ -93,7 +94,7 @@ def append_rows_(win_k: Tensor, win_v: Tensor, win_len: Tensor, key: Tensor, val
     kernel[(b,)](key, value, win_k, win_v, win_len,
                  key.stride(0), key.stride(1), value.stride(0), value.stride(1),
                  win_k.stride(0), win_k.stride(1), win_k.stride(2),
-                 H=h, D=d, BLOCK_H=max(1, 1 << (h - 1).bit_length()), BLOCK_D=max(16, 1 << (d - 1).bit_length()),
+                 H=h, D=d, BLOCK_H=_pow2(h), BLOCK_D=_pow2(d, 16),
                  num_warps=1 if h * d <= 1024 else 4)
 
 
@@ -212,10 +213,6 @@ def rope_append_rows_(win_k: Tensor, win_v: Tensor, win_len: Tensor, query: Tens
         log_once(__name__, "leank: RoPE and the window append through PyTorch operations (Triton not "
                            "importable, or an unusual layout)")
     return rope_append_rows_reference(win_k, win_v, win_len, query, key, value, cos, sin)
-
-
-def _pow2(x: int, least: int = 1) -> int:
-    return max(least, 1 << (max(1, x) - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
