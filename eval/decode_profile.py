@@ -259,10 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
-    from leank import append_kernel, defer
+    from leank import append_kernel, defer, gemv
 
     defer.ENABLED = args.defer_stop
     append_kernel.FUSE_ROPE = args.rope_append
+    gemv.ENABLED = args.gemv
     rank, tp, device = e2e_decode.distributed_setup(args)
     if rank:  # every rank runs every generate call (collectives); rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
@@ -319,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "attn_implementation": attn,
               "dtype": str(dtype), "tp": tp, "defer_stop": args.defer_stop, "rope_append": args.rope_append,
+              "gemv": args.gemv,
               "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
     if rank == 0:
         out, cfgp = common.write_results(args.out, result, {**vars(args), "device": str(device), "dtype": str(dtype)})

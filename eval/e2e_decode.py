@@ -120,7 +120,7 @@ TINY_SIZES = dict(lengths=[96], batches=[1, 2], warmup=1, steps=6, dense_prefill
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     """How each method's ``generate()`` runs: ``--dense-prefill-chunk``, ``--leank-prefill-chunk``,
-    ``--defer-stop``, ``--rope-append`` (shared with ``eval/decode_profile.py``)."""
+    ``--defer-stop``, ``--rope-append``, ``--gemv`` (shared with ``eval/decode_profile.py``)."""
     p.add_argument("--dense-prefill-chunk", type=common.int_k, default=8192,
                    help="prefill chunk of the dense methods, so a static cache's prefill mask and the activations "
                         "stay small at long contexts; 0 = one shot. dense-dynamic passes it to "
@@ -142,6 +142,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                         "(leank.append_kernel.FUSE_ROPE, the default: one launch per layer instead of Inductor's two "
                         "RoPE kernels and the append); --no-rope-append applies the model's own RoPE first. Recorded "
                         "in the config")
+    p.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=True,
+                   help="at batch 1 the fused decode step runs every matrix product (q/k/v, o_proj, gate/up, down_proj, "
+                        "lm_head) through LeanK's split-K-free Triton kernel (leank.gemv.ENABLED, the default); "
+                        "--no-gemv through F.linear (cuBLAS). "
+                        "Recorded in the config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1282,10 +1287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(inductor_config, "combo_kernels"):
             raise SystemExit(f"--inductor-combo: torch {torch.__version__} has no torch._inductor.config.combo_kernels")
         inductor_config.combo_kernels = True
-    from leank import append_kernel, defer, flush_kernel
+    from leank import append_kernel, defer, flush_kernel, gemv
 
     flush_kernel.ENABLED = args.flush_kernel
     append_kernel.FUSE_ROPE = args.rope_append
+    gemv.ENABLED = args.gemv
     defer.ENABLED = args.defer_stop
     if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import fused_decode
+from . import fused_decode, gemv
 from .cache import LeanKCache
 from .diagnostics import log_once, warn_once
 
@@ -398,6 +398,7 @@ class DecodeGraphRunner:
     def _device_step(self, fn, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
         """The device part of a decode step (no host bookkeeping): what a graph records."""
         _decode_op()  # registered before any tracing (torch.compile cannot trace a registration)
+        gemv.register()  # the fused forward's batch-1 products (leank.gemv), likewise
         self._prepare_fused()  # the fused weight views, noted for this trace / recording only
         for layer in cache.layers:
             layer.capturing = True

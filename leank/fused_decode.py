@@ -14,7 +14,8 @@ layer's RoPE and attention as ``torch.ops.leank.decode_step_rope`` (RoPE in the 
 one kernel instead of Inductor's two RoPE kernels plus the append; for a model whose
 ``apply_rotary_pos_emb`` is not the standard rotate-half one, that function and
 ``torch.ops.leank.decode_step``), the
-model's norms, activation, ``o_proj``, ``down_proj`` and ``lm_head`` called as modules (under
+model's norms, activation, ``o_proj``, ``down_proj`` and ``lm_head`` called as modules (at batch 1 every
+product, the fused ones included, runs through ``leank.gemv``'s split-K-free kernel instead of cuBLAS; under
 tensor parallelism with ``LeanKConfig.tp_allreduce="one_shot"``, ``o_proj`` and ``down_proj``
 as local products summed by ``leank.tp.OneShotAllReduce`` instead).
 ``leank.capture.DecodeGraphRunner`` compiles and records it in place of
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from . import append_kernel
+from . import append_kernel, gemv
 from .append_kernel import is_standard_rope
 
 Tensor = torch.Tensor
@@ -149,9 +150,12 @@ def _row_parallel(owner: nn.Module, name: str, x: Tensor, row_reduce) -> Tensor:
     """``owner.<name>(x)`` for a row-sharded projection (``rowwise_reason`` is None): the product with the local
     weight ``fuse_projections`` noted (a DTensor's local part cannot be taken while tracing), summed over the
     ranks by ``row_reduce``, plus the bias once; the module's own forward (transformers' all-reduce) when
-    ``row_reduce`` is None."""
+    ``row_reduce`` is None. A plain module (``_plain_linear``) at batch 1 runs through ``gemv.linear``."""
     if row_reduce is None:
-        return getattr(owner, name)(x)
+        m = getattr(owner, name)
+        if x.shape[0] == 1 and _plain_linear(m):
+            return gemv.linear(x, m.weight, m.bias)
+        return m(x)
     weight, bias = getattr(owner, _ROW)
     out = row_reduce(F.linear(x, weight))
     return out if bias is None else out + bias
@@ -259,11 +263,12 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
     hidden = base.embed_tokens(input_ids)  # [batch, 1, hidden]
     cos, sin = base.rotary_emb(hidden, position_ids)
     batch = input_ids.shape[0]
+    linear = gemv.linear if batch == 1 else F.linear  # batch 1: matrix-vector products (leank.gemv)
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         x = layer.input_layernorm(hidden)
         weight, bias, sizes = getattr(attn, _FUSED)
-        q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+        q, k, v = linear(x, weight, bias).split(sizes, dim=-1)
         q = q.view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # [batch, heads, 1, head_dim]
         k = k.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
         v = v.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
@@ -276,7 +281,17 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
         hidden = hidden + _row_parallel(attn, "o_proj", out.reshape(batch, 1, -1), row_reduce)
         x = layer.post_attention_layernorm(hidden)
         weight, bias, sizes = getattr(mlp, _FUSED)
-        gate, up = F.linear(x, weight, bias).split(sizes, dim=-1)
+        gate, up = linear(x, weight, bias).split(sizes, dim=-1)
         hidden = hidden + _row_parallel(mlp, "down_proj", mlp.act_fn(gate) * up, row_reduce)
-    return model.lm_head(base.norm(hidden))
+    head = model.lm_head
+    if batch == 1 and _plain_linear(head):
+        return gemv.linear(base.norm(hidden), head.weight, head.bias)
+    return head(base.norm(hidden))
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """Whether ``F.linear`` on ``m``'s weight and bias is exactly ``m(x)``: an ``nn.Linear`` (not tensor-parallel)
+    with its class forward and no hooks."""
+    return (type(m) is nn.Linear and not _is_dtensor(m.weight) and "forward" not in m.__dict__
+            and not m._forward_hooks and not m._forward_pre_hooks and getattr(m, "_hf_hook", None) is None)
 

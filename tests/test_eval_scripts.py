@@ -43,9 +43,9 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
 
 
 def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
-    """--split-rule / --pdl / --inductor-pdl / --inductor-combo / --no-flush-kernel / --no-rope-append set the
-    TileLang planner's and kernels' knobs, Inductor's PDL and combo-kernel switches and LeanK's flush and RoPE +
-    append kernels for the run (what a GPU A/B needs) and are recorded in the config; without them the defaults
+    """--split-rule / --pdl / --inductor-pdl / --inductor-combo / --no-flush-kernel / --no-rope-append / --no-gemv
+    set the TileLang planner's and kernels' knobs, Inductor's PDL and combo-kernel switches and LeanK's flush, RoPE +
+    append and batch-1 product kernels for the run (what a GPU A/B needs) and are recorded in the config; without them the defaults
     stay (the Triton flush and RoPE in the append on)."""
     from leank.tilelang_kernels import decode as dec
 
@@ -64,18 +64,21 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     from leank import append_kernel
 
     monkeypatch.setattr(append_kernel, "FUSE_ROPE", append_kernel.FUSE_ROPE)
+    from leank import gemv
+
+    monkeypatch.setattr(gemv, "ENABLED", gemv.ENABLED)
     out = tmp_path / "e2e.json"
     base = [*SMALL, "--models", "llama3.1-8b", "--methods", "leank", "--lengths", "40", "--batches", "1",
             "--warmup", "1", "--steps", "2"]
     assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--inductor-combo",
-                            "--no-flush-kernel", "--no-defer-stop", "--no-rope-append", "--out", str(out)]) == 0
+                            "--no-flush-kernel", "--no-defer-stop", "--no-rope-append", "--no-gemv", "--out", str(out)]) == 0
     assert not defer.ENABLED and json.loads((tmp_path / "e2e.config.json").read_text())["config"]["defer_stop"] is False
     assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True} and inductor_config.triton.enable_pdl
     assert not flush_kernel.ENABLED and inductor_config.combo_kernels
     cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
     assert cfg["split_rule"] == "bytes" and cfg["pdl"] is True and cfg["inductor_pdl"] is True
     assert cfg["flush_kernel"] is False and cfg["rope_append"] is False and not append_kernel.FUSE_ROPE
-    assert cfg["inductor_combo"] is True
+    assert cfg["inductor_combo"] is True and cfg["gemv"] is False and not gemv.ENABLED
     monkeypatch.setattr(dec, "SPLIT_RULE", "window")
     monkeypatch.setattr(dec, "TILE_CONFIG", None)
     monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
@@ -85,7 +88,7 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     assert flush_kernel.ENABLED and not inductor_config.triton.enable_pdl and not inductor_config.combo_kernels
     assert defer.ENABLED and append_kernel.FUSE_ROPE  # the defaults: deferred stop, RoPE in the append
     cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
-    assert cfg["flush_kernel"] is True and cfg["rope_append"] is True
+    assert cfg["flush_kernel"] is True and cfg["rope_append"] is True and cfg["gemv"] is True and gemv.ENABLED
 
 
 def test_e2e_decode_second_turn_and_row_fields(tmp_path):

@@ -6,6 +6,7 @@ diverge and every step of every row is compared.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import leank
 from leank import LeanKConfig
 from leank.mixes import mix_mask
 from leank.patching import cache_kwarg
-from tests.oracle import tiny_model
+from tests.oracle import tiny_model, with_biases
 
 STEPS = 40
 
@@ -188,6 +189,53 @@ def test_captured_decode_equals_eager_reference(dtype, heads, kv_heads, monkeypa
           f"compiled {err_comp:.4f} (scale {scale:.2f})")
     assert err_rope <= max(1.5 * err_eager, 0.01 * scale), (err_rope, err_eager, scale)
     assert err_comp <= max(1.5 * err_eager, 0.01 * scale), (err_comp, err_eager, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family,heads,kv_heads", [("llama", 8, 2), ("qwen2", 14, 2)])  # GQA 4, 7; Qwen's q/k/v bias
+def test_captured_batch1_products_through_gemv(monkeypatch, dtype, family, heads, kv_heads):
+    """Batch 1: the captured step runs every product (q/k/v, o_proj, gate/up, down_proj, lm_head) through
+    ``leank.gemv`` (``ENABLED``, the default); its logits are as close to the float32 run of the same model as with cuBLAS's products
+    (``ENABLED = False``), every step of 110 (three flushes), a prompt longer than the window."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from leank import gemv
+
+    # two compiled runs per case, eight cases in one process: above Dynamo's default recompile limit (8), which
+    # the first GPU run of this test hit (the compile then fell back, and the test said so)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+    model = tiny_model(family, head_dim=128, heads=heads, kv_heads=kv_heads, init=0.05)
+    model = (with_biases(model) if family == "qwen2" else model).to("cuda", dtype)  # non-zero q/k/v biases
+    mask = mix_mask(2, kv_heads, 128, seed=5)
+    ids, am = _ragged_batch([300], "cuda")
+    tokens = torch.randint(3, 96, (1, 110), generator=torch.Generator().manual_seed(4)).to("cuda")
+    calls = []
+    real = gemv.gemv_
+    monkeypatch.setattr(gemv, "gemv_", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    monkeypatch.setattr(gemv, "ENABLED", False)
+    plain, _ = forced_generate(model, ids, am, tokens, "tilelang", True, mask, compile_decode=True)
+    assert not calls
+    monkeypatch.setattr(gemv, "ENABLED", True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fast, replays = forced_generate(model, ids, am, tokens, "tilelang", True, mask, compile_decode=True)
+    assert replays >= 100
+    failed = [str(w.message) for w in seen if "torch.compile of the decode step failed" in str(w.message)]
+    assert not failed, failed  # the compiled step, not the uncompiled fallback
+    cfg = model.config
+    hd = cfg.head_dim
+    want = {((heads + 2 * kv_heads) * hd, cfg.hidden_size), (cfg.hidden_size, heads * hd),
+            (2 * cfg.intermediate_size, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size),
+            (cfg.vocab_size, cfg.hidden_size)}
+    assert set(calls) == want, (want, set(calls))  # q/k/v, o_proj, gate/up, down_proj, lm_head
+    ref32, _ = forced_generate(copy.deepcopy(model).float(), ids, am, tokens, "reference", False, mask)
+    scale = ref32.abs().max().item()
+    err_plain = (plain - ref32).abs().max().item()
+    err_fast = (fast - ref32).abs().max().item()
+    print(f"{family} {dtype}: max |logit - float32 reference|: cuBLAS {err_plain:.4f}, gemv {err_fast:.4f}")
+    assert err_fast <= max(1.5 * err_plain, 0.01 * scale), (err_fast, err_plain, scale)
 
 
 @pytest.mark.gpu

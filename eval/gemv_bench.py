@@ -1,0 +1,191 @@
+"""Batch-1 projections of a decode step: cuBLAS (``F.linear``) against LeanK's split-K-free Triton kernel.
+
+    python eval/gemv_bench.py                         # GPU: Llama-3.1-8B and Qwen2.5-7B shapes, tile sweep
+    python eval/gemv_bench.py --models qwen2.5-7b --products qkv,o --configs default
+    python eval/gemv_bench.py --dry-run               # CPU: list products and configs, time nothing
+
+For each model shape and product (``qkv``: the fused q/k/v weight, with Qwen's bias; ``o``;
+``gate_up``: the fused gate/up weight; ``down``; ``lm_head``) one row ``x [1, hidden]`` is
+multiplied by ``copies`` distinct weights in one CUDA graph, as a decode step runs its layers:
+the weights together are larger than the L2 cache, so every product reads its weight from
+memory. The time per product is the median graph replay (``triton.testing.do_bench``) over
+``copies``. Methods: ``cublas`` (``F.linear``), ``gemv default`` (``leank.gemv.config_for``)
+and each tile config of ``--configs`` (``BLOCK_N x BLOCK_K / warps``). Each kernel's result is
+checked against a float64 product of the same inputs, beside cuBLAS's error (``max_err``).
+Bandwidth is the weight's bytes over the time, against the device-to-device copy bandwidth of
+the same run (bytes read + written).
+
+Writes a JSON (one row per product and method: ``model, product, n, k, method, us, gbps,
+pct_of_copy, max_err``) to ``--out`` (default ``runs/gemv_bench_<device>.json``, git-ignored) and
+prints a table per model: the best config per product and its time against cuBLAS's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python eval/gemv_bench.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from eval import common  # noqa: E402
+from leank import gemv  # noqa: E402
+
+PRODUCTS = ("qkv", "o", "gate_up", "down", "lm_head")
+SWEEP = [(bn, bk, w) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for w in (4, 8)] + [(1, 2048, 4), (16, 256, 4)]
+
+
+def product_shapes(config) -> dict:
+    """``{product: (n, k, has_bias)}`` of one decoder layer (and the head) of a transformers config."""
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+    return {"qkv": (qkv, hidden, bias), "o": (hidden, config.num_attention_heads * head_dim, False),
+            "gate_up": (2 * config.intermediate_size, hidden, False), "down": (hidden, config.intermediate_size, False),
+            "lm_head": (config.vocab_size, hidden, False)}
+
+
+def parse_configs(text: str) -> list:
+    """``default``, ``sweep`` or ``BNxBK/W`` entries (comma list) -> ``[None | (BLOCK_N, BLOCK_K, warps)]``."""
+    out = []
+    for part in common.str_list(text):
+        if part == "default":
+            out.append(None)
+        elif part == "sweep":
+            out.extend(SWEEP)
+        else:
+            try:
+                tiles, warps = part.split("/")
+                bn, bk = tiles.split("x")
+                out.append((int(bn), int(bk), int(warps)))
+            except ValueError:
+                raise SystemExit(f"--configs: expected default, sweep or BLOCK_NxBLOCK_K/WARPS (e.g. 4x1024/4), got {part!r}")
+    return out
+
+
+def label(cfg) -> str:
+    return "gemv default" if cfg is None else f"gemv {cfg[0]}x{cfg[1]}/{cfg[2]}"
+
+
+def time_graph(fn, copies: int, rep_ms: int) -> float:
+    """Median µs per product of a CUDA graph that calls ``fn(i)`` for every copy ``i``."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):  # warm-up: compiles, cuBLAS workspaces
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    return do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median") * 1e3 / copies
+
+
+def bench_product(model: str, name: str, n: int, k: int, has_bias: bool, configs: list, args, dtype, copy_gbps) -> list:
+    nbytes = n * k * torch.finfo(dtype).bits // 8
+    copies = max(4, min(64, math.ceil(args.graph_bytes / nbytes)))
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    weights = [torch.randn(n, k, device="cuda", dtype=dtype, generator=gen) * k ** -0.5 for _ in range(copies)]
+    biases = [torch.randn(n, device="cuda", dtype=dtype, generator=gen) if has_bias else None for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=dtype, generator=gen)
+    want = F.linear(x.double(), weights[0].double(), None if biases[0] is None else biases[0].double())
+    outs = [torch.empty(1, n, device="cuda", dtype=dtype) for _ in range(copies)]
+    rows = []
+
+    def row(method, us, got):
+        err = (got.double() - want).abs().max().item()
+        rows.append({"model": model, "product": name, "n": n, "k": k, "bias": has_bias, "method": method,
+                     "us": us, "gbps": nbytes / us / 1e3, "pct_of_copy": 100 * nbytes / us / 1e3 / copy_gbps,
+                     "max_err": err, "copies": copies})
+
+    us = time_graph(lambda i: outs[i].copy_(F.linear(x, weights[i], biases[i])), copies, args.rep_ms)
+    row("cublas", us, F.linear(x, weights[0], biases[0]))
+    for cfg in configs:
+        conf = None if cfg is None else {"BLOCK_N": cfg[0], "BLOCK_K": cfg[1], "num_warps": cfg[2]}
+        us = time_graph(lambda i: gemv.gemv_(x, weights[i], biases[i], outs[i], conf), copies, args.rep_ms)
+        got = gemv.gemv_(x, weights[0], biases[0], torch.empty_like(outs[0]), conf)
+        row(label(cfg), us, got)
+    weights.clear()  # free the copies before the next product
+    biases.clear()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="llama3.1-8b,qwen2.5-7b", help="comma list of model shapes (eval.common)")
+    p.add_argument("--products", default=",".join(PRODUCTS), help=f"comma list of {PRODUCTS}")
+    p.add_argument("--configs", default="default,sweep",
+                   help="comma list: default (leank.gemv.config_for), sweep (%d tile configs) or BLOCK_NxBLOCK_K/WARPS"
+                        % len(SWEEP))
+    p.add_argument("--graph-bytes", type=float, default=2e9,
+                   help="bytes of distinct weights per graph (4 to 64 copies; larger than L2)")
+    p.add_argument("--rep-ms", type=int, default=60)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-name", default=None, help="device label of the output name (default: from CUDA)")
+    p.add_argument("--out", default=None, help="output JSON (default: runs/gemv_bench_<device>.json)")
+    p.add_argument("--dry-run", action="store_true", help="list products and configs, time nothing (CPU ok)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    products = common.str_list(args.products)
+    bad = [p for p in products if p not in PRODUCTS]
+    if bad:
+        raise SystemExit(f"--products: expected names from {PRODUCTS}, got {bad}")
+    configs = parse_configs(args.configs)
+    models = common.str_list(args.models)
+    shapes = {m: product_shapes(common.model_config(m)) for m in models}
+    if args.dry_run:
+        for m in models:
+            for p in products:
+                print(m, p, "n=%d k=%d bias=%s" % shapes[m][p])
+        print("configs:", ", ".join(label(c) for c in configs))
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("gemv_bench needs CUDA (use --dry-run on the CPU)")
+    from eval.kernel_bench import device_label
+
+    dtype = getattr(torch, args.dtype)
+    dev = args.device_name or device_label(torch.cuda.get_device_name())
+    out = args.out or common.scratch_out(f"gemv_bench_{dev}.json")
+    copy_gbps = common.copy_bandwidth_gbps()
+    print(f"device {torch.cuda.get_device_name()} ({dev}); copy bandwidth {copy_gbps:.0f} GB/s; {args.dtype}")
+    rows = []
+    for m in models:
+        for p in common.progress(products, desc=m):
+            rows += bench_product(m, p, *shapes[m][p], configs, args, dtype, copy_gbps)
+    summary = []
+    for m in models:
+        for p in products:
+            mine = [r for r in rows if r["model"] == m and r["product"] == p]
+            cub = next(r for r in mine if r["method"] == "cublas")
+            best = min((r for r in mine if r["method"] != "cublas"), key=lambda r: r["us"], default=None)
+            dflt = next((r for r in mine if r["method"] == "gemv default"), None)
+            summary.append({"model": m, "product": p, "n": cub["n"], "k": cub["k"], "cublas_us": cub["us"],
+                            "cublas_pct": cub["pct_of_copy"], "default_us": dflt and dflt["us"],
+                            "default_pct": dflt and dflt["pct_of_copy"], "best": best and best["method"],
+                            "best_us": best and best["us"], "best_pct": best and best["pct_of_copy"],
+                            "gain_us": best and cub["us"] - best["us"], "cublas_err": cub["max_err"],
+                            "best_err": best and best["max_err"]})
+    print(common.format_table(summary))
+    config = {**vars(args), "configs": [label(c) for c in configs]}
+    common.write_results(out, {"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps, "dtype": args.dtype,
+                               "summary": summary, "rows": rows}, config)
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

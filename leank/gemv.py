@@ -1,0 +1,175 @@
+"""Matrix-vector products of a batch-1 decode step in one Triton launch each, without split-K.
+
+At batch 1 every projection of a decode step is a matrix-vector product: it reads the weight
+once and does two flops per element, so its time is the weight's bytes over the memory
+bandwidth. cuBLAS runs the small ones below that (on the H200, for Qwen2.5-7B's shapes,
+q/k/v at 71% and ``o_proj`` at 67% of the copy bandwidth) and splits ``o_proj`` and
+``down_proj`` over K, with a second launch that sums the parts
+(``eval/results/decode_profile_h200_qwen_rope.json``). With the tiles of ``config_for`` this
+kernel was faster than cuBLAS on every product of a Llama-3.1-8B and a Qwen2.5-7B step
+(``eval/results/gemv_bench_h200.json``).
+
+``linear(x, weight, bias)`` equals ``F.linear`` for one row ``x``: each program of the kernel
+reads ``BLOCK_N`` rows of the weight ``BLOCK_K`` columns at a time, keeps ``BLOCK_N x BLOCK_K``
+float32 partial sums in registers and reduces them once at the end; the bias is added in
+float32 and the result is rounded once to the output dtype (as cuBLAS's epilogue does). The
+sums run in another order than cuBLAS's, so the two differ by float32 rounding before the
+final rounding.
+
+It is an opaque custom op (``torch.ops.leank.gemv``) for ``torch.compile``, which
+``leank.fused_decode.decode_logits`` calls at batch 1 on CUDA when ``ENABLED``, for every product of
+the step (q/k/v, ``o_proj``, gate/up, ``down_proj``, ``lm_head``); anything else
+(no Triton, CPU, a batch above 1, float32, a strided weight) goes to ``F.linear``.
+The tile config per weight shape is ``config_for`` (``CONFIG`` overrides it; measured with
+``eval/gemv_bench.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+# the fused decode step's batch-1 products through this kernel (False: F.linear, i.e. cuBLAS;
+# eval/e2e_decode.py --no-gemv)
+ENABLED: bool = True
+# tile config override for every shape, e.g. {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4}; None: config_for
+CONFIG: Optional[dict] = None
+_DTYPES = (torch.float16, torch.bfloat16)
+# whether Triton is importable, looked up once: ``supported`` runs while torch.compile traces the decode step,
+# where Dynamo refuses import machinery such as ``importlib.util.find_spec``
+HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+
+
+def config_for(n: int, k: int) -> dict:
+    """Tile config of the kernel for a ``[n, k]`` weight: ``BLOCK_N`` rows per program, ``BLOCK_K``
+    columns per load, ``num_warps``.
+
+    ``BLOCK_K`` is the largest of 2048 / 1024 / 512 that divides ``k`` (no column masks), else 512
+    (masked), or the power of two covering a smaller ``k``. Measured on the H200 (``eval/gemv_bench.py``,
+    ``eval/results/gemv_bench_h200.json``, 21 configs): one row x 2048 columns per 4-warp program was
+    the fastest config over a Llama-3.1-8B step's products (k = 4096, 14336) and four rows x 512 columns
+    over a Qwen2.5-7B step's (k = 3584, 18944: 2048 and 1024 leave masked tails); both beat cuBLAS on
+    every product there (9-10% of a step's product time).
+    """
+    for block_k, block_n in ((2048, 1), (1024, 2), (512, 4)):
+        if k % block_k == 0:
+            return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4}
+    if k > 512:
+        return {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4}
+    return {"BLOCK_N": 4, "BLOCK_K": max(64, 1 << (max(k, 1) - 1).bit_length()), "num_warps": 4}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    """The Triton kernel, compiled on first use per config (None when Triton is not importable)."""
+    if not HAS_TRITON:
+        return None
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_w,
+                    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                x = tl.load(x_ptr + cols)
+                w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
+            else:
+                col_ok = cols < K
+                x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+                w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    return gemv_kernel
+
+
+def supported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """Whether ``gemv_`` takes these inputs (else ``linear`` uses ``F.linear``): CUDA, one row, fp16/bf16
+    of one dtype, the weight ``[n, k]`` with unit column stride, ``x`` and ``bias`` contiguous."""
+    # traced by torch.compile (``linear``): module constants and tensor metadata only, no import machinery
+    return (HAS_TRITON and _on_device(x) and x.dtype in _DTYPES and weight.dtype == x.dtype and weight.dim() == 2
+            and x.numel() == weight.shape[1] and x.is_contiguous() and weight.stride(1) == 1
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.numel() == weight.shape[0])))
+
+
+def _on_device(x: Tensor) -> bool:
+    """Whether ``x`` lives where the kernel runs (CUDA; tests stand in for it on the CPU)."""
+    return x.is_cuda
+
+
+def gemv_(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, config: Optional[dict] = None) -> Tensor:
+    """``out = weight @ x (+ bias)`` in one launch (``supported`` must hold).
+
+    Args:
+        x: ``[..., k]`` holding one row (``k`` elements, contiguous).
+        weight: ``[n, k]``, unit stride along ``k``; bias: ``[n]`` or None.
+        out: ``n`` elements, contiguous, written.
+        config: tile config (default ``CONFIG`` or ``config_for(n, k)``).
+    """
+    n, k = weight.shape
+    cfg = dict(config or CONFIG or config_for(n, k))
+    warps = cfg.pop("num_warps", 4)
+    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    _kernel()[(_cdiv(n, block_n),)](
+        x, weight, weight if bias is None else bias, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_OP = None
+
+
+def register():
+    """Register ``torch.ops.leank.gemv`` (once per process): ``x [..., k], weight [n, k], bias [n] or None ->
+    [..., n]``, an opaque op for ``torch.compile`` (its fake returns the shape). The decode runner calls this
+    before it compiles a step: torch.compile cannot trace a registration."""
+    global _OP
+    if _OP is None:
+        @torch.library.custom_op("leank::gemv", mutates_args=(),
+                                 schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+        def gemv(x, weight, bias):
+            out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+            if supported(x, weight, bias):
+                return gemv_(x, weight, bias, out)
+            return out.copy_(F.linear(x, weight, bias))
+
+        @gemv.register_fake
+        def _(x, weight, bias):
+            return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+        _OP = gemv
+    return _OP
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; one row on CUDA (``supported``) through the split-K-free kernel when
+    ``ENABLED``. Called while ``torch.compile`` traces the decode step, so the choice is made at trace time
+    from shapes, dtypes and devices only, and the op must be registered before (``register``)."""
+    if ENABLED and x.numel() == x.shape[-1] and supported(x.contiguous(), weight, bias):
+        if _OP is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("leank.gemv: call leank.gemv.register() before torch.compile traces a step "
+                                   "that uses leank.gemv.linear (a registration cannot be traced)")
+            register()
+        return _OP(x.contiguous(), weight, bias)
+    return F.linear(x, weight, bias)
