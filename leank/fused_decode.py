@@ -146,15 +146,16 @@ def row_parallel_reason(model) -> Optional[str]:
     return None
 
 
-def _row_parallel(owner: nn.Module, name: str, x: Tensor, row_reduce) -> Tensor:
+def _row_parallel(owner: nn.Module, name: str, x: Tensor, row_reduce, linear=F.linear) -> Tensor:
     """``owner.<name>(x)`` for a row-sharded projection (``rowwise_reason`` is None): the product with the local
     weight ``fuse_projections`` noted (a DTensor's local part cannot be taken while tracing), summed over the
     ranks by ``row_reduce``, plus the bias once; the module's own forward (transformers' all-reduce) when
-    ``row_reduce`` is None. A plain module (``_plain_linear``) at batch 1 runs through ``gemv.linear``."""
+    ``row_reduce`` is None, or ``linear`` on its weight when that is ``gemv.linear`` and the module a plain
+    ``nn.Linear`` (``_plain_linear``)."""
     if row_reduce is None:
         m = getattr(owner, name)
-        if x.shape[0] == 1 and _plain_linear(m):
-            return gemv.linear(x, m.weight, m.bias)
+        if linear is gemv.linear and _plain_linear(m):
+            return linear(x, m.weight, m.bias)
         return m(x)
     weight, bias = getattr(owner, _ROW)
     out = row_reduce(F.linear(x, weight))
@@ -263,7 +264,10 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
     hidden = base.embed_tokens(input_ids)  # [batch, 1, hidden]
     cos, sin = base.rotary_emb(hidden, position_ids)
     batch = input_ids.shape[0]
-    linear = gemv.linear if batch == 1 else F.linear  # batch 1: matrix-vector products (leank.gemv)
+    # batch 1: matrix-vector products (leank.gemv); not under tensor parallelism, where its GPU tests (2 GPUs) do
+    # not run a batch of 1 yet: there every product stays as before
+    tensor_parallel = _is_dtensor(base.layers[0].self_attn.o_proj.weight)
+    linear = gemv.linear if batch == 1 and not tensor_parallel else F.linear
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         x = layer.input_layernorm(hidden)
@@ -278,13 +282,13 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
         else:
             q, k = rope(q, k, cos, sin)
             out = decode_step_attention(attn, q, k, v, attn.scaling)
-        hidden = hidden + _row_parallel(attn, "o_proj", out.reshape(batch, 1, -1), row_reduce)
+        hidden = hidden + _row_parallel(attn, "o_proj", out.reshape(batch, 1, -1), row_reduce, linear)
         x = layer.post_attention_layernorm(hidden)
         weight, bias, sizes = getattr(mlp, _FUSED)
         gate, up = linear(x, weight, bias).split(sizes, dim=-1)
-        hidden = hidden + _row_parallel(mlp, "down_proj", mlp.act_fn(gate) * up, row_reduce)
+        hidden = hidden + _row_parallel(mlp, "down_proj", mlp.act_fn(gate) * up, row_reduce, linear)
     head = model.lm_head
-    if batch == 1 and _plain_linear(head):
+    if linear is gemv.linear and _plain_linear(head):
         return gemv.linear(base.norm(hidden), head.weight, head.bias)
     return head(base.norm(hidden))
 

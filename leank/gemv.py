@@ -18,7 +18,8 @@ final rounding.
 
 It is an opaque custom op (``torch.ops.leank.gemv``) for ``torch.compile``, which
 ``leank.fused_decode.decode_logits`` calls at batch 1 on CUDA when ``ENABLED``, for every product of
-the step (q/k/v, ``o_proj``, gate/up, ``down_proj``, ``lm_head``); anything else
+the step (q/k/v, ``o_proj``, gate/up, ``down_proj``, ``lm_head``; not under tensor parallelism, whose
+two-GPU tests do not cover batch 1 yet); anything else
 (no Triton, CPU, a batch above 1, float32, a strided weight) goes to ``F.linear``.
 The tile config per weight shape is ``config_for`` (``CONFIG`` overrides it; measured with
 ``eval/gemv_bench.py``).
