@@ -259,11 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
-    from leank import append_kernel, defer, gemv
+    from leank import append_kernel, defer
 
     defer.ENABLED = args.defer_stop
     append_kernel.FUSE_ROPE = args.rope_append
-    gemv.ENABLED = args.gemv
+    e2e_decode.apply_gemv_args(args)
     rank, tp, device = e2e_decode.distributed_setup(args)
     if rank:  # every rank runs every generate call (collectives); rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "copy_gbps": copy_gbps, "weight_bytes": weight_bytes, "attn_implementation": attn,
               "dtype": str(dtype), "tp": tp, "defer_stop": args.defer_stop, "rope_append": args.rope_append,
-              "gemv": args.gemv,
+              "gemv": args.gemv, "gemv_max_batch": args.gemv_max_batch,
               "methods": {m: e2e_decode.METHOD_DOC[m] for m in args.methods}, "runs": rows}
     if rank == 0:
         out, cfgp = common.write_results(args.out, result, {**vars(args), "device": str(device), "dtype": str(dtype)})

@@ -147,6 +147,21 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                         "lm_head) through LeanK's split-K-free Triton kernel (leank.gemv.ENABLED, the default); "
                         "--no-gemv through F.linear (cuBLAS). "
                         "Recorded in the config")
+    p.add_argument("--gemv-max-batch", type=int, default=None,
+                   help="largest batch whose products go through leank.gemv (leank.gemv.MAX_BATCH; default: the "
+                        "library's, 1). Batches of 2..16 use its tensor-core rows kernel, not yet timed against "
+                        "cuBLAS: an experiment. Recorded in the config")
+
+
+def apply_gemv_args(args: argparse.Namespace) -> None:
+    """``--gemv`` / ``--gemv-max-batch`` onto ``leank.gemv`` (module switches read when a step is traced)."""
+    from leank import gemv
+
+    gemv.ENABLED = args.gemv
+    if args.gemv_max_batch is not None:
+        if not 1 <= args.gemv_max_batch <= gemv.MAX_ROWS:
+            raise SystemExit(f"--gemv-max-batch: expected 1..{gemv.MAX_ROWS}, got {args.gemv_max_batch}")
+        gemv.MAX_BATCH = args.gemv_max_batch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1287,11 +1302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(inductor_config, "combo_kernels"):
             raise SystemExit(f"--inductor-combo: torch {torch.__version__} has no torch._inductor.config.combo_kernels")
         inductor_config.combo_kernels = True
-    from leank import append_kernel, defer, flush_kernel, gemv
+    from leank import append_kernel, defer, flush_kernel
 
     flush_kernel.ENABLED = args.flush_kernel
     append_kernel.FUSE_ROPE = args.rope_append
-    gemv.ENABLED = args.gemv
+    apply_gemv_args(args)
     defer.ENABLED = args.defer_stop
     if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode

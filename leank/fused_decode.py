@@ -264,10 +264,10 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
     hidden = base.embed_tokens(input_ids)  # [batch, 1, hidden]
     cos, sin = base.rotary_emb(hidden, position_ids)
     batch = input_ids.shape[0]
-    # batch 1: matrix-vector products (leank.gemv); not under tensor parallelism, where its GPU tests (2 GPUs) do
-    # not run a batch of 1 yet: there every product stays as before
+    # batch 1 (up to gemv.MAX_BATCH): split-K-free products (leank.gemv); not under tensor parallelism, where its
+    # GPU tests (2 GPUs) do not run a batch of 1 yet: there every product stays as before
     tensor_parallel = _is_dtensor(base.layers[0].self_attn.o_proj.weight)
-    linear = gemv.linear if batch == 1 and not tensor_parallel else F.linear
+    linear = gemv.linear if batch <= gemv.MAX_BATCH and not tensor_parallel else F.linear
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         x = layer.input_layernorm(hidden)

@@ -39,7 +39,13 @@ Tensor = torch.Tensor
 # the fused decode step's batch-1 products through this kernel (False: F.linear, i.e. cuBLAS;
 # eval/e2e_decode.py --no-gemv)
 ENABLED: bool = True
+# largest batch whose decode products the fused step sends here (eval/e2e_decode.py --gemv-max-batch). Batches
+# of 2..MAX_ROWS run the tensor-core kernel (``_rows_kernel``), which is compiled and checked on the CPU but not
+# yet timed on a GPU: 1 until it is measured against cuBLAS
+MAX_BATCH: int = 1
+MAX_ROWS = 16  # rows of x the tensor-core kernel takes (one 16-row MMA tile)
 # tile config override for every shape, e.g. {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4}; None: config_for
+# (one row) / rows_config_for (2..MAX_ROWS rows)
 CONFIG: Optional[dict] = None
 _DTYPES = (torch.float16, torch.bfloat16)
 # whether Triton is importable, looked up once: ``supported`` runs while torch.compile traces the decode step,
@@ -64,6 +70,14 @@ def config_for(n: int, k: int) -> dict:
     if k > 512:
         return {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4}
     return {"BLOCK_N": 4, "BLOCK_K": max(64, 1 << (max(k, 1) - 1).bit_length()), "num_warps": 4}
+
+
+def rows_config_for(n: int, k: int) -> dict:
+    """Tile config of the 2..``MAX_ROWS``-row kernel for a ``[n, k]`` weight: ``BLOCK_N`` weight rows per
+    program (16: the MMA tile's width, and many programs), ``BLOCK_K`` (512 when it divides ``k``, else 256),
+    ``num_warps``, ``num_stages`` (tiles Triton keeps in flight). Not measured on a GPU yet
+    (``eval/gemv_bench.py --rows 2,4,8`` sweeps it)."""
+    return {"BLOCK_N": 16, "BLOCK_K": 512 if k % 512 == 0 else 256, "num_warps": 4, "num_stages": 4}
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,12 +114,54 @@ def _kernel():
     return gemv_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _rows_kernel():
+    """The 2..``MAX_ROWS``-row kernel (None when Triton is not importable): ``y[m] = W @ x[m] (+ b)`` with the
+    rows of ``x`` padded to one 16-row tensor-core tile, each program ``BLOCK_N`` weight rows over all of K
+    (no split-K), the weight read once for every row."""
+    if not HAS_TRITON:
+        return None
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_rows_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_w,
+                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < N
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_w
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None], other=0.0)
+                w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+            else:
+                col_ok = cols < K
+                x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0)
+                w = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            acc = tl.dot(x, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    return gemv_rows_kernel
+
+
 def supported(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
-    """Whether ``gemv_`` takes these inputs (else ``linear`` uses ``F.linear``): CUDA, one row, fp16/bf16
-    of one dtype, the weight ``[n, k]`` with unit column stride, ``x`` and ``bias`` contiguous."""
+    """Whether ``gemv_`` takes these inputs (else ``linear`` uses ``F.linear``): CUDA, 1..``MAX_ROWS`` rows of
+    ``k`` elements, fp16/bf16 of one dtype, the weight ``[n, k]`` with unit column stride, ``x`` and ``bias``
+    contiguous."""
     # traced by torch.compile (``linear``): module constants and tensor metadata only, no import machinery
     return (HAS_TRITON and _on_device(x) and x.dtype in _DTYPES and weight.dtype == x.dtype and weight.dim() == 2
-            and x.numel() == weight.shape[1] and x.is_contiguous() and weight.stride(1) == 1
+            and x.shape[-1] == weight.shape[1] and x.numel() <= MAX_ROWS * weight.shape[1] and x.numel() > 0
+            and x.is_contiguous() and weight.stride(1) == 1
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.numel() == weight.shape[0])))
 
 
@@ -115,21 +171,32 @@ def _on_device(x: Tensor) -> bool:
 
 
 def gemv_(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, config: Optional[dict] = None) -> Tensor:
-    """``out = weight @ x (+ bias)`` in one launch (``supported`` must hold).
+    """``out = x @ weight.T (+ bias)`` in one launch (``supported`` must hold).
 
     Args:
-        x: ``[..., k]`` holding one row (``k`` elements, contiguous).
+        x: ``[..., k]``, ``m`` rows (1..``MAX_ROWS``) of ``k`` elements, contiguous.
         weight: ``[n, k]``, unit stride along ``k``; bias: ``[n]`` or None.
-        out: ``n`` elements, contiguous, written.
-        config: tile config (default ``CONFIG`` or ``config_for(n, k)``).
+        out: ``[..., n]`` (``m * n`` elements), contiguous, written.
+        config: tile config (default ``CONFIG``, else ``config_for(n, k)`` for one row and
+            ``rows_config_for(n, k)`` for more).
     """
     n, k = weight.shape
-    cfg = dict(config or CONFIG or config_for(n, k))
-    warps = cfg.pop("num_warps", 4)
+    m = x.numel() // k
+    cfg = dict(config or CONFIG or (config_for(n, k) if m == 1 else rows_config_for(n, k)))
+    launch = {"num_warps": cfg.pop("num_warps", 4)}
+    if "num_stages" in cfg:
+        launch["num_stages"] = cfg.pop("num_stages")
     block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    _kernel()[(_cdiv(n, block_n),)](
-        x, weight, weight if bias is None else bias, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    bias_ptr = weight if bias is None else bias
+    if m == 1:
+        _kernel()[(_cdiv(n, block_n),)](
+            x, weight, bias_ptr, out, n, k, weight.stride(0),
+            HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, **launch)
+    else:
+        _rows_kernel()[(_cdiv(n, block_n),)](
+            x, weight, bias_ptr, out, m, n, k, weight.stride(0),
+            HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+            BLOCK_K=block_k, **launch)
     return out
 
 
@@ -163,10 +230,11 @@ def register():
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; one row on CUDA (``supported``) through the split-K-free kernel when
-    ``ENABLED``. Called while ``torch.compile`` traces the decode step, so the choice is made at trace time
-    from shapes, dtypes and devices only, and the op must be registered before (``register``)."""
-    if ENABLED and x.numel() == x.shape[-1] and supported(x.contiguous(), weight, bias):
+    """``F.linear(x, weight, bias)``; on CUDA (``supported``: up to ``MAX_ROWS`` rows) through the split-K-free
+    kernels when ``ENABLED``. Called while ``torch.compile`` traces the decode step, so the choice is made at
+    trace time from shapes, dtypes and devices only, and the op must be registered before (``register``).
+    ``leank.fused_decode`` calls it for batches up to ``MAX_BATCH``."""
+    if ENABLED and supported(x.contiguous(), weight, bias):
         if _OP is None:
             if torch.compiler.is_compiling():
                 raise RuntimeError("leank.gemv: call leank.gemv.register() before torch.compile traces a step "

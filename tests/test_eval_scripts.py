@@ -67,11 +67,13 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     from leank import gemv
 
     monkeypatch.setattr(gemv, "ENABLED", gemv.ENABLED)
+    monkeypatch.setattr(gemv, "MAX_BATCH", gemv.MAX_BATCH)
     out = tmp_path / "e2e.json"
     base = [*SMALL, "--models", "llama3.1-8b", "--methods", "leank", "--lengths", "40", "--batches", "1",
             "--warmup", "1", "--steps", "2"]
     assert e2e_decode.main([*base, "--split-rule", "bytes", "--pdl", "--inductor-pdl", "--inductor-combo",
-                            "--no-flush-kernel", "--no-defer-stop", "--no-rope-append", "--no-gemv", "--out", str(out)]) == 0
+                            "--no-flush-kernel", "--no-defer-stop", "--no-rope-append", "--no-gemv", "--gemv-max-batch", "4",
+                            "--out", str(out)]) == 0
     assert not defer.ENABLED and json.loads((tmp_path / "e2e.config.json").read_text())["config"]["defer_stop"] is False
     assert dec.SPLIT_RULE == "bytes" and dec.TILE_CONFIG == {"pdl": True} and inductor_config.triton.enable_pdl
     assert not flush_kernel.ENABLED and inductor_config.combo_kernels
@@ -79,6 +81,10 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     assert cfg["split_rule"] == "bytes" and cfg["pdl"] is True and cfg["inductor_pdl"] is True
     assert cfg["flush_kernel"] is False and cfg["rope_append"] is False and not append_kernel.FUSE_ROPE
     assert cfg["inductor_combo"] is True and cfg["gemv"] is False and not gemv.ENABLED
+    assert cfg["gemv_max_batch"] == 4 and gemv.MAX_BATCH == 4
+    with pytest.raises(SystemExit, match="--gemv-max-batch: expected 1..16, got 17"):
+        e2e_decode.main([*base, "--gemv-max-batch", "17", "--out", str(out)])
+    monkeypatch.setattr(gemv, "MAX_BATCH", 1)
     monkeypatch.setattr(dec, "SPLIT_RULE", "window")
     monkeypatch.setattr(dec, "TILE_CONFIG", None)
     monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
