@@ -16,12 +16,17 @@ float32 and the result is rounded once to the output dtype (as cuBLAS's epilogue
 sums run in another order than cuBLAS's, so the two differ by float32 rounding before the
 final rounding.
 
-It is an opaque custom op (``torch.ops.leank.gemv``) for ``torch.compile``, which
-``leank.fused_decode.decode_logits`` calls at batch 1 on CUDA when ``ENABLED``, for every product of
-the step (q/k/v, ``o_proj``, gate/up, ``down_proj``, ``lm_head``; not under tensor parallelism, whose
-two-GPU tests do not cover batch 1 yet); anything else
-(no Triton, CPU, a batch above 1, float32, a strided weight) goes to ``F.linear``.
-The tile config per weight shape is ``config_for`` (``CONFIG`` overrides it; measured with
+For 2..``MAX_ROWS`` rows a second kernel pads the rows to one 16-row tensor-core tile and reads the
+weight once for all of them (``_rows_kernel``, tiles ``rows_config_for``); it is checked against
+float64 on the CPU but not yet timed on a GPU, so the decode step uses it only when ``MAX_BATCH`` is
+raised (``eval/e2e_decode.py --gemv-max-batch``).
+
+It is an opaque custom op (``torch.ops.leank.gemv``, registered by ``register``) for ``torch.compile``,
+which ``leank.fused_decode.decode_logits`` calls on CUDA for batches up to ``MAX_BATCH`` (1) when
+``ENABLED``, for every product of the step (q/k/v, ``o_proj``, gate/up, ``down_proj``, ``lm_head``;
+not under tensor parallelism, whose two-GPU tests do not cover batch 1 yet); anything else (no
+Triton, CPU, more than ``MAX_ROWS`` rows, float32, a strided weight) goes to ``F.linear``. The tile
+config per weight shape is ``config_for`` (``CONFIG`` overrides it; measured with
 ``eval/gemv_bench.py``).
 """
 
