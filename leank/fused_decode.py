@@ -78,7 +78,7 @@ def unsupported_reason(model) -> Optional[str]:
             kinds = sorted({type(m).__name__ for m in linears if type(m) is not nn.Linear})
             return f"layer {i} has projections that are not plain nn.Linear ({', '.join(kinds)})"
         for m in (layer, attn, mlp, *linears):
-            if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None:
+            if _has_hooks(m):
                 return f"layer {i}: {type(m).__name__} has forward hooks (they would be bypassed)"
         for name, m in zip(ATTN_PROJ + MLP_PROJ, linears[:3] + linears[4:6]):  # the products decode_logits replaces
             why = _bypass_reason(m)
@@ -296,6 +296,10 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
 def _plain_linear(m: nn.Module) -> bool:
     """Whether ``F.linear`` on ``m``'s weight and bias is exactly ``m(x)``: an ``nn.Linear`` (not tensor-parallel)
     with its class forward and no hooks."""
-    return (type(m) is nn.Linear and not _is_dtensor(m.weight) and "forward" not in m.__dict__
-            and not m._forward_hooks and not m._forward_pre_hooks and getattr(m, "_hf_hook", None) is None)
+    return type(m) is nn.Linear and not _is_dtensor(m.weight) and "forward" not in m.__dict__ and not _has_hooks(m)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward (pre-)hooks or an accelerate hook, which a bypassed forward would skip."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None)
 

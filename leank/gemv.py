@@ -239,11 +239,12 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     kernels when ``ENABLED``. Called while ``torch.compile`` traces the decode step, so the choice is made at
     trace time from shapes, dtypes and devices only, and the op must be registered before (``register``).
     ``leank.fused_decode`` calls it for batches up to ``MAX_BATCH``."""
-    if ENABLED and supported(x.contiguous(), weight, bias):
+    rows = x.contiguous()
+    if ENABLED and supported(rows, weight, bias):
         if _OP is None:
             if torch.compiler.is_compiling():
                 raise RuntimeError("leank.gemv: call leank.gemv.register() before torch.compile traces a step "
                                    "that uses leank.gemv.linear (a registration cannot be traced)")
             register()
-        return _OP(x.contiguous(), weight, bias)
+        return _OP(rows, weight, bias)
     return F.linear(x, weight, bias)

@@ -90,6 +90,34 @@ def test_gemv_equals_float64_product_in_the_interpreter():
         proc.stdout + proc.stderr
 
 
+def _variants_ptx(kernel, scalars: tuple, consts_of, options: dict):
+    """``(dtype, has_bias, even_k, ptx)`` of ``kernel`` compiled for sm_90 (no GPU needed) in bf16/fp16, with and
+    without bias, with and without column masks; the pointers and sizes (not the batch ``M``) marked divisible by
+    16, as Triton specialises at launch for the models' shapes. Skips where this Triton has no ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = []
+    for ty in ("bf16", "fp16"):
+        for has_bias in (True, False):
+            for even in (True, False):
+                sig = {**{n: f"*{ty}" for n in ("x_ptr", "w_ptr", "b_ptr", "y_ptr")}, **dict.fromkeys(scalars, "i32")}
+                consts = dict(HAS_BIAS=has_bias, EVEN_K=even, **consts_of())
+                sig.update(dict.fromkeys(consts, "constexpr"))
+                # the batch M (1..16 rows) is not a multiple of 16 in general: Triton does not specialise it so
+                attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(list(sig)[:4 + len(scalars)]) if n != "M"}
+                try:
+                    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                                              target=GPUTarget("cuda", 90, 32), options=options)
+                except RuntimeError as e:  # no ptxas / CUDA toolchain for this Triton here
+                    if "ptxas" in str(e).lower():
+                        pytest.skip(f"Triton cannot compile for sm_90 here: {e}")
+                    raise
+                out.append((ty, has_bias, even, compiled.asm["ptx"]))
+    return out
+
+
 @needs_triton
 def test_gemv_compiles_for_sm90_with_vector_loads():
     """The kernel compiles to PTX for the H100/H200 (no GPU needed) in every variant, and with the weight's
@@ -97,32 +125,14 @@ def test_gemv_compiles_for_sm90_with_vector_loads():
     instruction: a scalar-load kernel would read the weights at a fraction of the bandwidth."""
     import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = gemv._kernel()
-    for ty in ("bf16", "fp16"):
-        for has_bias in (True, False):
-            for even in (True, False):
-                sig = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "b_ptr": f"*{ty}", "y_ptr": f"*{ty}",
-                       "N": "i32", "K": "i32", "stride_w": "i32"}
-                consts = dict(HAS_BIAS=has_bias, EVEN_K=even, **{k: v for k, v in gemv.config_for(4096, 4096).items()
-                                                                if k != "num_warps"})
-                sig.update(dict.fromkeys(consts, "constexpr"))
-                attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
-                try:
-                    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-                except RuntimeError as e:  # no ptxas / CUDA toolchain for this Triton here
-                    if "ptxas" in str(e).lower():
-                        pytest.skip(f"Triton cannot compile for sm_90 here: {e}")
-                    raise
-                ptx = compiled.asm["ptx"]
-                assert ".entry gemv_kernel" in ptx
-                if even:
-                    loads = re.findall(r"ld\.global[\w:.]*\.v4\.b32", ptx)
-                    assert loads and not re.search(r"ld\.global[\w:.]*evict_first[\w:.]*\.b16", ptx), (ty, has_bias)
+    cfg = gemv.config_for(4096, 4096)
+    tiles = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+    for ty, has_bias, even, ptx in _variants_ptx(gemv._kernel(), ("N", "K", "stride_w"), lambda: tiles,
+                                                 {"num_warps": cfg["num_warps"]}):
+        assert ".entry gemv_kernel" in ptx
+        if even:
+            loads = re.findall(r"ld\.global[\w:.]*\.v4\.b32", ptx)
+            assert loads and not re.search(r"ld\.global[\w:.]*evict_first[\w:.]*\.b16", ptx), (ty, has_bias)
 
 
 @needs_triton
@@ -131,35 +141,15 @@ def test_rows_kernel_compiles_for_sm90_on_tensor_cores():
     ``wgmma``) and loads the weight 16 bytes per instruction."""
     import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = gemv._rows_kernel()
-    for ty in ("bf16", "fp16"):
-        for has_bias in (True, False):
-            for even in (True, False):
-                cfg = gemv.rows_config_for(4096, 4096)
-                sig = {"x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "b_ptr": f"*{ty}", "y_ptr": f"*{ty}",
-                       "M": "i32", "N": "i32", "K": "i32", "stride_w": "i32"}
-                consts = dict(HAS_BIAS=has_bias, EVEN_K=even, BLOCK_M=gemv.MAX_ROWS, BLOCK_N=cfg["BLOCK_N"],
-                              BLOCK_K=cfg["BLOCK_K"])
-                sig.update(dict.fromkeys(consts, "constexpr"))
-                attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6, 7)}
-                try:
-                    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                                              target=GPUTarget("cuda", 90, 32),
-                                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-                except RuntimeError as e:  # no ptxas / CUDA toolchain for this Triton here
-                    if "ptxas" in str(e).lower():
-                        pytest.skip(f"Triton cannot compile for sm_90 here: {e}")
-                    raise
-                ptx = compiled.asm["ptx"]
-                assert ".entry gemv_rows_kernel" in ptx
-                assert re.search(r"\b(wgmma|mma)\.", ptx), (ty, has_bias, even)
-                if even:
-                    # 16-byte loads: vector loads, or cp.async.cg (16-byte copies into the software pipeline)
-                    assert re.search(r"(ld\.global[\w:.]*\.v4|cp\.async\.cg\.shared\.global)", ptx), (ty, has_bias)
+    cfg = gemv.rows_config_for(4096, 4096)
+    tiles = {"BLOCK_M": gemv.MAX_ROWS, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+    for ty, has_bias, even, ptx in _variants_ptx(gemv._rows_kernel(), ("M", "N", "K", "stride_w"), lambda: tiles,
+                                                 {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}):
+        assert ".entry gemv_rows_kernel" in ptx
+        assert re.search(r"\b(wgmma|mma)\.", ptx), (ty, has_bias, even)
+        if even:
+            # 16-byte loads: vector loads, or cp.async.cg (16-byte copies into the software pipeline)
+            assert re.search(r"(ld\.global[\w:.]*\.v4|cp\.async\.cg\.shared\.global)", ptx), (ty, has_bias)
 
 
 def test_rows_config_for():
