@@ -143,14 +143,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                         "RoPE kernels and the append); --no-rope-append applies the model's own RoPE first. Recorded "
                         "in the config")
     p.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=True,
-                   help="at batch 1 the fused decode step runs every matrix product (q/k/v, o_proj, gate/up, down_proj, "
-                        "lm_head) through LeanK's split-K-free Triton kernel (leank.gemv.ENABLED, the default); "
+                   help="up to batch --gemv-max-batch (1 by default) the fused decode step runs every matrix product (q/k/v, o_proj, "
+                        "gate/up, down_proj, lm_head) through LeanK's split-K-free Triton kernels (leank.gemv.ENABLED, "
+                        "the default); "
                         "--no-gemv through F.linear (cuBLAS). "
                         "Recorded in the config")
     p.add_argument("--gemv-max-batch", type=int, default=None,
                    help="largest batch whose products go through leank.gemv (leank.gemv.MAX_BATCH; default: the "
-                        "library's, 1). Batches of 2..16 use its tensor-core rows kernel, not yet timed against "
-                        "cuBLAS: an experiment. Recorded in the config")
+                        "library's, 1: cuBLAS above batch 1). Batches of 2..16 use its tensor-core rows kernel (timed at 2, 4 "
+                        "and 8 rows: eval/gemv_bench.py --rows; 8 is 3-6%% faster end to end, not the default yet: "
+                        "eval/RESULTS.md). Recorded in the config")
 
 
 def apply_gemv_args(args: argparse.Namespace) -> None:
@@ -162,6 +164,7 @@ def apply_gemv_args(args: argparse.Namespace) -> None:
         if not 1 <= args.gemv_max_batch <= gemv.MAX_ROWS:
             raise SystemExit(f"--gemv-max-batch: expected 1..{gemv.MAX_ROWS}, got {args.gemv_max_batch}")
         gemv.MAX_BATCH = args.gemv_max_batch
+    args.gemv_max_batch = gemv.MAX_BATCH  # the config records the value the run used, not None for "the default"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -398,7 +398,7 @@ class DecodeGraphRunner:
     def _device_step(self, fn, ids: Tensor, pos: Tensor, cache: LeanKCache) -> Tensor:
         """The device part of a decode step (no host bookkeeping): what a graph records."""
         _decode_op()  # registered before any tracing (torch.compile cannot trace a registration)
-        gemv.register()  # the fused forward's batch-1 products (leank.gemv), likewise
+        gemv.register()  # the fused forward's small-batch products (leank.gemv), likewise
         self._prepare_fused()  # the fused weight views, noted for this trace / recording only
         for layer in cache.layers:
             layer.capturing = True

@@ -1,4 +1,4 @@
-"""Matrix-vector products of a batch-1 decode step in one Triton launch each, without split-K.
+"""Matrix-vector products of a small-batch decode step in one Triton launch each, without split-K.
 
 At batch 1 every projection of a decode step is a matrix-vector product: it reads the weight
 once and does two flops per element, so its time is the weight's bytes over the memory
@@ -17,14 +17,13 @@ sums run in another order than cuBLAS's, so the two differ by float32 rounding b
 final rounding.
 
 For 2..``MAX_ROWS`` rows a second kernel pads the rows to one 16-row tensor-core tile and reads the
-weight once for all of them (``_rows_kernel``, tiles ``rows_config_for``); it is checked against
-float64 on the CPU but not yet timed on a GPU, so the decode step uses it only when ``MAX_BATCH`` is
-raised (``eval/e2e_decode.py --gemv-max-batch``).
+weight once for all of them (``_rows_kernel``, tiles ``rows_config_for``, timed at 2, 4 and 8 rows); the
+decode step uses it only when ``MAX_BATCH`` is raised (``eval/e2e_decode.py --gemv-max-batch 8``).
 
 It is an opaque custom op (``torch.ops.leank.gemv``, registered by ``register``) for ``torch.compile``,
 which ``leank.fused_decode.decode_logits`` calls on CUDA for batches up to ``MAX_BATCH`` (1) when
 ``ENABLED``, for every product of the step (q/k/v, ``o_proj``, gate/up, ``down_proj``, ``lm_head``;
-not under tensor parallelism, whose two-GPU tests do not cover batch 1 yet); anything else (no
+not under tensor parallelism, whose two-GPU tests do not cover these kernels yet); anything else (no
 Triton, CPU, more than ``MAX_ROWS`` rows, float32, a strided weight) goes to ``F.linear``. The tile
 config per weight shape is ``config_for`` (``CONFIG`` overrides it; measured with
 ``eval/gemv_bench.py``).
@@ -41,12 +40,15 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-# the fused decode step's batch-1 products through this kernel (False: F.linear, i.e. cuBLAS;
+# the fused decode step's products (batch <= MAX_BATCH) through these kernels (False: F.linear, i.e. cuBLAS;
 # eval/e2e_decode.py --no-gemv)
 ENABLED: bool = True
 # largest batch whose decode products the fused step sends here (eval/e2e_decode.py --gemv-max-batch). Batches
-# of 2..MAX_ROWS run the tensor-core kernel (``_rows_kernel``), which is compiled and checked on the CPU but not
-# yet timed on a GPU: 1 until it is measured against cuBLAS
+# of 2..MAX_BATCH run the tensor-core kernel (``_rows_kernel``): with the tiles of ``rows_config_for`` it read a
+# Llama-3.1-8B or Qwen2.5-7B step's weights 7-8% faster than cuBLAS at 2, 4 and 8 rows on the H200
+# (eval/results/gemv_bench_h200_rows.json) and took 3-6% off batch-4/8 steps. Still 1: with 8 as the default
+# the GPU suite hit CUDA_ERROR_ILLEGAL_ADDRESS in a later decode-kernel test (twice, same place; that test
+# passes alone and under compute-sanitizer), not yet explained (eval/RESULTS.md)
 MAX_BATCH: int = 1
 MAX_ROWS = 16  # rows of x the tensor-core kernel takes (one 16-row MMA tile)
 # tile config override for every shape, e.g. {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4}; None: config_for
@@ -79,10 +81,22 @@ def config_for(n: int, k: int) -> dict:
 
 def rows_config_for(n: int, k: int) -> dict:
     """Tile config of the 2..``MAX_ROWS``-row kernel for a ``[n, k]`` weight: ``BLOCK_N`` weight rows per
-    program (16: the MMA tile's width, and many programs), ``BLOCK_K`` (512 when it divides ``k``, else 256),
-    ``num_warps``, ``num_stages`` (tiles Triton keeps in flight). Not measured on a GPU yet
-    (``eval/gemv_bench.py --rows 2,4,8`` sweeps it)."""
-    return {"BLOCK_N": 16, "BLOCK_K": 512 if k % 512 == 0 else 256, "num_warps": 4, "num_stages": 4}
+    program, ``BLOCK_K`` columns per load, ``num_warps``, ``num_stages`` (tiles Triton keeps in flight).
+
+    Measured on the H200 at 2, 4 and 8 rows (``eval/gemv_bench.py --rows 2,4,8``,
+    ``eval/results/gemv_bench_h200_rows.json``, 14 configs per product): 32 weight rows per program won
+    everywhere; 512 columns and 4 stages for the square and tall weights (``o_proj``, ``down_proj``),
+    256 and 4 for q/k/v (``n`` up to ``2k``), 128 and 3 for the wide ones (gate/up, ``lm_head``). ``BLOCK_K``
+    is capped at the power of two covering ``k``; a ``k`` it does not divide runs with column masks.
+    """
+    if n <= k or k >= 2 * n:
+        block_k, stages = 512, 4
+    elif n <= 2 * k:
+        block_k, stages = 256, 4
+    else:
+        block_k, stages = 128, 3
+    block_k = min(block_k, max(64, 1 << (max(k, 1) - 1).bit_length()))
+    return {"BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4, "num_stages": stages}
 
 
 @functools.lru_cache(maxsize=None)

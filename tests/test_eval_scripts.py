@@ -95,6 +95,7 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     assert defer.ENABLED and append_kernel.FUSE_ROPE  # the defaults: deferred stop, RoPE in the append
     cfg = json.loads((tmp_path / "e2e.config.json").read_text())["config"]
     assert cfg["flush_kernel"] is True and cfg["rope_append"] is True and cfg["gemv"] is True and gemv.ENABLED
+    assert cfg["gemv_max_batch"] == gemv.MAX_BATCH == 1  # the value the run used (set above), not None
 
 
 def test_e2e_decode_second_turn_and_row_fields(tmp_path):

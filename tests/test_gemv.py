@@ -2,6 +2,7 @@
 interpreter on the CPU (a fresh process with ``TRITON_INTERPRET=1``), compiled for sm_90 on the CPU, and on
 CUDA (GPU tests, also inside a CUDA graph and in the fused decode step)."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -153,8 +154,12 @@ def test_rows_kernel_compiles_for_sm90_on_tensor_cores():
 
 
 def test_rows_config_for():
-    assert gemv.rows_config_for(4096, 4096)["BLOCK_K"] == 512 and gemv.rows_config_for(4608, 3000)["BLOCK_K"] == 256
-    assert gemv.rows_config_for(1, 1)["BLOCK_N"] == 16
+    """The tiles measured best at 2/4/8 rows (gemv_bench_h200_rows.json), by weight shape."""
+    tiles = lambda n, k: tuple(gemv.rows_config_for(n, k)[key] for key in ("BLOCK_N", "BLOCK_K", "num_stages"))
+    assert tiles(3584, 3584) == tiles(4096, 14336) == (32, 512, 4)  # o_proj, down_proj
+    assert tiles(4608, 3584) == tiles(6144, 4096) == (32, 256, 4)  # q/k/v
+    assert tiles(37888, 3584) == tiles(128256, 4096) == (32, 128, 3)  # gate/up, lm_head
+    assert tiles(64, 40) == (32, 64, 4)  # BLOCK_K capped at the power of two covering k
 
 
 def test_config_for_covers_the_model_shapes():
@@ -190,8 +195,11 @@ def test_gemv_on_cuda_and_in_a_graph():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     assert check_gemv("cuda") == 2 * (len(CASES) + len(ROW_CASES))
-    for n, k, bias in [(4608, 3584, True), (3584, 18944, False), (4096, 14336, False)]:
-        x, w, b = _case(n, k, bias, torch.bfloat16, "cuda", seed=n)
+    # model shapes with the default tiles: one row (config_for) and 3 / 8 rows (rows_config_for: q/k/v, down_proj
+    # and gate/up take its three tile shapes)
+    shapes = [(4608, 3584, True), (3584, 18944, False), (4096, 14336, False), (37888, 3584, False)]
+    for (n, k, bias), rows in itertools.product(shapes, (1, 3, 8)):
+        x, w, b = _case(n, k, bias, torch.bfloat16, "cuda", seed=n + rows, rows=rows)
         assert gemv.supported(x, w, b)
         want = F.linear(x.double(), w.double(), None if b is None else b.double())
         got = gemv.linear(x, w, b)
@@ -265,10 +273,11 @@ def test_fused_decode_routes_batch1_products_through_gemv(kind, monkeypatch):
     monkeypatch.setattr(gemv, "ENABLED", False)
     plain3, _ = _run(model, keep, ids, am, 5, capture=True)
     monkeypatch.setattr(gemv, "ENABLED", True)
+    monkeypatch.setattr(gemv, "MAX_BATCH", 2)  # --gemv-max-batch 2: batch 3 keeps F.linear
     routed3, _ = _run(model, keep, ids, am, 5, capture=True)
-    assert not calls, "batch 3 uses F.linear (MAX_BATCH = 1, the default)"
+    assert not calls, "batch 3 uses F.linear under MAX_BATCH = 2"
     _assert_same_run(plain3, routed3, tol=0)
-    monkeypatch.setattr(gemv, "MAX_BATCH", 4)  # --gemv-max-batch 4: the rows kernel for batches 2..4
+    monkeypatch.setattr(gemv, "MAX_BATCH", 8)  # --gemv-max-batch 8: the rows kernel for batches 2..8
     routed3, _ = _run(model, keep, ids, am, 5, capture=True)
     assert set(calls) == want, (set(calls), want)
     _assert_same_run(plain3, routed3, tol=1e-5)
