@@ -33,6 +33,10 @@ CASES = [
 ROW_CASES = [
     (2, 7, 33, True, None), (3, 37, 1000, False, None), (8, 64, 2048, True, None), (16, 130, 3072, False, None),
     (5, 33, 777, True, {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}),
+    # the default tiles on tests.oracle.tiny_model's shapes (q/k/v, down_proj, lm_head, o_proj and gate/up) and a
+    # k of one 64-column tile: fewer K tiles than pipeline stages
+    (3, 512, 256, True, None), (3, 256, 128, False, None), (8, 96, 256, False, None), (8, 256, 256, True, None),
+    (2, 200, 64, True, None),
 ]
 
 
@@ -42,6 +46,25 @@ def _case(n, k, bias, dtype, device, seed, rows=1):
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     return [t if t is None else t.to(device) for t in (x, w, b)]
+
+
+GUARD = 4096  # elements of NaN before and after every tensor of a guarded case
+
+
+def _guarded(t):
+    """``t`` copied into the middle of a NaN-filled buffer: ``(view, buffer)``. A kernel that reads past the view
+    and uses what it read returns NaN (a read whose result is dropped, e.g. of padding rows, does not show); one
+    that writes past it changes the buffer's NaN margins (checked: dropping the row mask of the store fails)."""
+    if t is None:
+        return None, None
+    buf = torch.full((t.numel() + 2 * GUARD,), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[GUARD:GUARD + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view, buf
+
+
+def _margins_untouched(buf) -> bool:
+    return bool(buf[:GUARD].isnan().all() and buf[-GUARD:].isnan().all())
 
 
 def _tolerance(x, w, dtype):
@@ -71,13 +94,16 @@ def check_gemv(device: str = "cpu") -> int:
             # size 1, float16 exact to rounding): the rows kernel's bf16 runs are checked on the GPU only
             continue
         for i, (rows, n, k, bias, cfg) in enumerate(ROW_CASES):
-            x, w, b = _case(n, k, bias, dtype, device, seed=100 + i, rows=rows)
-            out = torch.full((rows, 1, n), float("nan"), dtype=dtype, device=device)
+            # every tensor inside NaN margins: no read past the inputs that reaches the output (as NaN), no write
+            # past the output
+            (x, _), (w, _), (b, _) = (_guarded(t) for t in _case(n, k, bias, dtype, device, seed=100 + i, rows=rows))
+            out, out_buf = _guarded(torch.zeros((rows, 1, n), dtype=dtype, device=device))
             gemv.gemv_(x, w, b, out, cfg)
             want = F.linear(x.double(), w.double(), None if b is None else b.double())
             tol = 2 * _tolerance(x, w, dtype) + (b.double().abs().max().item() * torch.finfo(dtype).eps if bias else 0)
             err = (out.double() - want).abs().max().item()
             assert err <= tol, (dtype, rows, n, k, bias, cfg, err, tol)
+            assert _margins_untouched(out_buf), ("write past the output", dtype, rows, n, k, bias, cfg)
             done += 1
     return done
 
