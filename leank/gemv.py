@@ -89,7 +89,7 @@ def rows_config_for(n: int, k: int) -> dict:
     256 and 4 for q/k/v (``n`` up to ``2k``), 128 and 3 for the wide ones (gate/up, ``lm_head``). ``BLOCK_K``
     is capped at the power of two covering ``k``; a ``k`` it does not divide runs with column masks.
     """
-    if n <= k or k >= 2 * n:
+    if n <= k:  # o_proj (square), down_proj (tall)
         block_k, stages = 512, 4
     elif n <= 2 * k:
         block_k, stages = 256, 4
