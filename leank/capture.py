@@ -492,8 +492,9 @@ class DecodeGraphRunner:
                     msg += ("; each patched model (shape, dtype) compiles the step once more in a process, and "
                             "torch._dynamo.config.recompile_limit caps that: raise it to compile more models")
                 # once per runner (a runner compiles at most once): every model that runs uncompiled is told
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
                 logger.warning(msg)
+                logger.debug("leank: the failed compile's traceback", exc_info=True)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
                 logger.debug("leank: compile failure", exc_info=True)
                 logits = self._device_step(self._forward_logits, ids, pos, cache)
             self.capture_s += time.perf_counter() - t0

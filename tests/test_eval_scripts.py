@@ -42,7 +42,23 @@ def test_e2e_decode_cpu_tiny(tmp_path, capsys):
     assert "| model" in capsys.readouterr().out
 
 
-def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
+def test_torch_config_patches_restore_without_hiding_the_entry():
+    """The helper the flag test below uses: after the block, Inductor's switches read as before (a deleted entry
+    would raise "does not exist" at the next torch.compile)."""
+    import torch._inductor.config as inductor_config
+
+    from tests.conftest import torch_config_patches
+
+    before = (inductor_config.combo_kernels, inductor_config.triton.enable_pdl)
+    with torch_config_patches() as set_:
+        set_(inductor_config, "combo_kernels", not before[0])
+        set_(inductor_config, "triton.enable_pdl", not before[1])
+        inductor_config.combo_kernels = before[0]  # as e2e_decode.py's flags assign it
+        assert inductor_config.triton.enable_pdl is (not before[1])
+    assert (inductor_config.combo_kernels, inductor_config.triton.enable_pdl) == before
+
+
+def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch, torch_config):
     """--split-rule / --pdl / --inductor-pdl / --inductor-combo / --no-flush-kernel / --no-rope-append / --no-gemv
     set the TileLang planner's and kernels' knobs, Inductor's PDL and combo-kernel switches and LeanK's flush, RoPE +
     append and batch-1 product kernels for the run (what a GPU A/B needs) and are recorded in the config; without them the defaults
@@ -53,8 +69,8 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(dec, "TILE_CONFIG", dec.TILE_CONFIG)
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_config.triton.enable_pdl)
-    monkeypatch.setattr(inductor_config, "combo_kernels", inductor_config.combo_kernels)
+    torch_config(inductor_config, "triton.enable_pdl", inductor_config.triton.enable_pdl)  # restored after the test
+    torch_config(inductor_config, "combo_kernels", inductor_config.combo_kernels)
     from leank import flush_kernel
 
     monkeypatch.setattr(flush_kernel, "ENABLED", flush_kernel.ENABLED)
@@ -87,8 +103,8 @@ def test_e2e_decode_kernel_experiment_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(gemv, "MAX_BATCH", 1)
     monkeypatch.setattr(dec, "SPLIT_RULE", "window")
     monkeypatch.setattr(dec, "TILE_CONFIG", None)
-    monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
-    monkeypatch.setattr(inductor_config, "combo_kernels", False)
+    inductor_config.triton.enable_pdl = False  # (restored by torch_config)
+    inductor_config.combo_kernels = False
     assert e2e_decode.main([*base, "--out", str(out)]) == 0
     assert dec.SPLIT_RULE == "window" and dec.TILE_CONFIG is None
     assert flush_kernel.ENABLED and not inductor_config.triton.enable_pdl and not inductor_config.combo_kernels

@@ -194,7 +194,7 @@ def test_captured_decode_equals_eager_reference(dtype, heads, kv_heads, monkeypa
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family,heads,kv_heads", [("llama", 8, 2), ("qwen2", 14, 2)])  # GQA 4, 7; Qwen's q/k/v bias
-def test_captured_batch1_products_through_gemv(monkeypatch, dtype, family, heads, kv_heads):
+def test_captured_batch1_products_through_gemv(monkeypatch, torch_config, dtype, family, heads, kv_heads):
     """Batch 1: the captured step runs every product (q/k/v, o_proj, gate/up, down_proj, lm_head) through
     ``leank.gemv`` (``ENABLED``, the default); its logits are as close to the float32 run of the same model as with cuBLAS's products
     (``ENABLED = False``), every step of 110 (three flushes), a prompt longer than the window."""
@@ -205,7 +205,7 @@ def test_captured_batch1_products_through_gemv(monkeypatch, dtype, family, heads
     # two compiled runs per case, eight cases in one process: above Dynamo's default recompile limit (8), which
     # the first GPU run of this test hit (the compile then fell back, and the test said so)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+    torch_config(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
     model = tiny_model(family, head_dim=128, heads=heads, kv_heads=kv_heads, init=0.05)
     model = (with_biases(model) if family == "qwen2" else model).to("cuda", dtype)  # non-zero q/k/v biases
     mask = mix_mask(2, kv_heads, 128, seed=5)
