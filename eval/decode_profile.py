@@ -259,11 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     common.allow_recompiles()
-    from leank import append_kernel, defer
-
-    defer.ENABLED = args.defer_stop
-    append_kernel.FUSE_ROPE = args.rope_append
-    e2e_decode.apply_gemv_args(args)
+    e2e_decode.apply_generate_args(args)
     rank, tp, device = e2e_decode.distributed_setup(args)
     if rank:  # every rank runs every generate call (collectives); rank 0 alone prints and writes
         sys.stdout = open(os.devnull, "w")

@@ -155,10 +155,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                         "the default yet: eval/RESULTS.md). Recorded in the config")
 
 
-def apply_gemv_args(args: argparse.Namespace) -> None:
-    """``--gemv`` / ``--gemv-max-batch`` onto ``leank.gemv`` (module switches read when a step is traced)."""
-    from leank import gemv
+def apply_generate_args(args: argparse.Namespace) -> None:
+    """``--defer-stop``, ``--rope-append``, ``--gemv`` / ``--gemv-max-batch`` (``add_generate_args``) onto LeanK's
+    module switches (read when a step is traced or a call starts)."""
+    from leank import append_kernel, defer, gemv
 
+    defer.ENABLED = args.defer_stop
+    append_kernel.FUSE_ROPE = args.rope_append
     gemv.ENABLED = args.gemv
     if args.gemv_max_batch is not None:
         if not 1 <= args.gemv_max_batch <= gemv.MAX_ROWS:
@@ -1305,12 +1308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(inductor_config, "combo_kernels"):
             raise SystemExit(f"--inductor-combo: torch {torch.__version__} has no torch._inductor.config.combo_kernels")
         inductor_config.combo_kernels = True
-    from leank import append_kernel, defer, flush_kernel
+    from leank import flush_kernel
 
     flush_kernel.ENABLED = args.flush_kernel
-    append_kernel.FUSE_ROPE = args.rope_append
-    apply_gemv_args(args)
-    defer.ENABLED = args.defer_stop
+    apply_generate_args(args)
     if args.split_rule != "window" or args.pdl:  # kernel experiments: module knobs read when a plan / kernel is built
         from leank.tilelang_kernels import decode as _decode
 

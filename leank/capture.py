@@ -493,9 +493,8 @@ class DecodeGraphRunner:
                             "torch._dynamo.config.recompile_limit caps that: raise it to compile more models")
                 # once per runner (a runner compiles at most once): every model that runs uncompiled is told
                 logger.warning(msg)
-                logger.debug("leank: the failed compile's traceback", exc_info=True)
+                logger.debug("leank: compile failure", exc_info=True)  # before the warning, which may be an error
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                logger.debug("leank: compile failure", exc_info=True)
                 logits = self._device_step(self._forward_logits, ids, pos, cache)
             self.capture_s += time.perf_counter() - t0
         else:
