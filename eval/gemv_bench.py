@@ -11,16 +11,17 @@ For each model shape and product (``qkv``: the fused q/k/v weight, with Qwen's b
 its layers:
 the weights together are larger than the L2 cache, so every product reads its weight from
 memory. The time per product is the median graph replay (``triton.testing.do_bench``) over
-``copies``. Methods: ``cublas`` (``F.linear``), ``gemv default`` (``leank.gemv.config_for``; for
-more than one row ``rows_config_for``, the tensor-core kernel) and each tile config of ``--configs``
+``copies``. Methods: ``cublas`` (``F.linear``'s product, ``torch.addmm`` / ``torch.mm`` written into
+the output; the committed ``gemv_bench_h200*.json`` runs timed ``F.linear`` plus a copy of its result,
+one small extra kernel per product), ``gemv default`` (``leank.gemv.config_for``; for more than one row ``rows_config_for``, the tensor-core kernel) and each tile config of ``--configs``
 (``BLOCK_N x BLOCK_K / warps``, ``sS`` for S pipeline stages). Each kernel's result is
 checked against a float64 product of the same inputs, beside cuBLAS's error (``max_err``).
 Bandwidth is the weight's bytes over the time, against the device-to-device copy bandwidth of
 the same run (bytes read + written).
 
 Writes a JSON (one row per product, batch and method: ``model, product, rows, n, k, method, us, gbps,
-pct_of_copy, max_err``) to ``--out`` (default ``runs/gemv_bench_<device>.json``, git-ignored) and
-prints a table per model: the best config per product and its time against cuBLAS's.
+pct_of_copy, max_err``; ``tiles`` on the kernel's rows) to ``--out`` (default ``runs/gemv_bench_<device>.json``,
+git-ignored) and prints a table per model: the best config per product and its time against cuBLAS's.
 """
 
 from __future__ import annotations
@@ -119,18 +120,29 @@ def bench_product(model: str, name: str, n: int, k: int, has_bias: bool, rows: i
                          "method": method, "us": us, "gbps": nbytes / us / 1e3,
                          "pct_of_copy": 100 * nbytes / us / 1e3 / copy_gbps, "max_err": err, "copies": copies})
 
-    us = time_graph(lambda i: outs[i].copy_(F.linear(x, weights[i], biases[i])), copies, args.rep_ms)
-    row("cublas", us, F.linear(x, weights[0], biases[0]))
+    # cuBLAS writes into the output as the kernel does (the product F.linear runs: addmm with a bias, mm
+    # without), so neither side pays a copy of its result
+    us = time_graph(lambda i: _cublas(x, weights[i], biases[i], outs[i]), copies, args.rep_ms)
+    row("cublas", us, _cublas(x, weights[0], biases[0], torch.empty_like(outs[0])))
     for cfg in configs:
         conf = None if cfg is None else {"BLOCK_N": cfg[0], "BLOCK_K": cfg[1], "num_warps": cfg[2],
                                          **({"num_stages": cfg[3]} if cfg[3] else {})}
         us = time_graph(lambda i: gemv.gemv_(x, weights[i], biases[i], outs[i], conf), copies, args.rep_ms)
         got = gemv.gemv_(x, weights[0], biases[0], torch.empty_like(outs[0]), conf)
         row(label(cfg), us, got)
+        # the tiles a "gemv default" row ran (the defaults change as sweeps are measured)
+        out_rows[-1]["tiles"] = conf or (gemv.config_for(n, k) if rows == 1 else gemv.rows_config_for(n, k))
     weights.clear()  # free the copies before the next product
     biases.clear()
     torch.cuda.empty_cache()
     return out_rows
+
+
+def _cublas(x, weight, bias, out):
+    """``out = F.linear(x, weight, bias)`` through cuBLAS without a temporary: ``x [rows, k]``, ``out [rows, n]``."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
 
 
 def build_parser() -> argparse.ArgumentParser:

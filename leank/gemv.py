@@ -5,9 +5,10 @@ once and does two flops per element, so its time is the weight's bytes over the 
 bandwidth. cuBLAS runs the small ones below that (on the H200, for Qwen2.5-7B's shapes,
 q/k/v at 71% and ``o_proj`` at 67% of the copy bandwidth) and splits ``o_proj`` and
 ``down_proj`` over K, with a second launch that sums the parts
-(``eval/results/decode_profile_h200_qwen_rope.json``). With the tiles of ``config_for`` this
-kernel was faster than cuBLAS on every product of a Llama-3.1-8B and a Qwen2.5-7B step
-(``eval/results/gemv_bench_h200.json``).
+(``eval/results/decode_profile_h200_qwen_rope.json``). With the tiles of ``config_for`` it took
+0.42-0.47 ms off a batch-1 ``generate()`` step of a Llama-3.1-8B or Qwen2.5-7B shape on the H200
+(``eval/results/e2e_decode_h200_*_32k_{gemv,cublas}.json``; per product: ``eval/gemv_bench.py``, whose
+committed cuBLAS times include a copy of the result).
 
 ``linear(x, weight, bias)`` equals ``F.linear`` for one row ``x``: each program of the kernel
 reads ``BLOCK_N`` rows of the weight ``BLOCK_K`` columns at a time, keeps ``BLOCK_N x BLOCK_K``
@@ -44,9 +45,9 @@ Tensor = torch.Tensor
 # eval/e2e_decode.py --no-gemv)
 ENABLED: bool = True
 # largest batch whose decode products the fused step sends here (eval/e2e_decode.py --gemv-max-batch). Batches
-# of 2..MAX_BATCH run the tensor-core kernel (``_rows_kernel``): with the tiles of ``rows_config_for`` it read a
-# Llama-3.1-8B or Qwen2.5-7B step's weights 7-8% faster than cuBLAS at 2, 4 and 8 rows on the H200
-# (eval/results/gemv_bench_h200_rows.json) and took 3-6% off batch-4/8 steps. Still 1: with 8 as the default
+# of 2..MAX_BATCH run the tensor-core kernel (``_rows_kernel``): with the tiles of ``rows_config_for`` it took
+# 3-6% off batch-4/8 generate() steps of a Qwen2.5-7B shape on the H200 (eval/results/e2e_decode_h200_qwen_*_rows.json
+# against *_cublas.json). Still 1: with 8 as the default
 # the GPU suite hit CUDA_ERROR_ILLEGAL_ADDRESS in a later decode-kernel test (twice, same place; that test
 # passes alone and under compute-sanitizer), not yet explained (eval/RESULTS.md)
 MAX_BATCH: int = 1
@@ -68,8 +69,8 @@ def config_for(n: int, k: int) -> dict:
     (masked), or the power of two covering a smaller ``k``. Measured on the H200 (``eval/gemv_bench.py``,
     ``eval/results/gemv_bench_h200.json``, 21 configs): one row x 2048 columns per 4-warp program was
     the fastest config over a Llama-3.1-8B step's products (k = 4096, 14336) and four rows x 512 columns
-    over a Qwen2.5-7B step's (k = 3584, 18944: 2048 and 1024 leave masked tails); both beat cuBLAS on
-    every product there (9-10% of a step's product time).
+    over a Qwen2.5-7B step's (k = 3584, 18944: 2048 and 1024 leave masked tails). Against cuBLAS
+    in that file see ``eval/RESULTS.md`` (its cuBLAS times include a copy of the result).
     """
     for block_k, block_n in ((2048, 1), (1024, 2), (512, 4)):
         if k % block_k == 0:

@@ -309,6 +309,17 @@ def test_fused_decode_routes_batch1_products_through_gemv(kind, monkeypatch):
     _assert_same_run(plain3, routed3, tol=1e-5)
 
 
+def test_gemv_bench_cublas_baseline_is_f_linear():
+    """The benchmark's cuBLAS side writes F.linear's product into the output (no copy of a temporary)."""
+    from eval import gemv_bench
+
+    for bias in (True, False):
+        x, w, b = _case(48, 40, bias, torch.float32, "cpu", seed=7, rows=3)
+        out = torch.empty(3, 48)
+        assert gemv_bench._cublas(x[:, 0], w, b, out) is out
+        torch.testing.assert_close(out, F.linear(x[:, 0], w, b), rtol=0, atol=1e-5)
+
+
 def test_gemv_bench_dry_run_lists_the_products(capsys):
     from eval import gemv_bench
 
