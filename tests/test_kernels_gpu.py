@@ -263,18 +263,6 @@ def test_planning_variants(monkeypatch, knob, value):
         "no plan of this variant"
 
 
-@pytest.mark.parametrize("min_split_tiles,arch_len", [(0, 20_000), (dec.DEFAULT_MIN_SPLIT_TILES, 70_000)])
-def test_more_than_128_parts_per_kv_head(monkeypatch, min_split_tiles, arch_len):
-    """One archive head of four at batch 1 (a Qwen-like layer with pruned heads): the plan gives it
-    ~240 splits, so the combine merges more parts than it has threads (each thread holds two LSEs)."""
-    monkeypatch.setattr(dec, "MIN_SPLIT_TILES", min_split_tiles)
-    case = make_case(1, 28, 4, [0, 0, 64, 0], [1184], [arch_len], BF16, seed=arch_len)
-    check(case, BF16)
-    plan = next(p for k, p in dec._plans.items() if k[:3] == (1, 28, 4) and k[4] == 1187 and k[-1] == min_split_tiles
-                and k[8] == ((64, (2,), arch_len + 5),))
-    assert 128 < plan.num_parts <= dec.MAX_PARTS, plan.num_parts
-
-
 @pytest.mark.parametrize("batch,head_dim,dtype", RAGGED, ids=[f"b{b}-hd{hd}-{str(dt)[6:]}" for b, hd, dt in RAGGED])
 def test_batch_ragged(batch, head_dim, dtype):
     g = torch.Generator().manual_seed(batch + head_dim)

@@ -28,8 +28,6 @@ KEPT_ALIGN = 16
 BLOCK_H = 64
 #: distinct kept counts (archive slots) one compiled kernel serves
 MAX_SLOTS = 8
-#: partial outputs (splits of the window and the archive row) the combine merges per KV head
-MAX_PARTS = 256
 #: the kernels are built for sm_90a (TMA + wgmma); arch-specific code runs on 9.0 only
 SM_ARCH = (9, 0)
 

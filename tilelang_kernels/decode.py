@@ -50,7 +50,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .capability import MAX_PARTS, supports
+from .capability import supports
 from .reference import validate_decode_inputs
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def default_blocks_per_sm(batch: int) -> int:
 
 
 def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], sms: int,
-                  block_n: int = 64, max_split: int = MAX_PARTS - 16, blocks_per_sm: Optional[int] = None,
+                  block_n: int = 64, max_split: int = 96, blocks_per_sm: Optional[int] = None,
                   arch_caps: Optional[Sequence[int]] = None) -> tuple:
     """Splits per segment: ``(window_splits, [archive splits per KV head])``.
 
@@ -215,8 +215,7 @@ def choose_splits(batch: int, head_dim: int, win_cap: int, kept: Sequence[int], 
     share the rest in proportion to their bytes per token (``d + head_dim``). With
     ``arch_caps`` (archive capacity per KV head, tokens) no split is shorter than
     ``MIN_SPLIT_TILES`` tiles of its segment's capacity. At least one split each; at most
-    ``max_split`` splits per archive row (with at most 16 window splits, parts per head stay
-    <= ``MAX_PARTS`` for the combine kernel). ``SPLIT_RULE = "bytes"``
+    ``max_split`` (parts per head stay <= 128 for the combine kernel). ``SPLIT_RULE = "bytes"``
     (with ``arch_caps``) replaces the window/archive division by ``_byte_balanced_splits``.
     """
     blocks_per_sm = blocks_per_sm or BLOCKS_PER_SM or default_blocks_per_sm(batch)
@@ -315,8 +314,8 @@ def build_plan(batch: int, num_kv_heads: int, head_dim: int, win_cap: int, group
             rows.append((nslots, h, h, s, win, p))
             p += 1
         nparts.append(p)
-    if max(nparts) > MAX_PARTS:
-        raise ValueError(f"plan: at most {MAX_PARTS} parts per KV head, got {max(nparts)}")
+    if max(nparts) > 128:
+        raise ValueError(f"plan: at most 128 parts per KV head, got {max(nparts)}")
     # heavy archive rows first, window rows (short) last: better tail behaviour
     rows.sort(key=lambda r: r[0] == nslots)
     table = torch.tensor(rows, dtype=torch.int32).to(device)

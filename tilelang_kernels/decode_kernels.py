@@ -20,14 +20,12 @@ slot, table size and part count are ``T.dynamic``: a model compiles this pair on
 
 import tilelang.language as T
 
-from .capability import BLOCK_H, HEAD_DIMS, MAX_PARTS, MAX_SLOTS
+from .capability import BLOCK_H, HEAD_DIMS, MAX_SLOTS
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# the combine kernel: 128 threads, each holding the LSEs of PARTS_PER_THREAD of a KV head's at most
-# MAX_PARTS parts (a plan gives few-KV-head shapes at batch 1 up to ~250 splits per head)
+# the combine kernel: one thread per part (parts per KV head <= COMBINE_THREADS)
 COMBINE_THREADS = 128
-PARTS_PER_THREAD = MAX_PARTS // COMBINE_THREADS
 
 # Work-table columns (int32 [num_items, TABLE_COLS]).
 COL_SLOT, COL_ROW, COL_KVH, COL_SPLIT, COL_NSPLIT, COL_PART = range(6)
@@ -266,11 +264,10 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
 
 
 def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1, pdl=False):
-    """Build the combine pass: LSE-merge of ``nparts[kv_head]`` (at most ``MAX_PARTS``) float32 parts.
+    """Build the combine pass: LSE-merge of ``nparts[kv_head]`` (at most 128) float32 parts.
 
-    One block of 128 threads per (query head, sequence): thread ``t`` loads the LSEs of parts
-    ``t`` and ``t + 128``, the block reduces max and sum with warp shuffles, then the weighted
-    sum over parts:
+    One block of 128 threads per (query head, sequence): thread ``t`` loads part ``t``'s
+    LSE, the block reduces max and sum with warp shuffles, then the weighted sum over parts:
 
     * ``vector=1``: thread ``j < head_dim`` sums channel ``j`` over all parts (independent
       loads, unrolled). For head_dim 64 the upper half of the block only takes part in the
@@ -312,27 +309,21 @@ def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1, pdl=False
                 T.pdl_sync()  # the split grid has finished and its parts are visible
             tx = T.get_thread_binding()
             red = T.alloc_shared([2 * NW], accum)
-            wts = T.alloc_shared([MAX_PARTS], accum)
+            wts = T.alloc_shared([NT], accum)
             n = T.alloc_var(T.int32, init=NPARTS[h // rep])
-            lp = T.alloc_local([PARTS_PER_THREAD], accum)  # LSEs of parts tx, tx + NT, ...
-            for r in list(range(PARTS_PER_THREAD)):
-                lp[r] = neg_inf
-                if r * NT + tx < n:
-                    lp[r] = LPART[b, h, r * NT + tx]
-            m = T.alloc_var(accum, init=lp[0])
-            for r in list(range(1, PARTS_PER_THREAD)):
-                m = T.max(m, lp[r])
+            lp = T.alloc_var(accum, init=neg_inf)
+            if tx < n:
+                lp = LPART[b, h, tx]
+            m = T.alloc_var(accum, init=lp)
             for off in [16, 8, 4, 2, 1]:
                 m = T.max(m, T.shfl_xor(m, off))
             if tx % 32 == 0:
                 red[tx // 32] = m
             T.sync_threads()
             m = T.max(T.max(red[0], red[1]), T.max(red[2], red[3]))
-            tot = T.alloc_var(accum, init=0.0)
-            for r in list(range(PARTS_PER_THREAD)):
-                w = T.if_then_else(lp[r] == neg_inf, 0.0, T.exp2(lp[r] - m))
-                wts[r * NT + tx] = w
-                tot = tot + w
+            w = T.alloc_var(accum, init=T.if_then_else(lp == neg_inf, 0.0, T.exp2(lp - m)))
+            wts[tx] = w
+            tot = T.alloc_var(accum, init=w)
             for off in [16, 8, 4, 2, 1]:
                 tot = tot + T.shfl_xor(tot, off)
             if tx % 32 == 0:
