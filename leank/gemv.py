@@ -47,9 +47,11 @@ ENABLED: bool = True
 # largest batch whose decode products the fused step sends here (eval/e2e_decode.py --gemv-max-batch). Batches
 # of 2..MAX_BATCH run the tensor-core kernel (``_rows_kernel``): with the tiles of ``rows_config_for`` it took
 # 3-6% off batch-4/8 generate() steps of a Qwen2.5-7B shape on the H200 (eval/results/e2e_decode_h200_qwen_*_rows.json
-# against *_cublas.json). Still 1: with 8 as the default
-# the GPU suite hit CUDA_ERROR_ILLEGAL_ADDRESS in a later decode-kernel test (twice, same place; that test
-# passes alone and under compute-sanitizer), not yet explained (eval/RESULTS.md)
+# against *_cublas.json). Still 1: with 8 as the default the GPU suite hit CUDA_ERROR_ILLEGAL_ADDRESS in a
+# later decode-kernel test (twice, same place). That test's split kernel read past its channel-index tensor
+# (a TileLang lowering of the q gather, group-1 shapes only; fixed in tilelang_kernels/decode_kernels.py), so
+# the rows kernel most likely only moved the allocations; 8 becomes the default once the GPU suite has
+# passed with it (eval/RESULTS.md)
 MAX_BATCH: int = 1
 MAX_ROWS = 16  # rows of x the tensor-core kernel takes (one 16-row MMA tile)
 # tile config override for every shape, e.g. {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4}; None: config_for

@@ -8,14 +8,19 @@ representative set, about 15-40 s per variant on a 2-core CPU:
   128), with and without the attention-matching bias;
 * head_dim 64: Llama-3.2-1B/3B-class (32 / 8) and Qwen2.5-0.5B-class (14 / 2), fp16 and
   bf16, kept counts in steps of 16 (slots 16, 32, 48, 64);
+* one query head per KV head (8 / 8) at head_dim 64, kept counts 16 and 48;
 * ``slow``: every kept count of head_dim 128 in steps of 16 (all 8 slots).
 
-Skipped with a reason when tilelang or nvcc is missing.
+Every compiled split kernel, and the lowered CUDA (no nvcc) of GQA groups 1-8 at head_dim 64 and 128
+with every kept count, is checked for reads of the channel indices outside their row
+(``channel_reads_outside_their_row``). Skipped with a reason when tilelang or nvcc is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import re
 import shutil
 import time
 
@@ -27,8 +32,9 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH"),
 ]
 
-SHAPES = {"llama-3.1-8b": (32, 8), "qwen2.5-7b": (28, 4), "llama-3.2-1b": (32, 8), "qwen2.5-0.5b": (14, 2)}
-HEAD_DIM = {"llama-3.1-8b": 128, "qwen2.5-7b": 128, "llama-3.2-1b": 64, "qwen2.5-0.5b": 64}
+SHAPES = {"llama-3.1-8b": (32, 8), "qwen2.5-7b": (28, 4), "llama-3.2-1b": (32, 8), "qwen2.5-0.5b": (14, 2),
+          "mha-hd64": (8, 8)}
+HEAD_DIM = {"llama-3.1-8b": 128, "qwen2.5-7b": 128, "llama-3.2-1b": 64, "qwen2.5-0.5b": 64, "mha-hd64": 64}
 PUBLISHED = [32, 64, 96]  # kept counts of the published head_dim-128 masks
 BF16, FP16 = torch.bfloat16, torch.float16
 # (model, dtype, bias, kept counts of the layer, marks)
@@ -37,6 +43,8 @@ VARIANTS = [
     ("qwen2.5-7b", FP16, True, PUBLISHED, ()),
     ("llama-3.2-1b", BF16, False, [16, 48], ()),
     ("qwen2.5-0.5b", FP16, True, [32, 64], ()),
+    # one query head per KV head and a 48-channel slot: the shape whose q gather read past arch_chan
+    ("mha-hd64", BF16, False, [16, 48], ()),
     ("llama-3.1-8b", FP16, True, list(range(16, 129, 16)), (pytest.mark.slow,)),
 ]
 
@@ -83,6 +91,53 @@ def test_builders_refuse_what_supports_refuses():
         dk.default_config(128, 65)
 
 
+def _py(expr: str) -> str:
+    """A CUDA C integer expression of TileLang's output as Python (operands are non-negative here)."""
+    expr = re.sub(r"\((?:int64_t|int|uint)\)", "", expr).replace("threadIdx.x", "tx")
+    return re.sub(r"!(?!=)", " not ", expr.replace("&&", " and ").replace("||", " or ")).replace("/", "//")
+
+
+def channel_reads_outside_their_row(src: str, slot_dims, threads: int = 128) -> list:
+    """Reads of a slot's channel indices (``C<s>[...]``, int64 ``[heads, d]``) that can leave row ``row``.
+
+    Each read's index is evaluated with ``row = 0`` (and ``heads_<s> = 1``) for every thread and every
+    value of the constant-extent loops around it, under the enclosing ``if`` conditions that can be
+    evaluated (those that depend on other values are taken as true, which only adds cases); every index
+    must lie in ``[0, d)``. Returns ``(slot, index expression, worst index)`` for each read that does not.
+    """
+    body = src[src.index('extern "C" __global__'):]
+    stack, bad = [], []  # stack entries: ("for", var, extent) | ("if", condition) | ("block",)
+    for raw in body.splitlines()[1:]:
+        line = raw.strip()
+        for s, d in enumerate(slot_dims):
+            for expr in re.findall(rf"\bC{s}\[([^\]]*)\]", line):
+                loops = [(e[1], e[2]) for e in stack if e[0] == "for"]
+                conds = [e[1] for e in stack if e[0] == "if"]
+                worst = None
+                for values in itertools.product(range(threads), *[range(n) for _, n in loops]):
+                    env = {"tx": values[0], "row": 0, f"heads_{s}": 1, **{v: x for (v, _), x in zip(loops, values[1:])}}
+
+                    def holds(c):
+                        try:
+                            return bool(eval(_py(c), {}, env))
+                        except NameError:  # depends on other values: may hold
+                            return True
+
+                    if all(holds(c) for c in conds):
+                        idx = eval(_py(expr), {}, env)
+                        if not 0 <= idx < d and (worst is None or idx > worst):
+                            worst = idx
+                if worst is not None:
+                    bad.append((s, expr, worst))
+        if line.startswith("}"):
+            stack.pop()
+        if line.endswith("{"):
+            m_for = re.match(r"for \(int (\w+) = 0; \1 < (\d+); \+\+\1\) \{$", line)
+            m_if = re.match(r"if \((.*)\) \{$", line)
+            stack.append(("for", m_for[1], int(m_for[2])) if m_for else ("if", m_if[1]) if m_if else ("block",))
+    return bad
+
+
 def _id(v):
     m, dt, bias, kept, _ = v
     return f"{m}-hd{HEAD_DIM[m]}-{str(dt)[6:]}-{'bias' if bias else 'nobias'}-{len(kept)}counts"
@@ -104,6 +159,7 @@ def test_compile_sm90a(cache_dir, model, dtype, bias, kept):
     wgmma = heads // kv > 16
     assert ("wgmma" in src) == wgmma and "mma" in src and "tma_load" in src, \
         f"expected the SM90 path ({'wgmma' if wgmma else 'mma.sync'} tiles + TMA loads)"
+    assert not channel_reads_outside_their_row(src, slots), "a q gather reads arch_chan outside its row"
     csrc = combine.get_kernel_source()
     assert "combine" in csrc
     if head_dim < 128:  # 128 threads, the upper half only takes part in the reductions
@@ -229,3 +285,23 @@ def test_block_h_is_checked():
         dk.split_kernel(64, 2, 128, (32,), "bfloat16", False, block_H=16)
     with pytest.raises(ValueError, match="combine_vector.*expected 1 or 4"):
         dk.combine_kernel(32, 8, 128, "bfloat16", vector=2)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_q_gather_reads_stay_in_their_row(head_dim, group):
+    """The split kernel as TileLang lowers it to CUDA (no nvcc), for GQA groups 1-8 and every kept count
+    in steps of 16: each read of a slot's channel indices (``arch_chan``, ``[heads, d]``) stays in its
+    row. TileLang 0.1.15 lowered the q gather of group 1 at head_dim 64 with a read up to 767 int64s past
+    the row of the 48-channel slot (an intermittent CUDA_ERROR_ILLEGAL_ADDRESS on the GPU)."""
+    import tilelang
+    import tvm
+
+    from leank.tilelang_kernels import decode_kernels as dk
+
+    slots = tuple(range(16, head_dim + 1, 16))
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    with target:
+        src = tilelang.lower(dk.split_kernel(2 * group, 2, head_dim, slots, "bfloat16", False), target=target).kernel_source
+    assert all(f"C{s}[" in src for s in range(len(slots))), "no channel-index read found: the check shows nothing"
+    assert not channel_reads_outside_their_row(src, slots)

@@ -154,12 +154,20 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
         for st in T.unroll(num_stages):
             if st < n:
                 issue(Kt, Vt, b, row, start + st * block_N, K_sh, V_sh, bars, st)
+        # q rows of this KV head's group, then zeros for the tile's padding rows. No condition on the row
+        # inside the gather: with one (``if_then_else(i < rep, Q[.., Ct[row, j]], 0)``), TileLang 0.1.15
+        # simplified Ct's index under that condition but also evaluated it outside, reading up to 1,535
+        # int64s past the row for group 1 and kept counts 48/80/96/112 (CUDA_ERROR_ILLEGAL_ADDRESS where
+        # that crossed into unmapped memory; tests/test_kernels_compile.py checks every such read)
         if Ct is None:
-            for i, j in T.Parallel(block_H, d):
-                Q_sh[i, j] = T.if_then_else(i < rep, Q[b, kvh * rep + i, j], 0)
+            for i, j in T.Parallel(rep, d):
+                Q_sh[i, j] = Q[b, kvh * rep + i, j]
         else:
-            for i, j in T.Parallel(block_H, d):
-                Q_sh[i, j] = T.if_then_else(i < rep, Q[b, kvh * rep + i, Ct[row, j]], 0)
+            for i, j in T.Parallel(rep, d):
+                Q_sh[i, j] = Q[b, kvh * rep + i, Ct[row, j]]
+        if rep < block_H:
+            for i, j in T.Parallel(block_H - rep, d):
+                Q_sh[rep + i, j] = T.cast(0, dtype)
         for k in T.serial(n):
             st = k % num_stages
             n0 = start + k * block_N
