@@ -12,8 +12,8 @@ its layers:
 the weights together are larger than the L2 cache, so every product reads its weight from
 memory. The time per product is the median graph replay (``triton.testing.do_bench``) over
 ``copies``. Methods: ``cublas`` (``F.linear``'s product, ``torch.addmm`` / ``torch.mm`` written into
-the output; the committed ``gemv_bench_h200*.json`` runs timed ``F.linear`` plus a copy of its result,
-one small extra kernel per product), ``gemv default`` (``leank.gemv.config_for``; for more than one row ``rows_config_for``, the tensor-core kernel) and each tile config of ``--configs``
+the output, as in ``eval/results/gemv_bench_h200_fair.json``; the earlier ``gemv_bench_h200.json`` and
+``gemv_bench_h200_rows.json`` timed ``F.linear`` plus a copy of its result, one small extra kernel per product), ``gemv default`` (``leank.gemv.config_for``; for more than one row ``rows_config_for``, the tensor-core kernel) and each tile config of ``--configs``
 (``BLOCK_N x BLOCK_K / warps``, ``sS`` for S pipeline stages). Each kernel's result is
 checked against a float64 product of the same inputs, beside cuBLAS's error (``max_err``).
 Bandwidth is the weight's bytes over the time, against the device-to-device copy bandwidth of
