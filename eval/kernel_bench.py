@@ -33,7 +33,8 @@ same proportions of kept channels: counts scaled by head_dim / 128) at a fixed s
 the fixed cost of a call (launches, block setup, the combine), reported per shape and batch.
 
 Writes a JSON (one row per point: ``shape, batch, kv_len, head_dim, mask, leank_us,
-baselines_us, speedup, pct_of_copy`` and more) and a PNG to ``--out``, by default
+baselines_us, speedup, pct_of_copy`` and more; per timed layer its time, bytes and split plan,
+``plan_per_layer``: blocks, parts, heaviest and mean block bytes, which ``--dry-run`` prints on a CPU) and a PNG to ``--out``, by default
 ``runs/kernel_bench_<device name>`` (git-ignored; committed runs live in eval/results/ and
 are written only with an explicit ``--out``); prints a table.
 """
@@ -251,6 +252,34 @@ def leank_inputs(batch, s, kv_len, keep, dtype, gen_dev):
     return (q, win_k, win_v, wl, ak, av, ah, ac, al), nbytes
 
 
+ASSUMED_SMS = 132  # H100 / H200: the SM count a --dry-run plans for
+
+
+def layer_plan(batch, s, kv_len, keep, sms, elem_bytes=2) -> dict:
+    """The split plan ``decode_attention`` builds for one layer at this point (the same ``build_plan``, on
+    the CPU) and what its blocks read: ``blocks`` (per sequence), ``max_parts`` (per KV head) and the
+    heaviest and mean block's K/V bytes at this point's lengths (a split covers block-aligned chunks of
+    its segment's length, as the kernel computes them). At batch <= 2 all blocks run in one wave, so the
+    heaviest block bounds the call. ``keep``: bool ``[kv_heads, head_dim]``."""
+    from leank.tilelang_kernels import decode as dec
+
+    kvh, d = s["kv_heads"], s["head_dim"]
+    _, arch, win = WINDOW.split(kv_len)
+    counts = keep.sum(-1).tolist()
+    # one group per kept count, as leank_inputs builds them; decode_attention pads each to a multiple of 16
+    groups = [((dg + 15) // 16 * 16, [h for h, c in enumerate(counts) if c == dg], max(arch, 1))
+              for dg in sorted({c for c in counts if c > 0})]
+    slots = dec.call_slot_dims(d, [g[0] for g in groups])
+    plan = dec.build_plan(batch, kvh, d, WINDOW.capacity, groups, slots, torch.device("cpu"), sms)
+    loads = []
+    for slot, _row, _h, split, nsplit, _part in plan.table.tolist():
+        length, width = (win, 2 * d) if slot == len(slots) else (arch, slots[slot] + d)
+        chunk = -(-length // (nsplit * 64)) * 64
+        loads.append(max(0, min(chunk, length - split * chunk)) * width * elem_bytes)
+    return dict(blocks=plan.num_items, max_parts=plan.num_parts, heaviest_block_bytes=max(loads),
+                mean_block_bytes=sum(loads) / len(loads))
+
+
 def _leank_bytes(batch, s, kv_len, counts, dtype):
     e = torch.finfo(dtype).bits // 8
     k, v = WINDOW.cache_bytes(kv_len, counts, s["head_dim"], e)
@@ -360,6 +389,9 @@ def run_point(shape, s, batch, kv_len, keeps, layers, args, dtype, gen_dev, copy
         del inputs
         torch.cuda.empty_cache()
     rec["leank_us_per_layer"] = times
+    rec["leank_bytes_per_layer"] = nbytes
+    sms = _decode.num_sms(torch.device("cuda"))
+    rec["plan_per_layer"] = [layer_plan(batch, s, kv_len, keeps[layer], sms, dtype.itemsize) for layer in layers]
     rec["leank_us"] = sum(times) / len(times)
     rec["leank_bytes"] = sum(nbytes) / len(nbytes)
     fastest = min(rec["baselines_us"].items(), key=lambda kv: kv[1]) if rec["baselines_us"] else (None, math.nan)
@@ -491,6 +523,10 @@ def main(argv=None) -> int:
                 if args.dry_run:
                     points.append(dict(shape=key, batch=batch, kv_len=kv_len, head_dim=s["head_dim"], mask=src))
                     print(f"  point: batch {batch} kv_len {kv_len} (~{estimate_gb(batch, s, kv_len, dtype):.2f} GB)")
+                    for layer in layers:
+                        p = layer_plan(batch, s, kv_len, keeps[layer], ASSUMED_SMS, dtype.itemsize)
+                        print(f"    layer {layer}: {p['blocks']} blocks per sequence ({ASSUMED_SMS} SMs), heaviest "
+                              f"{p['heaviest_block_bytes'] / 1e3:.0f} KB, mean {p['mean_block_bytes'] / 1e3:.0f} KB")
                     continue
                 rec = run_point(key, s, batch, kv_len, keeps, layers, args, dtype, gen_dev, copy_gbps)
                 rec["mask"] = src

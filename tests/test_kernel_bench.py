@@ -118,3 +118,31 @@ def test_tuning_flags_reach_the_kernels(monkeypatch):
     assert dec.MIN_SPLIT_TILES == dec.DEFAULT_MIN_SPLIT_TILES and dec.TILE_CONFIG is None and dec.SPLIT_RULE == "window"
     with pytest.raises(SystemExit, match="--min-split-tiles: expected >= 0"):
         kb.main(["--dry-run", "--min-split-tiles", "-1"])
+
+
+@pytest.mark.parametrize("key,kv_len,batch", [("qwen", 131072, 1), ("llama", 32768, 8), ("qwen-0.5b", 5000, 3)])
+def test_layer_plan_covers_the_layer_bytes(key, kv_len, batch):
+    """``layer_plan`` (recorded per timed layer, printed by --dry-run): its blocks read exactly the layer's
+    K/V at this point's lengths (window at full width, archive rows at their kept width), the heaviest block
+    is at least the mean, and the block count is the work table's."""
+    from leank.tilelang_kernels import decode as dec
+
+    s = kb.SHAPES[key]
+    keeps = kb.default_keeps(s, 0)
+    _, arch, win = kb.WINDOW.split(kv_len)
+    for layer in kb.sample_layers(keeps, 4):
+        p = kb.layer_plan(batch, s, kv_len, keeps[layer], 132)
+        counts = keeps[layer].sum(-1).tolist()
+        want = sum(win * 2 * s["head_dim"] + (arch * (c + s["head_dim"]) if c else 0) for c in counts) * 2
+        assert p["mean_block_bytes"] * p["blocks"] == pytest.approx(want)
+        assert p["heaviest_block_bytes"] >= p["mean_block_bytes"] and 1 <= p["max_parts"] <= 128
+        assert p["blocks"] <= dec.default_blocks_per_sm(batch) * 132 // batch + 8 * s["kv_heads"]
+
+
+def test_dry_run_prints_the_plan_of_each_timed_layer(capsys):
+    """Qwen2.5-7B at 128K x 1: the two timed layers with two archive heads hit the 96-split cap (212 blocks
+    for a budget of 264, eval/RESULTS.md); the dry run shows it without a GPU."""
+    assert kb.main(["--dry-run", "--shapes", "qwen", "--kv-lens", "131072", "--batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("blocks per sequence") == 4
+    assert "layer 12: 212 blocks per sequence" in out and "layer 4: 262 blocks per sequence" in out
