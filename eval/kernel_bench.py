@@ -229,6 +229,12 @@ def sample_layers(keeps: torch.Tensor, k: int) -> list[int]:
 # ----------------------------------------------------------------------------- data
 
 
+def kept_groups(counts) -> list:
+    """Archive groups of one layer, as ``leank_inputs`` builds them: ``[(kept count, [kv heads])]`` per
+    distinct non-zero count, ascending."""
+    return [(dg, [h for h, c in enumerate(counts) if c == dg]) for dg in sorted({c for c in counts if c > 0})]
+
+
 def leank_inputs(batch, s, kv_len, keep, dtype, gen_dev):
     """Window + compacted archive for one layer. ``keep``: bool [kv_heads, head_dim]."""
     kvh, d = s["kv_heads"], s["head_dim"]
@@ -240,8 +246,7 @@ def leank_inputs(batch, s, kv_len, keep, dtype, gen_dev):
     win_k, win_v = rnd(batch, kvh, wcap, d), rnd(batch, kvh, wcap, d)
     counts = keep.sum(-1).tolist()
     ak, av, ah, ac = [], [], [], []
-    for dg in sorted({c for c in counts if c > 0}):
-        heads = [h for h, c in enumerate(counts) if c == dg]
+    for dg, heads in kept_groups(counts):
         ah.append(torch.tensor(heads, dtype=torch.int64))
         ac.append(torch.stack([keep[h].nonzero().flatten() for h in heads]).to(dev))
         ak.append(rnd(batch, len(heads), max(arch, 1), dg))
@@ -265,10 +270,8 @@ def layer_plan(batch, s, kv_len, keep, sms, elem_bytes=2) -> dict:
 
     kvh, d = s["kv_heads"], s["head_dim"]
     _, arch, win = WINDOW.split(kv_len)
-    counts = keep.sum(-1).tolist()
-    # one group per kept count, as leank_inputs builds them; decode_attention pads each to a multiple of 16
-    groups = [((dg + 15) // 16 * 16, [h for h, c in enumerate(counts) if c == dg], max(arch, 1))
-              for dg in sorted({c for c in counts if c > 0})]
+    # leank_inputs' groups; decode_attention pads each kept count to a multiple of 16
+    groups = [((dg + 15) // 16 * 16, heads, max(arch, 1)) for dg, heads in kept_groups(keep.sum(-1).tolist())]
     slots = dec.call_slot_dims(d, [g[0] for g in groups])
     plan = dec.build_plan(batch, kvh, d, WINDOW.capacity, groups, slots, torch.device("cpu"), sms)
     loads = []

@@ -7,8 +7,8 @@ q/k/v at 71% and ``o_proj`` at 67% of the copy bandwidth) and splits ``o_proj`` 
 ``down_proj`` over K, with a second launch that sums the parts
 (``eval/results/decode_profile_h200_qwen_rope.json``). With the tiles of ``config_for`` it took
 0.42-0.47 ms off a batch-1 ``generate()`` step of a Llama-3.1-8B or Qwen2.5-7B shape on the H200
-(``eval/results/e2e_decode_h200_*_32k_{gemv,cublas}.json``; per product: ``eval/gemv_bench.py``, whose
-committed cuBLAS times include a copy of the result).
+(``eval/results/e2e_decode_h200_*_32k_{gemv,cublas}.json``); per product against cuBLAS writing into the
+output, 5.0% (Llama) and 7.5% (Qwen) less time over a step's products (``eval/results/gemv_bench_h200_fair.json``).
 
 ``linear(x, weight, bias)`` equals ``F.linear`` for one row ``x``: each program of the kernel
 reads ``BLOCK_N`` rows of the weight ``BLOCK_K`` columns at a time, keeps ``BLOCK_N x BLOCK_K``
@@ -71,8 +71,8 @@ def config_for(n: int, k: int) -> dict:
     (masked), or the power of two covering a smaller ``k``. Measured on the H200 (``eval/gemv_bench.py``,
     ``eval/results/gemv_bench_h200.json``, 21 configs): one row x 2048 columns per 4-warp program was
     the fastest config over a Llama-3.1-8B step's products (k = 4096, 14336) and four rows x 512 columns
-    over a Qwen2.5-7B step's (k = 3584, 18944: 2048 and 1024 leave masked tails). Against cuBLAS
-    in that file see ``eval/RESULTS.md`` (its cuBLAS times include a copy of the result).
+    over a Qwen2.5-7B step's (k = 3584, 18944: 2048 and 1024 leave masked tails). That file's cuBLAS times
+    include a copy of the result; against cuBLAS without it: ``eval/results/gemv_bench_h200_fair.json``.
     """
     for block_k, block_n in ((2048, 1), (1024, 2), (512, 4)):
         if k % block_k == 0:
