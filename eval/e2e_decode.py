@@ -143,16 +143,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                         "RoPE kernels and the append); --no-rope-append applies the model's own RoPE first. Recorded "
                         "in the config")
     p.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=True,
-                   help="up to batch --gemv-max-batch (1 by default) the fused decode step runs every matrix "
+                   help="up to batch --gemv-max-batch (8 by default) the fused decode step runs every matrix "
                         "product (q/k/v, o_proj, gate/up, down_proj, lm_head) through LeanK's split-K-free Triton "
                         "kernels (leank.gemv.ENABLED, the default); "
                         "--no-gemv through F.linear (cuBLAS). "
                         "Recorded in the config")
     p.add_argument("--gemv-max-batch", type=int, default=None,
                    help="largest batch whose products go through leank.gemv (leank.gemv.MAX_BATCH; default: the "
-                        "library's, 1: cuBLAS above batch 1). Batches of 2..16 use its tensor-core rows kernel "
-                        "(timed at 2, 4 and 8 rows: eval/gemv_bench.py --rows; 8 is 3-6%% faster end to end, not "
-                        "the default yet: eval/RESULTS.md). Recorded in the config")
+                        "library's, 8; 1: cuBLAS above batch 1). Batches of 2..16 use its tensor-core rows kernel "
+                        "(timed at 2, 4 and 8 rows: eval/gemv_bench.py --rows; 8 is 3-6%% faster end to end than "
+                        "cuBLAS: eval/RESULTS.md). Recorded in the config")
 
 
 def apply_generate_args(args: argparse.Namespace) -> None:

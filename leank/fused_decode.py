@@ -15,7 +15,7 @@ one kernel instead of Inductor's two RoPE kernels plus the append; for a model w
 ``apply_rotary_pos_emb`` is not the standard rotate-half one, that function and
 ``torch.ops.leank.decode_step``), the
 model's norms, activation, ``o_proj``, ``down_proj`` and ``lm_head`` called as modules (up to batch
-``gemv.MAX_BATCH``, 1 by default, every product, the fused ones included, runs through ``leank.gemv``'s
+``gemv.MAX_BATCH``, 8 by default, every product, the fused ones included, runs through ``leank.gemv``'s
 split-K-free kernels instead of cuBLAS; under
 tensor parallelism with ``LeanKConfig.tp_allreduce="one_shot"``, ``o_proj`` and ``down_proj``
 as local products summed by ``leank.tp.OneShotAllReduce`` instead).
@@ -265,7 +265,7 @@ def decode_logits(model, decode_step_attention, input_ids: Tensor, position_ids:
     hidden = base.embed_tokens(input_ids)  # [batch, 1, hidden]
     cos, sin = base.rotary_emb(hidden, position_ids)
     batch = input_ids.shape[0]
-    # batches up to gemv.MAX_BATCH (1 by default): split-K-free products (leank.gemv); not under tensor
+    # batches up to gemv.MAX_BATCH (8 by default): split-K-free products (leank.gemv); not under tensor
     # parallelism, where its GPU tests (2 GPUs) do not run these kernels yet: there every product stays as before
     tensor_parallel = _is_dtensor(base.layers[0].self_attn.o_proj.weight)
     linear = gemv.linear if batch <= gemv.MAX_BATCH and not tensor_parallel else F.linear

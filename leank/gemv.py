@@ -19,10 +19,10 @@ final rounding.
 
 For 2..``MAX_ROWS`` rows a second kernel pads the rows to one 16-row tensor-core tile and reads the
 weight once for all of them (``_rows_kernel``, tiles ``rows_config_for``, timed at 2, 4 and 8 rows); the
-decode step uses it only when ``MAX_BATCH`` is raised (``eval/e2e_decode.py --gemv-max-batch 8``).
+decode step uses it for batches 2..``MAX_BATCH`` (8; ``eval/e2e_decode.py --gemv-max-batch 1`` keeps cuBLAS there).
 
 It is an opaque custom op (``torch.ops.leank.gemv``, registered by ``register``) for ``torch.compile``,
-which ``leank.fused_decode.decode_logits`` calls on CUDA for batches up to ``MAX_BATCH`` (1) when
+which ``leank.fused_decode.decode_logits`` calls on CUDA for batches up to ``MAX_BATCH`` (8) when
 ``ENABLED``, for every product of the step (q/k/v, ``o_proj``, gate/up, ``down_proj``, ``lm_head``;
 not under tensor parallelism, whose two-GPU tests do not cover these kernels yet); anything else (no
 Triton, CPU, more than ``MAX_ROWS`` rows, float32, a strided weight) goes to ``F.linear``. The tile
@@ -47,12 +47,10 @@ ENABLED: bool = True
 # largest batch whose decode products the fused step sends here (eval/e2e_decode.py --gemv-max-batch). Batches
 # of 2..MAX_BATCH run the tensor-core kernel (``_rows_kernel``): with the tiles of ``rows_config_for`` it took
 # 3-6% off batch-4/8 generate() steps of a Qwen2.5-7B shape on the H200 (eval/results/e2e_decode_h200_qwen_*_rows.json
-# against *_cublas.json). Still 1: with 8 as the default the GPU suite hit CUDA_ERROR_ILLEGAL_ADDRESS in a
-# later decode-kernel test (twice, same place). That test's split kernel read past its channel-index tensor
-# (a TileLang lowering of the q gather, group-1 shapes only; fixed in tilelang_kernels/decode_kernels.py), so
-# the rows kernel most likely only moved the allocations; 8 becomes the default once the GPU suite has
-# passed with it (eval/RESULTS.md)
-MAX_BATCH: int = 1
+# against *_cublas.json). The default since the GPU suite passed with it (eval/results/gpu_tests_h200_e1082f4_maxbatch8.log;
+# the illegal-address error of earlier MAX_BATCH = 8 runs was the decode kernel's out-of-row q gather, fixed in
+# tilelang_kernels/decode_kernels.py)
+MAX_BATCH: int = 8
 MAX_ROWS = 16  # rows of x the tensor-core kernel takes (one 16-row MMA tile)
 # tile config override for every shape, e.g. {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4}; None: config_for
 # (one row) / rows_config_for (2..MAX_ROWS rows)
