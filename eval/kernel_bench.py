@@ -128,12 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K/V tokens per tile of the split kernel (default: the kernel's 64; 128 halves the block "
                         "barriers and softmax rounds per byte, with twice the shared memory per stage); a tuning "
                         "experiment, recorded in the JSON")
-    p.add_argument("--narrow-block-n", type=int, choices=[32, 64, 128], default=None,
-                   help="K/V tokens per tile of the archive slots that keep at most 64 channels (default: "
-                        "--block-n's; 128 pays a tile's softmax and barriers once per 40 KiB of a 32-channel row "
-                        "instead of 20, with the window and wider slots on --block-n tiles; 107,520 B of shared "
-                        "memory per block for Qwen2.5-7B's slots, two blocks per SM); a tuning experiment, "
-                        "recorded in the JSON")
     p.add_argument("--threads", type=int, choices=[32, 64, 128], default=None,
                    help="threads per split-kernel block (default: the kernel's 128, one warpgroup). 32 makes a "
                         "block one warp: its softmax max and sum are warp shuffles instead of block-wide "
@@ -157,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def tile_config(args) -> dict | None:
     """The kernels' tile-config override the tuning flags ask for (None: the kernels' defaults)."""
     cfg = {k: v for k, v in (("block_H", args.block_h), ("block_N", args.block_n), ("num_stages", args.num_stages),
-                             ("threads", args.threads), ("narrow_block_N", args.narrow_block_n),
-                             ("combine_vector", args.combine_vector), ("pdl", args.pdl))
+                             ("threads", args.threads), ("combine_vector", args.combine_vector), ("pdl", args.pdl))
            if v is not None}
     return cfg or None
 

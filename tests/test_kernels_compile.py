@@ -217,31 +217,6 @@ def test_compile_128_token_tiles(cache_dir):
     assert "(n0 + 256)" in split.get_kernel_source(), "the refill two 128-token tiles ahead"
 
 
-def test_compile_narrow_slot_tiles(cache_dir):
-    """``--narrow-block-n 128``: the archive slots of at most 64 channels take 128-token tiles, the window
-    and the wider slots keep 64-token ones, in one kernel. Shared memory is the largest segment's (the
-    segments' buffers are merged): the 64-channel slot's q tile, two stages of 128-token K (64 channels) and
-    V tiles and its P exchange tile, beside the 64-token exchange tile the kernel allocates for the other
-    segments, plus 1 KiB: 107,520 B for Qwen2.5-7B's slots, two blocks per SM."""
-    from leank.tilelang_kernels import decode as dec
-
-    from leank.tilelang_kernels import decode_kernels as dk
-
-    dec._kernels.clear()
-    slots = dec.default_slot_dims(128, [32, 64, 96])
-    split, _ = dec.get_kernels(28, 4, 128, BF16, slots, False, config={"narrow_block_N": 128})
-    smem = 2 * (16 * 64 + 2 * 128 * (64 + 128) + 16 * 128 + 16 * 64) + 1024
-    assert f"((int64_t){smem})" in split.get_host_source() and 2 * (smem + 1024) <= 233472, smem
-    src = split.get_kernel_source()
-    refills = set(re.findall(r"\(n0(?:_\d+)? \+ (\d+)\)", src))
-    assert refills == {"128", "256"}, f"refills two tiles ahead, of 64 and of 128 tokens: {refills}"
-    # each TMA load expects its own bytes: 128-token K tiles of 32 (8 KiB) and 64 channels (16 KiB), V (32 KiB)
-    assert {"8192", "16384", "32768"} <= set(re.findall(r"expect_transaction\((\d+)\)", src))
-    assert not channel_reads_outside_their_row(src, slots)
-    with pytest.raises(ValueError, match="narrow_block_N"):
-        dk.split_kernel(28, 4, 128, slots, "bfloat16", False, narrow_block_N=96)
-
-
 def test_compile_one_warp_blocks(cache_dir):
     """``--threads 32 --block-n 32``: a block is one warp, so the softmax's row max and sum are warp
     shuffles (no shared-memory workspace, which 128-thread blocks reduce through), and it takes the q

@@ -32,8 +32,6 @@ COL_SLOT, COL_ROW, COL_KVH, COL_SPLIT, COL_NSPLIT, COL_PART = range(6)
 TABLE_COLS = 6
 
 PASS_CONFIGS = {}
-# archive slots keeping at most this many channels take ``narrow_block_N``-token tiles (an experiment)
-NARROW_DIMS = 64
 
 
 # Tile config per head_dim on SM90: 64-token K/V tiles, two TMA stages, one warpgroup. head_dim
@@ -67,15 +65,9 @@ def default_config(head_dim: int = 128, group: int = 1) -> dict:
 
 
 def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
-                 block_N=64, block_H=None, num_stages=2, threads=128, pdl=False, narrow_block_N=None):
+                 block_N=64, block_H=None, num_stages=2, threads=128, pdl=False):
     """Build the split pass. Table slot ``len(slot_dims)`` means the window. ``block_H`` (query rows
     per block) defaults to ``default_block_h`` of the GQA group, as ``default_config`` does.
-
-    ``narrow_block_N`` (experiment, ``eval/kernel_bench.py --narrow-block-n``): tokens per K/V tile of
-    the archive slots that keep at most ``NARROW_DIMS`` channels (``block_N`` for the others and the
-    window). A tile's softmax and block barriers cost the same whatever its kept count, so a 32-channel
-    row's 64-token tile (20 KiB at head_dim 128) pays them for 62% of a full row's bytes; a 128-token tile
-    pays them once per 40 KiB.
 
     ``pdl`` (experiment, ``eval/kernel_bench.py --pdl``): programmatic dependent launch. The kernel
     is launched as a dependent of the kernel before it (its launch and block set-up overlap that
@@ -87,8 +79,6 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
         raise ValueError(f"slot_dims: at most {MAX_SLOTS} archive slots, got {len(slot_dims)}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {head_dim}")
-    if narrow_block_N is not None and narrow_block_N not in (32, 64, 128):
-        raise ValueError(f"narrow_block_N: expected 32, 64 or 128 tokens per tile, got {narrow_block_N}")
     bad = [d for d in slot_dims if d % 16 or not 0 < d <= head_dim]
     if bad:
         raise ValueError(f"slot_dims: expected multiples of 16 in 16..{head_dim}, got {tuple(slot_dims)}")
@@ -125,19 +115,14 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
     def bshape(s):
         return [B, HG[s], CAP[s]] if (s < nslots and has_bias) else [1]
 
-    def tile_tokens(s):
-        """Tokens per K/V tile of slot ``s`` (``nslots``: the window)."""
-        narrow = narrow_block_N is not None and s < nslots and slot_dims[s] <= NARROW_DIMS
-        return narrow_block_N if narrow else block_N
-
     @T.macro
-    def online_tile(acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha, bn):
+    def online_tile(acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha):
         # acc_s: base-2 logits of one tile, -inf where masked.
         T.copy(m_run, m_prev)
         T.reduce_max(acc_s, m_run, dim=1, clear=False)
         for i in T.Parallel(block_H):
             alpha[i] = T.exp2(m_prev[i] - T.if_then_else(m_run[i] == neg_inf, 0.0, m_run[i]))
-        for i, j in T.Parallel(block_H, bn):
+        for i, j in T.Parallel(block_H, block_N):
             acc_s[i, j] = T.exp2(acc_s[i, j] - T.if_then_else(m_run[i] == neg_inf, 0.0, m_run[i]))
         T.reduce_sum(acc_s, tile_sum, dim=1)
         for i in T.Parallel(block_H):
@@ -147,28 +132,28 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
             acc_o[i, j] *= alpha[i]
 
     @T.macro
-    def issue(Kt, Vt, b, row, n0, K_sh, V_sh, bars, st, bn):
+    def issue(Kt, Vt, b, row, n0, K_sh, V_sh, bars, st):
         # TMA loads of one K and one V tile into stage ``st``, completing on ``bars[st]``
-        T.tma_copy(Kt[b, row, n0 : n0 + bn, :], K_sh[st, :, :], barrier=bars[st])
-        T.tma_copy(Vt[b, row, n0 : n0 + bn, :], V_sh[st, :, :], barrier=bars[st])
+        T.tma_copy(Kt[b, row, n0 : n0 + block_N, :], K_sh[st, :, :], barrier=bars[st])
+        T.tma_copy(Vt[b, row, n0 : n0 + block_N, :], V_sh[st, :, :], barrier=bars[st])
         if T.shuffle_elect(threads):
             T.barrier_arrive(bars[st])
 
     @T.macro
     def segment(Q, Kt, Vt, Ct, Bt, d, b, kvh, row, sidx, ns, L, qs, bars,
-                acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha, bn):
-        # token range of this split: tile-aligned chunks of the runtime length L (``bn`` tokens per tile)
-        chunk = T.alloc_var(T.int32, init=((L + ns * bn - 1) // (ns * bn)) * bn)
+                acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha):
+        # token range of this split: block-aligned chunks of the runtime length L
+        chunk = T.alloc_var(T.int32, init=((L + ns * block_N - 1) // (ns * block_N)) * block_N)
         start = T.alloc_var(T.int32, init=T.min(sidx * chunk, L))
         end = T.alloc_var(T.int32, init=T.min(start + chunk, L))
-        n = T.alloc_var(T.int32, init=(end - start + bn - 1) // bn)
+        n = T.alloc_var(T.int32, init=(end - start + block_N - 1) // block_N)
         Q_sh = T.alloc_shared([block_H, d], dtype)
-        K_sh = T.alloc_shared([num_stages, bn, d], dtype)
-        V_sh = T.alloc_shared([num_stages, bn, D], dtype)
+        K_sh = T.alloc_shared([num_stages, block_N, d], dtype)
+        V_sh = T.alloc_shared([num_stages, block_N, D], dtype)
         # prologue: the first num_stages tiles in flight while q is gathered
         for st in T.unroll(num_stages):
             if st < n:
-                issue(Kt, Vt, b, row, start + st * bn, K_sh, V_sh, bars, st, bn)
+                issue(Kt, Vt, b, row, start + st * block_N, K_sh, V_sh, bars, st)
         # q rows of this KV head's group, then zeros for the tile's padding rows. No condition on the row
         # inside the gather: with one (``if_then_else(i < rep, Q[.., Ct[row, j]], 0)``), TileLang 0.1.15
         # simplified Ct's index under that condition but also evaluated it outside, reading up to 1,535
@@ -185,22 +170,22 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
                 Q_sh[rep + i, j] = T.cast(0, dtype)
         for k in T.serial(n):
             st = k % num_stages
-            n0 = start + k * bn
+            n0 = start + k * block_N
             T.mbarrier_wait_parity(bars[st], (k // num_stages) % 2)
             T.clear(acc_s)
             T.gemm(Q_sh, K_sh[st, :, :], acc_s, transpose_B=True, policy=policy)
             if Bt is None:
-                for i, j in T.Parallel(block_H, bn):
+                for i, j in T.Parallel(block_H, block_N):
                     acc_s[i, j] = T.if_then_else(n0 + j < end, acc_s[i, j] * qs, neg_inf)
             else:
-                for i, j in T.Parallel(block_H, bn):
+                for i, j in T.Parallel(block_H, block_N):
                     acc_s[i, j] = T.if_then_else(
                         n0 + j < end, acc_s[i, j] * qs + Bt[b, row, n0 + j] * LOG2E, neg_inf)
-            online_tile(acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha, bn)
+            online_tile(acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
             T.gemm(acc_s_cast, V_sh[st, :, :], acc_o, policy=policy)
             T.sync_threads()  # every warp is done with stage st before it is refilled
             if k + num_stages < n:
-                issue(Kt, Vt, b, row, n0 + num_stages * bn, K_sh, V_sh, bars, st, bn)
+                issue(Kt, Vt, b, row, n0 + num_stages * block_N, K_sh, V_sh, bars, st)
 
     @T.prim_func
     def split(
@@ -265,23 +250,12 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
 
             if slot == nslots:
                 segment(Q, WK, WV, None, None, D, b, kvh, row, sidx, ns, WLEN[b], qs, bars,
-                        acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha, block_N)
+                        acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
             for s in list(range(nslots)):
                 if slot == s:
-                    bn = tile_tokens(s)
-                    if bn == block_N:
-                        segment(Q, ks[s], vs[s], cs[s], bs[s] if has_bias else None, slot_dims[s],
-                                b, kvh, row, sidx, ns, ALEN[b], qs, bars,
-                                acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha, bn)
-                    else:  # this slot's own logit tiles, ``bn`` tokens wide
-                        acc_s_n = T.alloc_fragment([block_H, bn], accum)
-                        if block_H >= 64:
-                            acc_s_cast_n = T.alloc_fragment([block_H, bn], dtype)
-                        else:
-                            acc_s_cast_n = T.alloc_shared([block_H, bn], dtype)
-                        segment(Q, ks[s], vs[s], cs[s], bs[s] if has_bias else None, slot_dims[s],
-                                b, kvh, row, sidx, ns, ALEN[b], qs, bars,
-                                acc_s_n, acc_s_cast_n, acc_o, m_run, m_prev, l_run, tile_sum, alpha, bn)
+                    segment(Q, ks[s], vs[s], cs[s], bs[s] if has_bias else None, slot_dims[s],
+                            b, kvh, row, sidx, ns, ALEN[b], qs, bars,
+                            acc_s, acc_s_cast, acc_o, m_run, m_prev, l_run, tile_sum, alpha)
             if pdl:
                 T.pdl_trigger()  # the combine may launch; it waits for this grid before reading the parts
 
