@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-limit-gb", type=float, default=0.0, help="skip points above this (0: 85%% of the GPU)")
     p.add_argument("--no-graph", action="store_true", help="time eager calls, not CUDA-graph replays")
     p.add_argument("--cold-compile", action="store_true", help="also time a cold compile of each model's kernels")
+    p.add_argument("--kernel-times", action="store_true",
+                   help="also record each kernel's device time per call (torch.profiler over eager calls back to "
+                        "back, L2 not flushed): split vs combine, and their sum beside the graph-replay time, for "
+                        "the all-channels run and every timed layer (kernel_us, kernel_us_per_layer)")
     p.add_argument("--device-name", default=None,
                    help="device label for the output name and the JSON (default: from "
                         "torch.cuda.get_device_name(), e.g. 'h200'; 'cpu' without CUDA)")
@@ -140,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine-vector", type=int, choices=[1, 4], default=None,
                    help="combine kernel: channels per thread (default: the kernel's 1; 4 reads float4 and sums "
                         "the parts in 4 or 8 lanes side by side); a tuning experiment, recorded in the JSON")
+    p.add_argument("--combine-chunked", action=argparse.BooleanOptionalAction, default=None,
+                   help="combine kernel: one block per 32 channels of a query head, each warp summing a quarter "
+                        "of the parts (the default unless --combine-vector 4); --no-combine-chunked: one block "
+                        "per query head (the default before 2026-12-01); recorded in the JSON")
     p.add_argument("--pdl", action="store_true", default=None,
                    help="programmatic dependent launch: the split kernel starts while the kernel before it "
                         "finishes and the combine while the split's last blocks write their parts (each waits "
@@ -151,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 def tile_config(args) -> dict | None:
     """The kernels' tile-config override the tuning flags ask for (None: the kernels' defaults)."""
     cfg = {k: v for k, v in (("block_H", args.block_h), ("block_N", args.block_n), ("num_stages", args.num_stages),
-                             ("threads", args.threads), ("combine_vector", args.combine_vector), ("pdl", args.pdl))
+                             ("threads", args.threads), ("combine_vector", args.combine_vector),
+                             ("combine_chunked", args.combine_chunked), ("pdl", args.pdl))
            if v is not None}
     return cfg or None
 
@@ -324,6 +333,32 @@ def bench(fn, rep_ms, graph):
     return do_bench(run, warmup=25, rep=rep_ms, return_mode="median") * 1e3
 
 
+def kernel_times(fn, calls: int = 50) -> dict:
+    """Mean device µs per call of each kernel ``fn`` launches, ``{kernel name: µs}``: ``calls`` eager calls
+    back to back under ``torch.profiler`` (CUDA activity), after one warm-up call; L2 is not flushed, so a
+    kernel that reads what the one before it wrote (the combine) finds it in L2 as in a decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None)
+        if total is None:  # torch before 2.4 names it cuda_time_total
+            total = e.cuda_time_total
+        if total > 0:
+            out[e.key] = total / calls
+    return out
+
+
+def _kernel_summary(times: dict) -> str:
+    return ", ".join(f"{name[:24]} {us:.1f}" for name, us in sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def baselines(q4, k, v, rep_ms, graph):
     """Dense baselines on ``q4 [B, H, 1, D]``, ``k, v [B, KVH, T, D]``: {name: µs}."""
     import torch.nn.functional as F
@@ -381,6 +416,10 @@ def run_point(shape, s, batch, kv_len, keeps, layers, args, dtype, gen_dev, copy
     qd = q4[:, :, 0].contiguous()
     dense_args = (qd, wk, wv, wl, [k], [v], [heads], [chan], al)
     rec["leank_dense_us"] = bench(partial(decode_attention, *dense_args), args.rep_ms, graph)
+    if args.kernel_times:
+        rec["kernel_us_dense"] = kernel_times(partial(decode_attention, *dense_args))
+        print(f"  all channels: {rec['leank_dense_us']:.1f} µs per replay; kernels per call (µs, eager, L2 warm): "
+              f"{_kernel_summary(rec['kernel_us_dense'])}", flush=True)
     del k, v, wk, wv, dense_args
     torch.cuda.empty_cache()
     # LeanK with the mask's kept counts, per sampled layer
@@ -389,6 +428,10 @@ def run_point(shape, s, batch, kv_len, keeps, layers, args, dtype, gen_dev, copy
         inputs, nb = leank_inputs(batch, s, kv_len, keeps[layer], dtype, gen_dev)
         times.append(bench(partial(decode_attention, *inputs), args.rep_ms, graph))
         nbytes.append(nb)
+        if args.kernel_times:
+            rec.setdefault("kernel_us_per_layer", []).append(kernel_times(partial(decode_attention, *inputs)))
+            print(f"  layer {layer}: {times[-1]:.1f} µs per replay; kernels per call (µs, eager, L2 warm): "
+                  f"{_kernel_summary(rec['kernel_us_per_layer'][-1])}", flush=True)
         del inputs
         torch.cuda.empty_cache()
     rec["leank_us_per_layer"] = times

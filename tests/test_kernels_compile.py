@@ -77,6 +77,8 @@ def test_builders_refuse_what_supports_refuses():
         dk.split_kernel(8, 2, 96, (32,), "float16", False)
     with pytest.raises(ValueError, match="head_dim"):
         dk.combine_kernel(8, 2, 256, "float16")
+    with pytest.raises(ValueError, match="head_dim"):
+        dk.combine_kernel_chunked(8, 2, 96, "float16")
     with pytest.raises(ValueError, match="slot_dims"):
         dk.split_kernel(8, 2, 64, (24,), "float16", False)
     with pytest.raises(ValueError, match="slot_dims"):
@@ -162,8 +164,8 @@ def test_compile_sm90a(cache_dir, model, dtype, bias, kept):
     assert not channel_reads_outside_their_row(src, slots), "a q gather reads arch_chan outside its row"
     csrc = combine.get_kernel_source()
     assert "combine" in csrc
-    if head_dim < 128:  # 128 threads, the upper half only takes part in the reductions
-        assert f"((int)threadIdx.x) < {head_dim}" in csrc
+    # a block per 32-channel chunk, query head and sequence
+    assert "blockIdx.z" in csrc and "(n >> 2)" in csrc
 
 
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b"])
@@ -254,6 +256,27 @@ def test_compile_programmatic_dependent_launch(cache_dir):
     assert cbody.index("cudaGridDependencySynchronize();") < cbody.index("LPART[")
     plain_split, plain_combine = dec.get_kernels(28, 4, 128, BF16, slots, False)
     assert "GridDependency" not in plain_split.get_kernel_source() + plain_combine.get_kernel_source()
+
+
+@pytest.mark.parametrize("head_dim,heads,kv", [(128, 28, 4), (64, 14, 2)])
+def test_compile_chunked_combine(cache_dir, head_dim, heads, kv):
+    """The default combine: a block per (32-channel chunk, query head, sequence), its warps over every
+    fourth part, their sums meeting in shared memory. ``--no-combine-chunked`` (``combine_chunked=False``)
+    builds the per-head kernel: a block per query head, whose threads below ``head_dim`` each sum one
+    channel (for head_dim 64 the upper half only takes part in the reductions)."""
+    from leank.tilelang_kernels import decode as dec
+
+    dec._kernels.clear()
+    slots = dec.default_slot_dims(head_dim, [head_dim // 4])
+    _, combine = dec.get_kernels(heads, kv, head_dim, BF16, slots, False)
+    src = combine.get_kernel_source()
+    assert "blockIdx.z" in src, "a grid of (chunk, head, sequence)"
+    assert "(n >> 2)" in src, "each warp takes every fourth part"
+    _, per_head = dec.get_kernels(heads, kv, head_dim, BF16, slots, False, config={"combine_chunked": False})
+    psrc = per_head.get_kernel_source()
+    assert "blockIdx.z" not in psrc, "one block per query head"
+    if head_dim < 128:
+        assert f"((int)threadIdx.x) < {head_dim}" in psrc
 
 
 def test_combine_kernel_is_compiled_once_for_every_slot_set(monkeypatch):

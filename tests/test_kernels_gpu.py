@@ -83,7 +83,7 @@ def variant(heads, kv, head_dim, dtype, kept, bias=False):
 # the kernel_bench tuning experiments (decode.TILE_CONFIG), each on the shapes of SMALL_TILE
 SMALL_TILE = [(32, 8, 128, BF16), (28, 4, 128, FP16), (14, 2, 64, BF16)]
 TUNING = [{"block_H": 64}, {"block_H": 32}, {"num_stages": 3}, {"combine_vector": 4}, {"pdl": True}, {"block_N": 128},
-          {"threads": 32}, {"threads": 32, "block_N": 32}]
+          {"threads": 32}, {"threads": 32, "block_N": 32}, {"combine_chunked": False}]
 TUNED = {variant(h, kv, hd, dt, gqa_kept(hd, kv)) + (tuple(sorted(c.items())),) for h, kv, hd, dt in SMALL_TILE
          for c in TUNING}
 TUNED |= {variant(28, 4, 128, BF16, gqa_kept(128, 4)) + ((("pdl", True),),)}  # the PDL graph test
@@ -213,7 +213,8 @@ def test_tuning_variants(monkeypatch, heads, kv, head_dim, dtype, config):
     """The kernel_bench tuning experiments (``--block-h 64``: one wgmma tile, the default before
     16-row tiles; ``--block-h 32``;
     ``--num-stages 3``; ``--combine-vector 4``; ``--pdl``; ``--block-n 128``; ``--threads 32``, one warp per
-    block, with 64- and 32-token tiles) against the float64 reference."""
+    block, with 64- and 32-token tiles; ``--no-combine-chunked``, a combine block per query head) against the
+    float64 reference."""
     monkeypatch.setattr(dec, "TILE_CONFIG", config)
     for wl, al in [(1, 0), (70, 300), (BLOCK_N + 1, 4097)]:
         case = make_case(2, heads, kv, gqa_kept(head_dim, kv), [wl, max(1, wl // 2)], [al, al // 3], dtype,

@@ -106,7 +106,9 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     nvcc but no GPU. ``config`` overrides the split kernel's tile config
     (``decode_kernels.default_config(head_dim, num_heads // num_kv_heads)``: ``block_N``,
     ``block_H``, ``num_stages``, ``threads``)
-    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread, and
+    and may carry ``combine_vector`` (1 or 4), the combine kernel's channels per thread,
+    ``combine_chunked`` (default True unless ``combine_vector`` is 4: ``decode_kernels.combine_kernel_chunked``,
+    a block per 32 channels; False: ``combine_kernel``, a block per query head), and
     ``pdl=True`` (both kernels launched as programmatic dependents; experiment).
     """
     key = (num_heads, num_kv_heads, head_dim, dtype, tuple(slot_dims), bool(has_bias),
@@ -124,17 +126,22 @@ def get_kernels(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.d
     tgt = dict(target or _TARGET)
     cfg = {**dk.default_config(head_dim, num_heads // num_kv_heads), **(config or {})}
     vector = cfg.pop("combine_vector", 1)
+    # the chunked combine (a block per 32 channels) unless the per-head kernel's float4 lanes are asked for
+    chunked = bool(cfg.pop("combine_chunked", vector == 1))
     pdl = bool(cfg.get("pdl", False))
     name = _DTYPES[dtype]
     split = tilelang.compile(
         dk.split_kernel(num_heads, num_kv_heads, head_dim, tuple(slot_dims), name, bool(has_bias), **cfg),
         target=tgt, pass_configs=dk.PASS_CONFIGS)
-    ckey = (num_heads, num_kv_heads, head_dim, name, vector, pdl, tuple(sorted(tgt.items())))
+    ckey = (num_heads, num_kv_heads, head_dim, name, vector, chunked, pdl, tuple(sorted(tgt.items())))
     with _lock:
         combine = _combines.get(ckey)
     if combine is None:  # compiled once: a second tilelang.compile of it would only log TileLang's cache warning
-        combine = tilelang.compile(dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector, pdl=pdl),
-                                   target=tgt, pass_configs=dk.PASS_CONFIGS)
+        if chunked:
+            func = dk.combine_kernel_chunked(num_heads, num_kv_heads, head_dim, name, pdl=pdl)
+        else:
+            func = dk.combine_kernel(num_heads, num_kv_heads, head_dim, name, vector=vector, pdl=pdl)
+        combine = tilelang.compile(func, target=tgt, pass_configs=dk.PASS_CONFIGS)
     with _lock:
         combine = _combines.setdefault(ckey, combine)
         _kernels[key] = (split, combine)
@@ -174,7 +181,8 @@ BLOCKS_PER_SM: Optional[int] = None
 # override, e.g. {"block_H": 64} (query rows per block: 64 is one wgmma tile, which a 4- or 7-head
 # GQA group mostly pads; the default is the smallest of 16/32/64 that holds the group),
 # {"num_stages": 3} (K/V tiles in flight per block), {"combine_vector": 4} (the combine's lanes
-# over parts), {"pdl": True} (programmatic dependent launch of both kernels); None:
+# over parts), {"combine_chunked": False} (a combine block per query head, not per 32 channels), {"pdl": True}
+# (programmatic dependent launch of both kernels); None:
 # decode_kernels.default_config
 TILE_CONFIG: Optional[dict] = None
 # no split shorter than this many K/V tiles of its segment's capacity: fewer, longer splits for short

@@ -11,7 +11,8 @@ Two launches per layer and step:
    block gathers the kept channels of the query heads of its KV head, runs online
    softmax (base 2, float32) over its range and writes a normalised float32 partial
    output and its base-2 LSE to part ``part`` of its query heads.
-2. ``combine``: one block per (query head, sequence) merges the parts by LSE.
+2. ``combine``: one block per (32-channel chunk, query head, sequence) merges the parts by LSE
+   (``combine_kernel_chunked``; ``combine_kernel``, one block per query head, is the variant).
 
 Archive slots have compile-time kept counts ``slot_dims``; batch, capacities, heads per
 slot, table size and part count are ``T.dynamic``: a model compiles this pair once per
@@ -271,8 +272,91 @@ def split_kernel(num_heads, num_kv_heads, head_dim, slot_dims, dtype, has_bias,
     return split
 
 
+def combine_kernel_chunked(num_heads, num_kv_heads, head_dim, dtype, pdl=False):
+    """Build the combine pass (the default) with one block per (32-channel chunk, query head, sequence):
+    the same LSE-merge of ``nparts[kv_head]`` (at most 128) float32 parts as ``combine_kernel``.
+
+    At batch 1 ``combine_kernel`` runs one block per query head (28 for Qwen2.5-7B) whose threads each
+    sum one channel over every part, a chain of dependent L2 reads as long as the parts (5-7 µs for
+    60-100 parts on the H200, ``eval/results/kernel_bench_h200_kernel_times.log``). Here ``head_dim / 32``
+    blocks share a head: each computes the parts' max and sum of weights itself (thread ``t`` loads part
+    ``t``'s LSE), then warp ``w`` sums parts ``w, w + 4, ...`` for its chunk's 32 channels (one 128-byte
+    read per part and warp) and the four warps' sums meet in shared memory. Each thread's chain is a
+    quarter of the parts; there are 4x (head_dim 128) or 2x (64) the blocks. On the H200 it took the
+    combine from 5.2-7.1 to 3.4-4.5 µs per call and the call 1.3-3.0 µs faster at batch 1
+    (``eval/results/kernel_bench_h200_combine_chunked.log``, ``eval/kernel_bench.py --kernel-times``).
+    """
+    rep = num_heads // num_kv_heads
+    D = head_dim
+    NT = COMBINE_THREADS
+    CH = 32  # channels per block: one per lane
+    NW = NT // 32  # warps, each over every NW-th part
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {D}")
+    accum = T.float32
+    neg_inf = -T.infinity(accum)
+    B = T.dynamic("batch")
+    NP = T.dynamic("num_parts")
+
+    @T.prim_func
+    def combine(
+        OPART: T.Tensor([B, num_heads, NP, D], accum),
+        LPART: T.Tensor([B, num_heads, NP], accum),
+        NPARTS: T.Tensor([num_kv_heads], T.int32),
+        O: T.Tensor([B, num_heads, D], dtype),
+        LSE: T.Tensor([B, num_heads], accum),
+    ):
+        with T.Kernel(D // CH, num_heads, B, threads=NT) as (c, h, b):
+            if pdl:
+                T.pdl_sync()  # the split grid has finished and its parts are visible
+            tx = T.get_thread_binding()
+            warp = tx // 32
+            lane = tx % 32
+            red = T.alloc_shared([2 * NW], accum)
+            wts = T.alloc_shared([NT], accum)
+            sums = T.alloc_shared([NW, CH], accum)
+            n = T.alloc_var(T.int32, init=NPARTS[h // rep])
+            lp = T.alloc_var(accum, init=neg_inf)
+            if tx < n:
+                lp = LPART[b, h, tx]
+            m = T.alloc_var(accum, init=lp)
+            for off in [16, 8, 4, 2, 1]:
+                m = T.max(m, T.shfl_xor(m, off))
+            if lane == 0:
+                red[warp] = m
+            T.sync_threads()
+            m = T.max(T.max(red[0], red[1]), T.max(red[2], red[3]))
+            w = T.alloc_var(accum, init=T.if_then_else(lp == neg_inf, 0.0, T.exp2(lp - m)))
+            wts[tx] = w
+            tot = T.alloc_var(accum, init=w)
+            for off in [16, 8, 4, 2, 1]:
+                tot = tot + T.shfl_xor(tot, off)
+            if lane == 0:
+                red[NW + warp] = tot
+            T.sync_threads()
+            tot = red[NW] + red[NW + 1] + red[NW + 2] + red[NW + 3]
+            # parts warp, warp + NW, ... below n: full rounds without a bound check (the loads of an unrolled
+            # stretch are independent), then at most one more part
+            acc = T.alloc_var(accum, init=0.0)
+            full = T.alloc_var(T.int32, init=n // NW)
+            for i in T.unroll(full, unroll_factor=8):
+                acc = acc + wts[i * NW + warp] * OPART[b, h, i * NW + warp, c * CH + lane]
+            if full * NW + warp < n:
+                acc = acc + wts[full * NW + warp] * OPART[b, h, full * NW + warp, c * CH + lane]
+            sums[warp, lane] = acc
+            T.sync_threads()
+            if tx < CH:
+                total = T.alloc_var(accum, init=sums[0, tx] + sums[1, tx] + sums[2, tx] + sums[3, tx])
+                O[b, h, c * CH + tx] = T.if_then_else(tot > 0, total / tot, 0.0)
+            if tx == 0 and c == 0:
+                LSE[b, h] = T.if_then_else(tot > 0, (T.log2(tot) + m) * LN2, neg_inf)
+
+    return combine
+
+
 def combine_kernel(num_heads, num_kv_heads, head_dim, dtype, vector=1, pdl=False):
-    """Build the combine pass: LSE-merge of ``nparts[kv_head]`` (at most 128) float32 parts.
+    """Build the per-head combine pass (``--no-combine-chunked``; the default is ``combine_kernel_chunked``):
+    LSE-merge of ``nparts[kv_head]`` (at most 128) float32 parts.
 
     One block of 128 threads per (query head, sequence): thread ``t`` loads part ``t``'s
     LSE, the block reduces max and sum with warp shuffles, then the weighted sum over parts:
