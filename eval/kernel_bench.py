@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-compile", action="store_true", help="also time a cold compile of each model's kernels")
     p.add_argument("--kernel-times", action="store_true",
                    help="also record each kernel's device time per call (torch.profiler over eager calls back to "
-                        "back, L2 not flushed): split vs combine, and their sum beside the graph-replay time, for "
-                        "the all-channels run and every timed layer (kernel_us, kernel_us_per_layer)")
+                        "back, L2 not flushed): split vs combine, printed beside the graph-replay time, for the "
+                        "all-channels run and every timed layer (JSON: kernel_us_dense, kernel_us_per_layer)")
     p.add_argument("--device-name", default=None,
                    help="device label for the output name and the JSON (default: from "
                         "torch.cuda.get_device_name(), e.g. 'h200'; 'cpu' without CUDA)")
